@@ -1,0 +1,356 @@
+"""Every config dataclass, YAML loading, `key.sub=value` overrides and validation.
+
+One root `Config` holds one section per concern. Defaults live here; example YAML files only
+state what differs. Loading is strict: an unknown key, a value of the wrong type or a value
+outside its choices raises `ConfigError` naming the dotted key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or invalid; the message names key, value and fix."""
+
+
+# ----------------------------------------------------------------------------------- sections
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    hf_path: str = ""
+    """Directory holding the Hugging Face `config.json` (and tokenizer files) of the policy."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Parameter and activation dtype. Master weights stay float32 under the optimizer."""
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    """Transformer Engine FP8 format for linear layers; None trains without FP8. GPU only."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """TE scaling recipe when `fp8` is set. mxfp8 needs compute capability >= 10.0 (Blackwell)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: none, Megatron's selective (attention core) or full layers."""
+    logprob_chunk_tokens: int = 4096
+    """Tokens per chunk of the vocab-parallel log-prob/entropy pass; bounds its peak memory."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "logprob_chunk_tokens", "model")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size; must divide the attention and KV heads."""
+    pp: int = 1
+    """Pipeline-parallel size; must divide the number of layers."""
+    cp: int = 1
+    """Context-parallel size (GPU + Transformer Engine only)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto picks nccl when CUDA is available, else gloo."""
+    seed: int = 1234
+    """Base seed; data-parallel ranks share it, Megatron derives the TP/PP offsets."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            _positive(self, name, "parallel")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true with parallel.tp=1: sequence parallelism "
+                "splits activations over the tensor-parallel group; set parallel.tp>=2 or "
+                "sequence_parallel=false"
+            )
+
+
+ObjectiveName = Literal["rpg", "grpo", "dapo", "reinforce_pp"]
+AdvantageName = Literal[
+    "group_norm", "group_mean", "batch_mean", "reinforce_pp", "reinforce_pp_baseline", "none"
+]
+Aggregation = Literal["token", "sequence", "constant"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectiveConfig:
+    name: ObjectiveName = "rpg"
+    """Which objective family: rpg, grpo, dapo or reinforce_pp (see objectives.py)."""
+    kl: Literal["forward", "reverse"] = "reverse"
+    """RPG: KL direction, forward KL(pi_ref || pi_theta) or reverse KL(pi_theta || pi_ref)."""
+    normalized: bool = False
+    """RPG: normalized KL (FKL/RKL) or the unnormalized UKL with its mass-correction term."""
+    form: Literal["differentiable", "reinforce"] = "reinforce"
+    """RPG: fully differentiable surrogate or REINFORCE-style stop-gradient weight."""
+    beta: float = 1e-4
+    """KL coefficient (>= 0). 0 turns the KL term off and no reference log-probs are needed."""
+    clip: tuple[float, float] | None = (0.2, 0.28)
+    """(eps_low, eps_high) of the importance-weight clip; None disables clipping."""
+    dual_clip_c: float | None = 3.0
+    """Dual-clip bound c > 1 for negative advantages; None disables it."""
+    kl_clamp: float | None = None
+    """Clamp each token's KL component to [-kl_clamp, kl_clamp] (the authors' code uses 10)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """GRPO: per-token estimator of the KL penalty (GRPO uses k3)."""
+    kl_importance_weight: bool = False
+    """GRPO: multiply the KL penalty by w = pi_theta/pi_old (the RPG correction, off-policy)."""
+    advantage: AdvantageName = "group_mean"
+    """Rewards -> advantages (advantages.py). RPG uses the group-mean baseline by default."""
+    aggregation: Aggregation = "token"
+    """token: mean over the global batch's tokens; sequence: mean of per-sequence token means;
+    constant: token sum divided by sequences * max_response_len."""
+    ref_reset_every: int = 0
+    """Set pi_ref <- pi_theta every this many optimizer steps; 0 never resets on a schedule."""
+    ref_reset_kl_target: float | None = None
+    """Also reset when the moving average of the token KL to pi_ref exceeds this value."""
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ConfigError(f"objective.beta={self.beta}: must be >= 0")
+        if self.clip is not None and not (0 <= self.clip[0] < 1 and self.clip[1] >= 0):
+            raise ConfigError(
+                f"objective.clip={list(self.clip)}: need 0 <= eps_low < 1 and eps_high >= 0"
+            )
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            raise ConfigError(f"objective.dual_clip_c={self.dual_clip_c}: must be > 1 or null")
+        if self.kl_clamp is not None and self.kl_clamp <= 0:
+            raise ConfigError(f"objective.kl_clamp={self.kl_clamp}: must be > 0 or null")
+        if self.ref_reset_every < 0:
+            raise ConfigError(f"objective.ref_reset_every={self.ref_reset_every}: must be >= 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OptimConfig:
+    optimizer: Literal["adamw", "schedule_free_adamw"] = "adamw"
+    """AdamW (Megatron's optimizer) or Schedule-Free AdamW (the `schedulefree` package)."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+    warmup_steps: int = 10
+    """Linear learning-rate warm-up, in optimizer steps."""
+    steps: int = 400
+    """Optimizer steps in the run (one rollout batch each unless minibatches > 1)."""
+    minibatches: int = 1
+    """Optimizer steps per rollout batch: the batch is cut into this many mini-batches."""
+    update_epochs: int = 1
+    """Passes over each rollout batch (K update epochs)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch in the forward/backward schedule."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr}: must be > 0")
+        for name in ("steps", "minibatches", "update_epochs", "micro_batch_size"):
+            _positive(self, name, "optim")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    """Where checkpoints go; each is a directory `step_<n>` written to a temp name and renamed."""
+    every: int = 0
+    """Save every this many optimizer steps; 0 saves only at the end."""
+    keep: int = 2
+    """How many recent checkpoints to keep."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    run_dir: str = "runs/default"
+    """Run directory: metrics.jsonl, the resolved config and plots go here."""
+    every: int = 1
+    """Log every this many steps."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project when `wandb` is installed."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _positive(section: Any, name: str, prefix: str) -> None:
+    value = getattr(section, name)
+    if value < 1:
+        raise ConfigError(f"{prefix}.{name}={value}: must be >= 1")
+
+
+# ----------------------------------------------------------------------------------- loading
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """YAML file (optional) + `a.b=value` overrides -> validated `Config`.
+
+    Each override value is parsed with `yaml.safe_load`, so `true`, `1e-6`, `null` and
+    `[0.2, 0.28]` mean what they look like.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        data = loaded or {}
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(Config, data, source=source)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict, creating intermediate mappings."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, *, source: str = "<dict>", prefix: str = "") -> Any:
+    """Strictly build dataclass `cls` from nested dicts; errors name the dotted key."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{key}{hint} (valid keys in {where}: {', '.join(names)})"
+        )
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}", source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against annotation `tp` and convert YAML lists to tuples where needed."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source=source, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(
+            errors[0]
+            if len(errors) == 1
+            else f"{source}: {key}={value!r}: expected {_describe(tp)}"
+        )
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: {key}={value!r}: must be one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list of {len(args)} values")
+        return tuple(
+            _coerce(a, v, f"{key}[{i}]", source)
+            for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a mapping")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-6` without a dot as a string; accept what float() reads.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(
+            f"{source}: {key}={value!r}: expected {tp.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    parts = []
+    for a in args:
+        if a is type(None):
+            parts.append("null")
+        elif typing.get_origin(a) is Literal:
+            parts.append(" | ".join(repr(x) for x in typing.get_args(a)))
+        else:
+            parts.append(getattr(a, "__name__", str(a)))
+    return " or ".join(parts)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> plain nested dict (tuples become lists) for YAML."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (temp sibling, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(dump_yaml(cfg))
+    tmp.replace(path)

@@ -1,0 +1,136 @@
+"""Config: YAML round trip, overrides, and errors that name key, value and choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rpg_megatron.config import (
+    Config,
+    ConfigError,
+    dump_yaml,
+    from_dict,
+    load_config,
+    save_config,
+)
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = Config()
+    path = tmp_path / "c.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["objective"]["clip"] == [0.2, 0.28]
+
+
+def test_exponent_without_dot_is_a_float():
+    """YAML 1.1 reads 1e-6 as a string; a float field takes it as the number it spells."""
+    assert load_config(None, ["optim.lr=1e-6"]).optim.lr == 1e-6
+    with pytest.raises(ConfigError, match=r"optim\.lr='fast': expected float"):
+        load_config(None, ["optim.lr=fast"])
+
+
+def test_non_default_round_trip(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "objective.name=grpo",
+            "objective.clip=[0.1, 0.1]",
+            "objective.dual_clip_c=null",
+            "optim.lr=3e-6",
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "model.fp8=hybrid",
+        ],
+    )
+    assert cfg.objective.clip == (0.1, 0.1) and cfg.objective.dual_clip_c is None
+    assert cfg.optim.lr == 3e-6 and cfg.parallel.tp == 2 and cfg.model.fp8 == "hybrid"
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_yaml_file_plus_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("objective:\n  beta: 0.001\n  kl: forward\noptim:\n  lr: 1\n")
+    cfg = load_config(path, ["objective.beta=0.01"])
+    assert cfg.objective.beta == 0.01 and cfg.objective.kl == "forward"
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int widens to float
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("objective:\n  betta: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "objective.betta" in msg and "'beta'" in msg and str(path) in msg
+    with pytest.raises(ConfigError, match=r"unknown key optimizer.*did you mean 'optim'"):
+        load_config(None, ["optimizer.lr=1"])
+
+
+def test_wrong_type_names_key_value_and_type():
+    with pytest.raises(ConfigError, match=r"parallel\.tp='two': expected int, got str"):
+        load_config(None, ["parallel.tp=two"])
+    with pytest.raises(ConfigError, match=r"parallel\.sequence_parallel=1: expected bool"):
+        load_config(None, ["parallel.sequence_parallel=1"])
+    with pytest.raises(ConfigError, match=r"objective\.clip=0\.2: expected a list of 2 values"):
+        load_config(None, ["objective.clip=0.2"])
+
+
+def test_bad_choice_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["objective.kl=sideways"])
+    assert "objective.kl='sideways'" in str(e.value)
+    assert "'forward'" in str(e.value) and "'reverse'" in str(e.value)
+    with pytest.raises(ConfigError, match=r"objective\.name='ppo'.*'rpg', 'grpo', 'dapo'"):
+        load_config(None, ["objective.name=ppo"])
+
+
+def test_invalid_values_are_rejected_with_the_constraint():
+    with pytest.raises(ConfigError, match=r"objective\.beta=-1\.0: must be >= 0"):
+        load_config(None, ["objective.beta=-1"])
+    with pytest.raises(ConfigError, match=r"parallel\.tp=0: must be >= 1"):
+        load_config(None, ["parallel.tp=0"])
+    with pytest.raises(ConfigError, match=r"sequence_parallel=true with parallel\.tp=1"):
+        load_config(None, ["parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match=r"dual_clip_c=0\.9"):
+        load_config(None, ["objective.dual_clip_c=0.9"])
+
+
+def test_malformed_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"expected key\.sub=value"):
+        load_config(None, ["objective.beta"])
+    with pytest.raises(ConfigError, match="objective must be a mapping"):
+        from_dict(Config, {"objective": 3})
+
+
+def test_config_is_immutable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_save_is_atomic_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "run" / "config.yaml"
+    save_config(Config(), path)
+    save_config(load_config(None, ["optim.lr=2e-6"]), path)
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]
+    assert load_config(path).optim.lr == 2e-6
+
+
+def test_cli_prints_resolved_config_and_reports_errors():
+    run = [sys.executable, "-m", "rpg_megatron.cli", "config"]
+    out = subprocess.run([*run, "objective.beta=0.5"], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(out.stdout)["objective"]["beta"] == 0.5
+    bad = subprocess.run([*run, "objective.bta=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "objective.bta" in bad.stderr and "'beta'" in bad.stderr
