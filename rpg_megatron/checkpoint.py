@@ -1,0 +1,179 @@
+"""Save and resume training state atomically: model, optimizer, RNG, step and extra state.
+
+Layout under `checkpoint.dir`:
+
+    step_00000012/            one complete checkpoint
+      rank_00000.pt           that rank's model/optimizer shards, RNG states and `extra`
+      meta.json               step, world layout, extra (reference-policy state, data cursor)
+      config.yaml             the resolved config of the run
+    latest                    text file naming the newest complete step directory
+
+Every rank writes into `step_xxx.tmp/`; after a barrier rank 0 writes meta.json, renames the
+directory to `step_xxx` and then replaces `latest` (write-then-rename both times), so a crash at
+any point leaves either the previous checkpoint or the new one, never half of one. Resume needs
+the same parallel layout (tp, pp, dp) the checkpoint was written with; resharding to another
+layout is a conversion (`rpg-megatron convert`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rpg_megatron.config import CheckpointConfig, Config, save_config
+
+
+@dataclass(slots=True, kw_only=True)
+class Resumed:
+    """What `load_latest` restored."""
+
+    step: int
+    """Optimizer steps completed when the checkpoint was written."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The `extra` mapping passed to `save` (JSON-able, identical on every rank)."""
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states, and the CUDA ones when CUDA is present."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dir(cfg: CheckpointConfig, step: int) -> Path:
+    return Path(cfg.dir) / f"step_{step:08d}"
+
+
+def save(
+    cfg: CheckpointConfig,
+    *,
+    step: int,
+    layout: Mapping[str, int],
+    model: Mapping[str, Any],
+    optimizer: Mapping[str, Any] | None,
+    extra: Mapping[str, Any],
+    run_config: Config | None = None,
+    rng: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one checkpoint collectively (every rank calls it); returns its directory.
+
+    `model` and `optimizer` are this rank's state dicts; `layout` (e.g. tp/pp/dp sizes) is
+    checked on resume; `extra` must be JSON-serialisable and the same on every rank.
+    """
+    rank, world = _rank_world()
+    final = step_dir(cfg, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted save
+        tmp.mkdir(parents=True)
+    _barrier()
+    payload = {
+        "model": dict(model),
+        "optimizer": None if optimizer is None else dict(optimizer),
+        "rng": dict(rng) if rng is not None else rng_state(),
+    }
+    part = tmp / f"rank_{rank:05d}.pt"
+    torch.save(payload, part.with_suffix(".partial"))
+    os.replace(part.with_suffix(".partial"), part)
+    _barrier()
+    if rank == 0:
+        meta = {"step": step, "world_size": world, "layout": dict(layout), "extra": dict(extra)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if run_config is not None:
+            save_config(run_config, tmp / "config.yaml")
+        if final.exists():  # re-saving the same step: keep the new one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest = Path(cfg.dir) / "latest"
+        latest.with_suffix(".tmp").write_text(final.name)
+        os.replace(latest.with_suffix(".tmp"), latest)
+        _prune(cfg)
+    _barrier()
+    return final
+
+
+def _prune(cfg: CheckpointConfig) -> None:
+    done = sorted(p for p in Path(cfg.dir).glob("step_*") if p.is_dir() and p.suffix != ".tmp")
+    for old in done[: max(0, len(done) - cfg.keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_dir(cfg: CheckpointConfig) -> Path | None:
+    """The newest complete checkpoint, or None. A `.tmp` directory is never complete."""
+    pointer = Path(cfg.dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = Path(cfg.dir) / pointer.read_text().strip()
+    if not (path / "meta.json").exists():
+        raise FileNotFoundError(f"{pointer} names {path}, which has no meta.json")
+    return path
+
+
+def load_latest(
+    cfg: CheckpointConfig,
+    *,
+    layout: Mapping[str, int],
+    load_model: Any,
+    load_optimizer: Any | None,
+) -> Resumed | None:
+    """Restore this rank's part of the newest checkpoint; None when there is none.
+
+    `load_model(state_dict)` / `load_optimizer(state_dict)` apply the saved state dicts; RNG
+    states are restored last so the resumed run draws the same numbers as an unbroken one.
+    """
+    path = latest_dir(cfg)
+    if path is None:
+        return None
+    meta = json.loads((path / "meta.json").read_text())
+    rank, world = _rank_world()
+    if meta["world_size"] != world or meta["layout"] != dict(layout):
+        raise ValueError(
+            f"checkpoint {path} was written with world_size={meta['world_size']} layout="
+            f"{meta['layout']}, this run has world_size={world} layout={dict(layout)}; resume "
+            "with the same layout or convert the checkpoint"
+        )
+    part = path / f"rank_{rank:05d}.pt"
+    if not part.exists():
+        raise FileNotFoundError(f"checkpoint {path} has no shard for rank {rank}: {part}")
+    payload = torch.load(part, map_location="cpu", weights_only=False)
+    load_model(payload["model"])
+    if load_optimizer is not None:
+        if payload["optimizer"] is None:
+            raise ValueError(f"{part} holds no optimizer state")
+        load_optimizer(payload["optimizer"])
+    set_rng_state(payload["rng"])
+    return Resumed(step=int(meta["step"]), extra=meta["extra"])
