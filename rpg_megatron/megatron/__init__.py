@@ -1,0 +1,1 @@
+"""Megatron-Core adapters: process groups, model building, training step, loss hook, export."""
