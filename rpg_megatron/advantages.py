@@ -152,7 +152,9 @@ def aggregate_terms(
             raise ValueError(
                 f"aggregation='constant' needs max_response_len >= 1, got {max_response_len}"
             )
-        return masked.sum(), torch.tensor(n_seqs * max_response_len, dtype=torch.int64)
+        return masked.sum(), torch.tensor(
+            n_seqs * max_response_len, dtype=torch.int64, device=loss_T.device
+        )
     raise ValueError(f"aggregation={mode!r}: must be one of 'token', 'sequence', 'constant'")
 
 

@@ -35,8 +35,10 @@ class ModelConfig:
     """TE scaling recipe when `fp8` is set. mxfp8 needs compute capability >= 10.0 (Blackwell)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute: none, Megatron's selective (attention core) or full layers."""
-    logprob_chunk_tokens: int = 4096
-    """Tokens per chunk of the vocab-parallel log-prob/entropy pass; bounds its peak memory."""
+    logprob_chunk_tokens: int = 512
+    """Tokens per chunk of the vocab-parallel log-prob/entropy pass. Its extra memory is one
+    float32 [chunk, V/tp] buffer (two with entropy): 512 x 151,936 x 4 B = 0.3 GB at tp=1,
+    0.13x the bf16 logits of an 8K sequence (bench/logprobs.py)."""
 
     def __post_init__(self) -> None:
         _positive(self, "logprob_chunk_tokens", "model")
