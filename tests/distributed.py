@@ -9,6 +9,7 @@ picklable (module-level functions).
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import tempfile
@@ -16,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -41,14 +43,16 @@ def _entry(rank: int, world: int, store_path: str, port: int, fn: Callable, args
         OMP_NUM_THREADS="1",
     )
     try:
-        import torch
-
         torch.set_num_threads(1)
         dist.init_process_group(
             "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world
         )
         result = fn(rank, world, *args)
-        q.put((rank, "ok", result))
+        # Plain bytes, not tensors: torch.multiprocessing queues pass tensors as shared-memory
+        # handles that die with this process, which can exit before the parent reads them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        q.put((rank, "ok", buf.getvalue()))
     except BaseException:  # re-raised in the parent, with the rank
         q.put((rank, "error", traceback.format_exc()))
     finally:
@@ -75,7 +79,7 @@ def spawn(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 
             for _ in range(world_size):
                 rank, status, payload = q.get(timeout=timeout)
                 if status == "ok":
-                    results[rank] = payload
+                    results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
                 else:
                     errors.append(f"rank {rank} failed:\n{payload}")
                     break

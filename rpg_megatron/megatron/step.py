@@ -1,0 +1,490 @@
+"""The policy on Megatron-Core: build it, compute log-probs, and train it with an objective.
+
+`build_policy` wraps a `GPTModel` in Megatron's DistributedDataParallel (grad buffers, DP
+all-reduce, the 1/token-count scaling of `finalize_model_grads`) and attaches an optimizer:
+Megatron's AdamW, or Schedule-Free AdamW (the `schedulefree` package) inside Megatron's
+optimizer wrapper so grad clipping is the same TP/PP-aware code. `logprobs` is the forward-only
+pass (pi_old, pi_ref); `forward_backward` + `update` run `get_forward_backward_func` (no
+pipelining, or 1F1B when pp > 1) with the loss hook of `loss_hook.make_loss_func`.
+
+Legend: N sequences of the global batch, S padded positions, B sequences of a micro-batch.
+Alignment (stated once, here): in a `TrainBatch`, index [n, s] holds quantities of token
+tokens_NS[n, s] given tokens_NS[n, :s]. The model reads positions 0..S-2 and its logits at
+position s predict token s + 1, so `_micro_batches` shifts every per-token tensor by one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rpg_megatron.advantages import Aggregation
+from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
+from rpg_megatron.megatron import model as model_lib
+from rpg_megatron.megatron.loss_hook import LossInputs, make_loss_func, vocab_parallel_logprobs
+from rpg_megatron.megatron.parallel import ParallelContext
+from rpg_megatron.objectives import Objective
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainBatch:
+    """A right-padded batch of sequences (prompt + response), CPU or device tensors."""
+
+    tokens_NS: Tensor
+    """int64 [N, S]: token ids; padding after each sequence may hold any valid id."""
+    mask_NS: Tensor
+    """float [N, S]: 1.0 where tokens_NS[n, s] is a trained response token (never s = 0)."""
+    adv_NS: Tensor | None = None
+    """float [N, S]: advantage of token [n, s] (0 off-mask); needed for training."""
+    old_logp_NS: Tensor | None = None
+    """float [N, S]: log pi_old(token [n, s] | prefix); needed for training."""
+    ref_logp_NS: Tensor | None = None
+    """float [N, S]: log pi_ref(token [n, s] | prefix); needed when the objective has a KL."""
+    max_response_len: int | None = None
+    """Response-length budget, for aggregation='constant'."""
+
+    def __post_init__(self) -> None:
+        if self.tokens_NS.dim() != 2 or self.tokens_NS.dtype != torch.int64:
+            raise ValueError(
+                f"TrainBatch.tokens_NS: need int64 [N, S], got {self.tokens_NS.dtype} "
+                f"{tuple(self.tokens_NS.shape)}"
+            )
+        if self.tokens_NS.shape[1] < 2:
+            raise ValueError("TrainBatch.tokens_NS: sequences need >= 2 positions")
+        for name in ("mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS"):
+            x = getattr(self, name)
+            if x is not None and x.shape != self.tokens_NS.shape:
+                raise ValueError(
+                    f"TrainBatch.{name}: shape {tuple(x.shape)} != tokens_NS "
+                    f"{tuple(self.tokens_NS.shape)}"
+                )
+        if bool((self.mask_NS[:, 0] != 0).any()):
+            raise ValueError("TrainBatch.mask_NS[:, 0] must be 0: the first token has no prefix")
+
+    @property
+    def n(self) -> int:
+        return self.tokens_NS.shape[0]
+
+    def rows(self, sl: slice) -> TrainBatch:
+        """The sequences in `sl` (a view)."""
+        return replace(
+            self, **{k: None if v is None else v[sl] for k, v in _tensor_fields(self).items()}
+        )
+
+
+def _tensor_fields(b: TrainBatch) -> dict[str, Tensor | None]:
+    return {
+        k: getattr(b, k) for k in ("tokens_NS", "mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS")
+    }
+
+
+@dataclass(slots=True, kw_only=True)
+class Policy:
+    """One rank's part of the trained model and its optimizer state."""
+
+    arch: model_lib.HFArch
+    """Architecture read from the HF config.json."""
+    model_cfg: ModelConfig
+    """model section of the config (dtype, chunking of the log-prob pass)."""
+    optim_cfg: OptimConfig
+    """optim section (lr schedule, micro-batch size)."""
+    ctx: ParallelContext
+    """Where this rank sits."""
+    chunks: list[Any]
+    """Model chunks (one without virtual pipelining), each a Megatron DDP-wrapped GPTModel."""
+    optimizer: Any
+    """Megatron optimizer (FP32Optimizer / mixed precision wrapper) around a torch optimizer."""
+    steps_done: int = 0
+    """Optimizer steps taken so far (drives the learning-rate warm-up)."""
+    schedule_free: bool = False
+    """True when the inner optimizer is Schedule-Free AdamW (train/eval weight modes)."""
+    padded_vocab: int = field(init=False)
+    """Vocabulary rows of the embedding/output layer after TP padding."""
+
+    def __post_init__(self) -> None:
+        self.padded_vocab = model_lib.padded_vocab_size(self.arch.vocab_size, self.ctx.tp)
+
+    @property
+    def gpt(self) -> Any:
+        """The unwrapped GPTModel of this rank."""
+        return self.chunks[0].module
+
+
+# ----------------------------------------------------------------------------- building
+def build_policy(
+    *,
+    arch: model_lib.HFArch,
+    model_cfg: ModelConfig,
+    par: ParallelConfig,
+    optim_cfg: OptimConfig,
+    ctx: ParallelContext,
+) -> Policy:
+    """This rank's GPTModel in Megatron DDP with its optimizer (after `parallel.init`)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    model_lib.validate(arch, model_cfg, par, optim=optim_cfg)
+    gpt = model_lib.build_gpt(
+        arch, model_cfg, par, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage
+    )
+    if ctx.device.type == "cuda":
+        gpt.cuda(ctx.device)
+    ddp = DistributedDataParallel(
+        config=gpt.config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=optim_cfg.distributed_optimizer
+        ),
+        module=gpt,
+    )
+    # Megatron's schedules call this after the last backward: DP all-reduce, the TP sum of
+    # q/k-norm grads, tied-embedding sync across stages, and the 1 / global-count scaling.
+    gpt.config.finalize_model_grads_func = finalize_model_grads
+    optimizer = _build_optimizer(optim_cfg, model_cfg, [ddp])
+    return Policy(
+        arch=arch,
+        model_cfg=model_cfg,
+        optim_cfg=optim_cfg,
+        ctx=ctx,
+        chunks=[ddp],
+        optimizer=optimizer,
+        schedule_free=optim_cfg.optimizer == "schedule_free_adamw",
+    )
+
+
+def _build_optimizer(cfg: OptimConfig, model_cfg: ModelConfig, chunks: list[Any]) -> Any:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    mcfg = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=0.0,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1],
+        adam_eps=cfg.eps,
+        clip_grad=cfg.grad_clip,
+        bf16=model_cfg.dtype == "bfloat16",
+        fp16=model_cfg.dtype == "float16",
+        params_dtype=torch.float32,
+        use_distributed_optimizer=cfg.distributed_optimizer,
+    )
+    if cfg.optimizer == "adamw":
+        # Megatron's own AdamW (TE/apex fused when present, torch.optim.AdamW otherwise).
+        return get_megatron_optimizer(mcfg, chunks)
+    return _schedule_free(cfg, mcfg, chunks)
+
+
+def _schedule_free(cfg: OptimConfig, mcfg: Any, chunks: list[Any]) -> Any:
+    """Schedule-Free AdamW (Defazio et al., 2024) inside Megatron's optimizer wrapper.
+
+    The wrapper supplies main_grad -> grad, TP/PP-aware norm and clipping; the inner optimizer
+    keeps its own warm-up (optim.warmup_steps) and a constant lr. Weight decay skips biases and
+    norms (1-D parameters), as Megatron's param groups do.
+    """
+    import schedulefree
+    from megatron.core.optimizer.grad_scaler import ConstantGradScaler
+    from megatron.core.optimizer.optimizer import (
+        Float16OptimizerWithFloat16Params,
+        FP32Optimizer,
+    )
+
+    if cfg.distributed_optimizer:
+        raise ValueError(
+            "optim.optimizer=schedule_free_adamw with optim.distributed_optimizer=true: the "
+            "distributed optimizer shards Megatron's own Adam only; set one of them differently"
+        )
+    params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    inner = schedulefree.AdamWScheduleFree(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        warmup_steps=cfg.warmup_steps,
+    )
+    if mcfg.bf16 or mcfg.fp16:
+        return Float16OptimizerWithFloat16Params(
+            inner, mcfg, ConstantGradScaler(1.0), lambda *_: None
+        )
+    return FP32Optimizer(inner, mcfg, lambda *_: None)
+
+
+def learning_rate(cfg: OptimConfig, step: int) -> float:
+    """Linear warm-up over warmup_steps optimizer steps, then constant (the paper's schedule)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def set_weights_mode(policy: Policy, *, train: bool) -> None:
+    """Schedule-Free keeps two weight sequences: y for gradients (train) and x for everything
+    else (log-prob passes, rollouts, export). No-op for AdamW."""
+    if not policy.schedule_free:
+        return
+    inner = policy.optimizer.optimizer
+    if train:
+        inner.train()
+    else:
+        inner.eval()
+    if hasattr(policy.optimizer, "_copy_main_params_to_model_params"):
+        policy.optimizer._copy_main_params_to_model_params()  # bf16 model copy of fp32 main
+
+
+# ------------------------------------------------------------------------- micro-batches
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _MicroBatch:
+    input_BS: Tensor
+    """int64 [B, S-1]: model input tokens."""
+    position_BS: Tensor
+    """int64 [B, S-1]: position ids."""
+    loss: LossInputs
+    """Per-position targets and terms, shifted to the logits' alignment."""
+
+
+def _micro_batches(batch: TrainBatch, size: int, device: torch.device) -> list[_MicroBatch]:
+    out = []
+    for start in range(0, batch.n, size):
+        b = batch.rows(slice(start, start + size))
+        tokens = b.tokens_NS.to(device)
+        B, S = tokens.shape
+
+        def shifted(x: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
+            return None if x is None else x[:, 1:].to(device=device, dtype=dtype).reshape(-1)
+
+        zeros = torch.zeros(B * (S - 1), device=device)
+        loss = LossInputs(
+            target_T=tokens[:, 1:].reshape(-1),
+            old_logp_T=_or(shifted(b.old_logp_NS), zeros),
+            ref_logp_T=shifted(b.ref_logp_NS),
+            adv_T=_or(shifted(b.adv_NS), zeros),
+            mask_T=shifted(b.mask_NS),
+            seq_index_T=torch.arange(B, device=device).repeat_interleave(S - 1),
+            n_seqs=B,
+            max_response_len=b.max_response_len,
+        )
+        positions = torch.arange(S - 1, device=device).expand(B, S - 1)
+        out.append(_MicroBatch(input_BS=tokens[:, :-1], position_BS=positions, loss=loss))
+    return out
+
+
+def _or(x: Tensor | None, default: Tensor) -> Tensor:
+    return default if x is None else x
+
+
+def _dp_shard(batch: TrainBatch, ctx: ParallelContext, micro_batch_size: int) -> TrainBatch:
+    """This data-parallel rank's contiguous slice of the global batch."""
+    if batch.n % (ctx.dp * micro_batch_size):
+        raise ValueError(
+            f"batch of {batch.n} sequences does not split into dp={ctx.dp} ranks x whole "
+            f"micro-batches of optim.micro_batch_size={micro_batch_size}"
+        )
+    per = batch.n // ctx.dp
+    return batch.rows(slice(ctx.dp_rank * per, (ctx.dp_rank + 1) * per))
+
+
+def _run_schedule(
+    policy: Policy, mbs: list[_MicroBatch], forward_step: Any, *, forward_only: bool
+) -> list:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seq = mbs[0].input_BS.shape[1]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(mbs),
+        model=policy.chunks,
+        num_microbatches=len(mbs),
+        seq_length=seq,
+        micro_batch_size=mbs[0].input_BS.shape[0],
+        forward_only=forward_only,
+    )
+
+
+def _vocab_start(policy: Policy) -> int:
+    return policy.ctx.tp_rank * (policy.padded_vocab // policy.ctx.tp)
+
+
+def _tp_group() -> Any:
+    from megatron.core import parallel_state
+
+    return (
+        parallel_state.get_tensor_model_parallel_group()
+        if parallel_state.get_tensor_model_parallel_world_size() > 1
+        else None
+    )
+
+
+# ------------------------------------------------------------------------------ log-probs
+@torch.no_grad()
+def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
+    """log pi(token [n, s] | prefix) for the whole global batch, float32 [N, S] (0 at s = 0),
+    on every rank. Each DP rank computes its slice; slices are all-gathered over DP and the
+    last pipeline stage's result is broadcast over PP."""
+    from megatron.core import parallel_state
+
+    ctx, mbs_size = policy.ctx, policy.optim_cfg.micro_batch_size
+    local = _dp_shard(batch, ctx, mbs_size)
+    mbs = _micro_batches(local, mbs_size, ctx.device)
+    tp_group, vocab_start = _tp_group(), _vocab_start(policy)
+    chunk = policy.model_cfg.logprob_chunk_tokens
+
+    def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[Tensor, Any]:
+        mb = next(data_iterator)
+        output = model(mb.input_BS, mb.position_BS, None)
+
+        def loss_func(logits_BSV: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+            logp_T, _ = vocab_parallel_logprobs(
+                logits_BSV.reshape(-1, logits_BSV.shape[-1]),
+                mb.loss.target_T,
+                vocab_start=vocab_start,
+                vocab_size=policy.arch.vocab_size,
+                tp_group=tp_group,
+                chunk_tokens=chunk,
+            )
+            zero = logp_T.new_zeros(())
+            return zero, torch.zeros((), dtype=torch.int), {"logp": logp_T.view(mb.input_BS.shape)}
+
+        return output, loss_func
+
+    for c in policy.chunks:
+        c.eval()
+    out = _run_schedule(policy, mbs, forward_step, forward_only=True)
+    for c in policy.chunks:
+        c.train()
+    S = batch.tokens_NS.shape[1]
+    if ctx.is_last_stage:
+        body = torch.cat([o["logp"] for o in out]).float()
+        local_logp = torch.cat([body.new_zeros(body.shape[0], 1), body], dim=1)
+    else:
+        local_logp = torch.empty(local.n, S, device=ctx.device)
+    if ctx.pp > 1:
+        dist.broadcast(
+            local_logp,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    if ctx.dp > 1:
+        parts = [torch.empty_like(local_logp) for _ in range(ctx.dp)]
+        dist.all_gather(parts, local_logp, group=parallel_state.get_data_parallel_group())
+        local_logp = torch.cat(parts)
+    return local_logp.cpu()
+
+
+# ------------------------------------------------------------------------------- training
+def forward_backward(
+    policy: Policy,
+    batch: TrainBatch,
+    objective: Objective,
+    *,
+    aggregation: Aggregation,
+    with_entropy: bool = True,
+) -> dict[str, float]:
+    """Gradients of the aggregated objective over `batch` into the DDP grad buffers
+    (param.main_grad), already all-reduced over DP and divided by the global denominator.
+    Returns the step's metrics (token means; "loss" is the exact aggregated loss) on every rank.
+    """
+    from megatron.core import parallel_state
+
+    if batch.old_logp_NS is None or batch.adv_NS is None:
+        raise ValueError("forward_backward: TrainBatch needs old_logp_NS and adv_NS")
+    if objective.needs_ref and batch.ref_logp_NS is None:
+        raise ValueError(f"{type(objective).__name__} needs TrainBatch.ref_logp_NS")
+    ctx, size = policy.ctx, policy.optim_cfg.micro_batch_size
+    mbs = _micro_batches(_dp_shard(batch, ctx, size), size, ctx.device)
+    tp_group, vocab_start = _tp_group(), _vocab_start(policy)
+
+    def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[Tensor, Any]:
+        mb = next(data_iterator)
+        output = model(mb.input_BS, mb.position_BS, None)
+        return output, make_loss_func(
+            mb.loss,
+            objective,
+            aggregation,
+            tp_group=tp_group,
+            vocab_start=vocab_start,
+            vocab_size=policy.arch.vocab_size,
+            chunk_tokens=policy.model_cfg.logprob_chunk_tokens,
+            with_entropy=with_entropy,
+        )
+
+    for c in policy.chunks:
+        c.zero_grad_buffer()
+    policy.optimizer.zero_grad()
+    out = _run_schedule(policy, mbs, forward_step, forward_only=False)
+    return _reduce_logs(out, ctx, parallel_state)
+
+
+def _reduce_logs(out: list[dict[str, Tensor]], ctx: ParallelContext, ps: Any) -> dict[str, float]:
+    """Sum [total, count] pairs over micro-batches and DP ranks once per step (one host sync),
+    then hand them from the last pipeline stage to every rank."""
+    sums: dict[str, float] = {}
+    if ctx.is_last_stage:
+        names = sorted(out[0])
+        stacked = torch.stack([torch.stack([o[k] for k in names]) for o in out]).sum(0)
+        if ctx.dp > 1:
+            dist.all_reduce(stacked, group=ps.get_data_parallel_group())
+        pairs = stacked.cpu().tolist()
+        sums = {k: (s / c if c else math.nan) for k, (s, c) in zip(names, pairs, strict=True)}
+    if ctx.pp > 1:
+        box = [sums]
+        dist.broadcast_object_list(
+            box,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
+        sums = box[0]
+    return sums
+
+
+def update(
+    policy: Policy,
+    batch: TrainBatch,
+    objective: Objective,
+    *,
+    objective_cfg: ObjectiveConfig,
+    with_entropy: bool = True,
+) -> list[dict[str, float]]:
+    """optim.update_epochs passes over `batch`, each cut into optim.minibatches optimizer steps.
+
+    Returns one metrics dict per optimizer step: the loss hook's metrics plus grad_norm and lr.
+    Leaves Schedule-Free weights in eval mode (x), ready for log-prob passes and export.
+    """
+    cfg = policy.optim_cfg
+    if batch.n % cfg.minibatches:
+        raise ValueError(
+            f"batch of {batch.n} sequences does not split into optim.minibatches={cfg.minibatches}"
+        )
+    per = batch.n // cfg.minibatches
+    stats = []
+    set_weights_mode(policy, train=True)
+    for _epoch in range(cfg.update_epochs):
+        for m in range(cfg.minibatches):
+            lr = learning_rate(cfg, policy.steps_done)
+            if not policy.schedule_free:
+                for group in policy.optimizer.param_groups:
+                    group["lr"] = lr
+            logs = forward_backward(
+                policy,
+                batch.rows(slice(m * per, (m + 1) * per)),
+                objective,
+                aggregation=objective_cfg.aggregation,
+                with_entropy=with_entropy,
+            )
+            ok, grad_norm, _ = policy.optimizer.step()
+            if not ok:
+                raise FloatingPointError(f"optimizer step {policy.steps_done}: inf/nan gradient")
+            policy.steps_done += 1
+            stats.append({**logs, "grad_norm": float(grad_norm or 0.0), "lr": lr})
+    set_weights_mode(policy, train=False)
+    return stats
