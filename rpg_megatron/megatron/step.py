@@ -203,10 +203,15 @@ def _schedule_free(cfg: OptimConfig, mcfg: Any, chunks: list[Any]) -> Any:
             "distributed optimizer shards Megatron's own Adam only; set one of them differently"
         )
     params = [p for c in chunks for p in c.parameters() if p.requires_grad]
+    # The identifier keys are what Megatron's load_state_dict matches param groups by
+    # (optimizer.param_group_identifier_keys in megatron-core 0.16.1).
+    ids = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
     groups = [
         {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
     ]
+    for g, wd_mult in zip(groups, (1.0, 0.0), strict=True):
+        g.update(ids, wd_mult=wd_mult)
     inner = schedulefree.AdamWScheduleFree(
         [g for g in groups if g["params"]],
         lr=cfg.lr,
@@ -488,3 +493,16 @@ def update(
             stats.append({**logs, "grad_norm": float(grad_norm or 0.0), "lr": lr})
     set_weights_mode(policy, train=False)
     return stats
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def state_dict(policy: Policy) -> dict[str, Any]:
+    """This rank's model and optimizer state (for checkpoint.save)."""
+    return {"model": policy.gpt.state_dict(), "optimizer": policy.optimizer.state_dict()}
+
+
+def load_state_dict(policy: Policy, sd: dict[str, Any], *, steps_done: int) -> None:
+    """Inverse of `state_dict`; `steps_done` restores the learning-rate schedule position."""
+    policy.gpt.load_state_dict(sd["model"])
+    policy.optimizer.load_state_dict(sd["optimizer"])
+    policy.steps_done = steps_done

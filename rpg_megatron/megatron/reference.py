@@ -1,0 +1,132 @@
+"""The KL anchor pi_ref and when it moves (the paper's iterative reference-policy update).
+
+The reference is a frozen copy of the policy's weights, taken at the last reset and kept on
+the CPU, so only pi_theta occupies the accelerator during the update. Its log-probs of the
+sampled tokens are computed once per rollout batch (`logprobs`), by loading the anchor into the
+policy's parameters for one forward-only pass and putting the live weights back; right after
+a reset the anchor IS the policy, and the policy's own pi_old log-probs are reused.
+
+Reset rule (`objective` config): every `ref_reset_every` optimizer steps, and/or whenever the
+exponential moving average of the step's token-mean KL to pi_ref exceeds
+`ref_reset_kl_target`. State (anchor weights, version, KL average, reset count) goes into every
+checkpoint, so a resumed run resets exactly when the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rpg_megatron.config import ObjectiveConfig
+from rpg_megatron.megatron import step
+
+
+@dataclass(slots=True, kw_only=True)
+class ReferenceState:
+    """Bookkeeping of the anchor (JSON-able; stored in checkpoint meta)."""
+
+    version: int = 0
+    """policy.steps_done when the anchor was last set to the policy."""
+    kl_ema: float | None = None
+    """Moving average of the token-mean KL to the anchor since the last reset."""
+    resets: int = 0
+    """Resets so far (the initial anchor is not counted)."""
+
+
+class Reference:
+    """Anchor weights for this rank's shard of the policy, plus the reset rule."""
+
+    def __init__(self, policy: step.Policy, cfg: ObjectiveConfig, *, ema_decay: float = 0.9):
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay}: must be in [0, 1)")
+        self.cfg = cfg
+        self.ema_decay = ema_decay
+        self.state = ReferenceState(version=policy.steps_done)
+        self.weights = _snapshot(policy)
+
+    # -------------------------------------------------------------------- log-probs
+    def logprobs(
+        self, policy: step.Policy, batch: step.TrainBatch, *, old_logp_NS: Tensor
+    ) -> Tensor:
+        """log pi_ref of every token of `batch` ([N, S], 0 at s = 0) on every rank.
+
+        `old_logp_NS` (the policy's own log-probs of this batch) is returned as is when the
+        anchor equals the current weights, saving a forward pass.
+        """
+        if self.state.version == policy.steps_done:
+            return old_logp_NS
+        with _loaded(policy, self.weights):
+            return step.logprobs(policy, batch)
+
+    # -------------------------------------------------------------------- reset rule
+    def observe(self, kl: float) -> None:
+        """Feed one optimizer step's token-mean KL to the anchor into the moving average."""
+        prev = self.state.kl_ema
+        self.state.kl_ema = (
+            kl if prev is None else self.ema_decay * prev + (1 - self.ema_decay) * kl
+        )
+
+    def due(self, policy: step.Policy) -> bool:
+        every, target = self.cfg.ref_reset_every, self.cfg.ref_reset_kl_target
+        if every and policy.steps_done - self.state.version >= every:
+            return True
+        return target is not None and self.state.kl_ema is not None and self.state.kl_ema > target
+
+    def maybe_reset(self, policy: step.Policy) -> bool:
+        """Reset when due; returns whether it did."""
+        if not self.due(policy):
+            return False
+        self.reset(policy)
+        return True
+
+    def reset(self, policy: step.Policy) -> None:
+        """pi_ref <- pi_theta (the policy's current, eval-mode weights)."""
+        self.weights = _snapshot(policy)
+        self.state = ReferenceState(
+            version=policy.steps_done, kl_ema=None, resets=self.state.resets + 1
+        )
+
+    # ------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights,
+            "version": self.state.version,
+            "kl_ema": self.state.kl_ema,
+            "resets": self.state.resets,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        missing = set(self.weights) ^ set(sd["weights"])
+        if missing:
+            raise KeyError(
+                f"reference checkpoint does not match this model shard: {sorted(missing)[:4]}"
+            )
+        self.weights = {k: v.clone() for k, v in sd["weights"].items()}
+        self.state = ReferenceState(
+            version=int(sd["version"]), kl_ema=sd["kl_ema"], resets=int(sd["resets"])
+        )
+
+
+def _snapshot(policy: step.Policy) -> dict[str, Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in policy.gpt.named_parameters()}
+
+
+@contextlib.contextmanager
+def _loaded(policy: step.Policy, weights: dict[str, Tensor]) -> Iterator[None]:
+    """Temporarily put `weights` into the policy's parameters (live weights staged on CPU)."""
+    params = dict(policy.gpt.named_parameters())
+    live = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(live[n])
