@@ -1,0 +1,331 @@
+"""Our RPG update vs plain Megatron pretraining, same model, same tokens, same process run.
+
+(a) plain: GPTModel forward with `labels` (Megatron's own vocab-parallel cross-entropy) and
+    backward, token-sum loss over the response mask with the global-count normaliser;
+(b) ours: GPTModel forward to vocab-parallel logits, our chunked log-prob (+ entropy metric),
+    RPG-REINFORCE-URKL with RPG-Style Clip (0.2, 0.28), beta 1e-4, through the Megatron loss
+    hook, backward; random advantages and old/ref log-probs near the policy's own.
+Both run through the same `get_forward_backward_func` schedule, Megatron DDP and grad-buffer
+zeroing, with the same micro-batching, precision and recompute; warm-up steps are excluded,
+then steps alternate plain/ours and ours/plain, and the median step time is reported. One
+sequence of `--seq` tokens per step (the layout of the reference numbers in
+../shared/gpu/README.md; the CPU layer spec has no packed attention).
+
+    python bench/train_step.py --preset tiny-cpu            # CPU, gloo, TP=1 and TP=2
+    python bench/train_step.py --preset qwen3-4b-8k         # GPU, bf16
+    python bench/train_step.py --preset qwen3-4b-8k --fp8 delayed
+    python bench/train_step.py --preset tiny-cpu --record   # append the table to docs
+
+Last line, exactly: step_ratio=<ours/plain tokens per second> mem_ratio=<ours/plain peak or nan>
+(over the last layout measured; the table has every layout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from rpg_megatron.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
+from rpg_megatron.megatron import model as model_lib  # noqa: E402
+from rpg_megatron.megatron import parallel, step  # noqa: E402
+from rpg_megatron.objectives import RPG  # noqa: E402
+
+DOC = REPO / "docs" / "benchmarks.md"
+OBJECTIVE = RPG(
+    kl="reverse", normalized=False, form="reinforce", beta=1e-4, clip=(0.2, 0.28), dual_clip_c=3.0
+)
+
+
+def _qwen3(layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int, tied: bool) -> dict:
+    return {
+        "model_type": "qwen3",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": 128 if hidden >= 1024 else hidden // heads,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": tied,
+    }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Preset:
+    hf: dict
+    """config.json of the random-weight model."""
+    seq: int
+    """Tokens per step (one sequence)."""
+    tps: tuple[int, ...]
+    """Tensor-parallel sizes to measure (gloo processes on CPU)."""
+    dtype: str
+    """model.dtype."""
+    steps: int = 6
+    """Measured steps per path (after warm-up)."""
+    warmup: int = 2
+    """Unmeasured steps per path first."""
+
+
+PRESETS = {
+    "tiny-cpu": Preset(
+        hf=_qwen3(4, 256, 768, 4, 2, 8192, False), seq=1024, tps=(1, 2), dtype="float32"
+    ),
+    "qwen3-1.7b-8k": Preset(
+        hf=_qwen3(28, 2048, 6144, 16, 8, 151936, True), seq=8192, tps=(1,), dtype="bfloat16"
+    ),
+    "qwen3-4b-8k": Preset(
+        hf=_qwen3(36, 2560, 9728, 32, 8, 151936, True), seq=8192, tps=(1,), dtype="bfloat16"
+    ),
+}
+
+
+@dataclass(slots=True, kw_only=True)
+class Measured:
+    """One layout's result (returned from every rank; rank 0's is reported)."""
+
+    tp: int
+    plain_s: list[float] = field(default_factory=list)
+    ours_s: list[float] = field(default_factory=list)
+    plain_peak: float = float("nan")
+    ours_peak: float = float("nan")
+    seen: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    logits_grad: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def make_batch(vocab: int, seq: int, seed: int = 0) -> step.TrainBatch:
+    """One sequence: a 10% prompt, then response tokens; advantages of both signs by token
+    block (as if several samples were packed); old/ref log-probs are filled in later."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (1, seq), generator=g)
+    mask = torch.zeros(1, seq)
+    mask[:, max(1, seq // 10) :] = 1.0
+    adv = torch.randn(1, -(-seq // 64), generator=g).repeat_interleave(64, dim=1)[:, :seq]
+    return step.TrainBatch(tokens_NS=tokens, mask_NS=mask, adv_NS=adv * mask)
+
+
+def _with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
+    g = torch.Generator().manual_seed(1)
+    noise = 0.2 * torch.randn(logp.shape, generator=g)
+    return step.TrainBatch(
+        tokens_NS=batch.tokens_NS,
+        mask_NS=batch.mask_NS,
+        adv_NS=batch.adv_NS,
+        old_logp_NS=(logp + noise) * batch.mask_NS,
+        ref_logp_NS=(logp - noise) * batch.mask_NS,
+    )
+
+
+def _plain_step(policy: step.Policy, batch: step.TrainBatch, seen: list | None) -> None:
+    """Megatron pretraining step: forward with labels (vocab-parallel CE), backward."""
+    from megatron.core import parallel_state
+
+    ctx = policy.ctx
+    mbs = step._micro_batches(batch, policy.optim_cfg.micro_batch_size, ctx.device)
+
+    def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
+        mb = next(data_iterator)
+        if seen is not None:
+            seen.append(mb.input_BS.detach().cpu().clone())
+        labels = mb.loss.target_T.view(mb.input_BS.shape)
+        loss_BS = model(mb.input_BS, mb.position_BS, None, labels=labels)
+
+        def loss_func(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+            mask = mb.loss.mask_T
+            num = (out.reshape(-1).float() * mask).sum()
+            return num, mask.sum().to(torch.int), {"loss": torch.stack([num.detach(), mask.sum()])}
+
+        return loss_BS, loss_func
+
+    for c in policy.chunks:
+        c.zero_grad_buffer()
+    out = step._run_schedule(policy, mbs, forward_step, forward_only=False)
+    step._reduce_logs(out, ctx, parallel_state)  # the same one host sync per step as ours
+
+
+def _ours_step(policy: step.Policy, batch: step.TrainBatch, objective: RPG) -> dict[str, float]:
+    return step.forward_backward(policy, batch, objective, aggregation="token")
+
+
+def _sync(ctx: parallel.ParallelContext) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_layout(
+    rank: int, world: int, preset: Preset, fp8: str | None, probe: bool, objective: RPG = OBJECTIVE
+) -> Measured:
+    """Build the policy at TP=world, then time both paths (called on every rank)."""
+    par = ParallelConfig(tp=world)
+    ctx = parallel.init(par)
+    try:
+        model_cfg = ModelConfig(
+            dtype=preset.dtype,
+            fp8="hybrid" if fp8 else None,
+            fp8_recipe=fp8 or "delayed",
+            logprob_chunk_tokens=512,
+        )
+        arch = model_lib.read_hf_config(preset.hf)
+        policy = step.build_policy(
+            arch=arch, model_cfg=model_cfg, par=par, optim_cfg=OptimConfig(), ctx=ctx
+        )
+        base = make_batch(arch.vocab_size, preset.seq)
+        batch = _with_logps(base, step.logprobs(policy, base))
+        m = Measured(tp=world)
+        if probe:  # the test's reduced form: record inputs and d loss / d logits of ours
+            m.seen = {"plain": [], "ours": []}
+            _probe(policy, batch, m, objective)
+            _plain_step(policy, batch, m.seen["plain"])
+            return m
+        for _ in range(preset.warmup):
+            _plain_step(policy, batch, None)
+            _ours_step(policy, batch, objective)
+        for i in range(preset.steps):
+            order = ("plain", "ours") if i % 2 == 0 else ("ours", "plain")
+            for which in order:
+                if ctx.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                _sync(ctx)
+                t0 = time.perf_counter()
+                if which == "plain":
+                    _plain_step(policy, batch, None)
+                else:
+                    _ours_step(policy, batch, objective)
+                _sync(ctx)
+                dt_s = time.perf_counter() - t0
+                getattr(m, f"{which}_s").append(dt_s)
+                if ctx.device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated() / 2**30
+                    setattr(m, f"{which}_peak", max(peak, getattr(m, f"{which}_peak") or 0.0))
+        return m
+    finally:
+        parallel.destroy()
+
+
+def _probe(policy: step.Policy, batch: step.TrainBatch, m: Measured, objective: RPG) -> None:
+    """Run our path once with a hook capturing the tokens and the gradient wrt the logits."""
+    gpt = policy.gpt
+    original = gpt.forward
+
+    def forward(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        m.seen["ours"].append(input_ids.detach().cpu().clone())
+        logits = original(input_ids, *args, **kwargs)
+        m.extras["logits"] = logits.detach().double().cpu().clone()
+        logits.register_hook(
+            lambda g: m.extras.__setitem__("grad", g.detach().double().cpu().clone())
+        )
+        return logits
+
+    gpt.forward = forward
+    try:
+        m.extras["stats"] = _ours_step(policy, batch, objective)
+    finally:
+        del gpt.forward
+    m.logits_grad = m.extras.pop("grad")
+    m.extras["batch"] = batch
+
+
+def _table(preset_name: str, preset: Preset, rows: list[Measured], fp8: str | None) -> list[str]:
+    lines = [
+        f"preset {preset_name}: {preset.hf['num_hidden_layers']}L h{preset.hf['hidden_size']} "
+        f"V{preset.hf['vocab_size']}, {preset.seq} tokens/step, {preset.dtype}"
+        f"{', fp8 ' + fp8 if fp8 else ''}; median of {preset.steps} steps after "
+        f"{preset.warmup} warm-up, orders alternated",
+        "",
+        "| TP | path | s/step | tokens/s | peak GiB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for m in rows:
+        for name in ("plain", "ours"):
+            s = statistics.median(getattr(m, f"{name}_s"))
+            peak = getattr(m, f"{name}_peak")
+            label = "plain Megatron (labels, CE)" if name == "plain" else "ours (RPG loss hook)"
+            lines.append(f"| {m.tp} | {label} | {s:.4f} | {preset.seq / s:,.0f} | {peak:.1f} |")
+    return lines
+
+
+def ratios(m: Measured) -> tuple[float, float]:
+    step_ratio = statistics.median(m.plain_s) / statistics.median(m.ours_s)  # tokens/s ratio
+    mem_ratio = m.ours_peak / m.plain_peak if m.plain_peak == m.plain_peak else float("nan")
+    return step_ratio, mem_ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny-cpu")
+    ap.add_argument("--fp8", choices=["delayed", "tensorwise", "blockwise"], default=None)
+    ap.add_argument("--seq", type=int, default=None, help="override tokens per step")
+    ap.add_argument("--steps", type=int, default=None, help="override measured steps")
+    ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.seq or args.steps:
+        preset = Preset(
+            hf=preset.hf,
+            seq=args.seq or preset.seq,
+            tps=preset.tps,
+            dtype=preset.dtype,
+            steps=args.steps or preset.steps,
+            warmup=preset.warmup,
+        )
+    if preset.dtype != "float32" and not torch.cuda.is_available():
+        print(f"preset {args.preset} needs a GPU (model.dtype={preset.dtype})", file=sys.stderr)
+        return 2
+    rows = []
+    for tp in preset.tps:
+        if tp == 1 and torch.cuda.is_available():
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29511")
+            rows.append(run_layout(0, 1, preset, args.fp8, False))
+        else:
+            from tests.distributed import spawn
+
+            rows.append(spawn(tp, run_layout, preset, args.fp8, False)[0])
+    lines = _table(args.preset, preset, rows, args.fp8)
+    step_ratio, mem_ratio = ratios(rows[-1])
+    print("\n".join(lines))
+    last = f"step_ratio={step_ratio:.3f} mem_ratio={mem_ratio:.3f}"
+    if args.record:
+        device = (
+            torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU")
+        )
+        cmd = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        ratios_all = ", ".join(f"TP={m.tp}: step_ratio={ratios(m)[0]:.3f}" for m in rows)
+        block = [
+            f"\n## train_step: ours vs plain Megatron ({dt.date.today().isoformat()})",
+            "",
+            f"- device: {device}; torch {torch.__version__}",
+            f"- command: `{cmd.strip()}`",
+            f"- {ratios_all}",
+            "",
+            *lines,
+            "",
+        ]
+        with DOC.open("a") as f:
+            f.write("\n".join(block))
+    print(last)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
