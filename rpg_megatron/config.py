@@ -160,6 +160,45 @@ class OptimConfig:
             raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
 
 
+EngineName = Literal["embedded", "sglang"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RolloutConfig:
+    engine: EngineName = "embedded"
+    """Which RolloutEngine generates: embedded (HF transformers, CPU or one GPU, the reference)
+    or sglang (SGLang servers, GPU)."""
+    n_samples: int = 8
+    """Completions per prompt (a group); the prompt is repeated n_samples times."""
+    prompts_per_step: int = 32
+    """Distinct prompts per rollout batch; the batch holds prompts_per_step * n_samples samples."""
+    max_new_tokens: int = 1024
+    """SamplingParams.max_new_tokens: most generated tokens per completion."""
+    temperature: float = 1.0
+    """SamplingParams.temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """SamplingParams.top_p; 1.0 disables nucleus sampling."""
+    top_k: int | None = None
+    """SamplingParams.top_k; None disables top-k."""
+    stop: tuple[str, ...] = ()
+    """SamplingParams.stop: stop strings (the tokenizer decodes completions to find them)."""
+    embedded_device: Literal["cpu", "cuda"] = "cpu"
+    """Embedded engine: where its float32 HF model runs. On cuda, sleep() moves it to the CPU."""
+    embedded_batch_size: int = 64
+    """Embedded engine: prompts decoded together; larger batches use more KV-cache memory."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "prompts_per_step", "max_new_tokens", "embedded_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.{name}={getattr(self, name)}: must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"rollout.top_k={self.top_k}: must be >= 1, or null to disable")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
@@ -186,6 +225,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -289,6 +329,10 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{source}: {key}={value!r}: must be one of {choices}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: {key}={value!r}: expected a list")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{source}: {key}={value!r}: expected a list of {len(args)} values")

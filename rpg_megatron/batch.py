@@ -1,0 +1,115 @@
+"""Data contracts between the rollout engines and the trainer: SamplingParams and Completion.
+
+Plain Python, no torch: every engine (embedded, SGLang) takes `SamplingParams` and returns one
+`Completion` per prompt, so the trainer never sees an engine's own request or response format.
+
+Alignment: `Completion.token_ids[t]` and `Completion.logprobs[t]` describe the same generated
+token, `logprobs[t] = log pi(token_ids[t] | prompt + token_ids[:t])`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """How to sample one batch of completions. Lists given for tuple fields become tuples."""
+
+    max_new_tokens: int = 1024
+    """Most tokens generated per prompt (stop tokens included); reaching it -> "length"."""
+    temperature: float = 1.0
+    """Softmax temperature (>= 0). 0 is greedy decoding (argmax); top_p and top_k are then moot."""
+    top_p: float = 1.0
+    """Nucleus sampling in (0, 1]: keep the smallest most-likely set with mass >= top_p, applied
+    after temperature. 1.0 keeps the whole vocabulary."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens (k >= 1), applied before top_p; None disables it."""
+    stop: tuple[str, ...] = ()
+    """Stop strings. Generation ends once the decoded completion contains one; the token that
+    completed it is kept (tokens are never split), finish_reason "stop". Needs a tokenizer."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation in addition to the model's EOS; the stop token is kept in
+    `Completion.token_ids` (with its log-prob) so the policy learns to stop."""
+    ignore_eos: bool = False
+    """Do not stop at the model's `eos_token_id` (stop_token_ids still apply)."""
+    seed: int | None = None
+    """Base seed. The same seed, weights and prompts give the same completions; prompt i of the
+    batch draws from its own stream derived from (seed, i), so repeated prompts differ. None
+    draws fresh entropy (not reproducible)."""
+
+    def __post_init__(self) -> None:
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                # YAML and JSON give lists; the dataclass is frozen and hashable, so store tuples.
+                object.__setattr__(self, name, tuple(value))
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingParams.max_new_tokens={self.max_new_tokens}: must be >= 1 "
+                "(one generated token at least)"
+            )
+        if self.temperature < 0:
+            raise ValueError(
+                f"SamplingParams.temperature={self.temperature}: must be >= 0 (0 means greedy)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"SamplingParams.top_p={self.top_p}: must be in (0, 1]; 1.0 disables nucleus "
+                "sampling"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(
+                f"SamplingParams.top_k={self.top_k}: must be >= 1, or None to disable top-k "
+                "(the -1 and 0 of other engines are spelled None here)"
+            )
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ValueError(f"SamplingParams.stop={self.stop!r}: stop strings must be non-empty")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(
+                f"SamplingParams.stop_token_ids={self.stop_token_ids!r}: must be token ids >= 0"
+            )
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"SamplingParams.seed={self.seed}: must be >= 0, or None")
+
+    @property
+    def greedy(self) -> bool:
+        """True when decoding is deterministic argmax (temperature 0)."""
+        return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Completion:
+    """What an engine returns for one prompt; one per prompt, in prompt order."""
+
+    prompt_index: int
+    """Position of the prompt in the `prompts` passed to `generate` (0-based)."""
+    token_ids: list[int]
+    """Generated token ids, prompt excluded; a stop token or the token that completed a stop
+    string is included."""
+    logprobs: list[float]
+    """Per token of `token_ids`: log pi(token | prompt + earlier tokens) under the RAW model at
+    temperature 1 with no top-k/top-p filtering, i.e. exactly what the trainer recomputes as
+    pi_old. It equals the log-prob of the distribution actually sampled from only when
+    temperature == 1 and no filter is active (the RL default)."""
+    finish_reason: FinishReason
+    """"stop": EOS, a stop token or a stop string; "length": max_new_tokens reached; "abort":
+    the engine gave up on the request (never produced by the embedded engine)."""
+    weight_version: int
+    """`version` of the last `update_weights` before this generate call began."""
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError(
+                f"Completion(prompt_index={self.prompt_index}): {len(self.token_ids)} token_ids "
+                f"but {len(self.logprobs)} logprobs; need one log-prob per generated token"
+            )
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(
+                f"Completion.finish_reason={self.finish_reason!r}: must be one of "
+                f"{', '.join(FINISH_REASONS)}"
+            )
