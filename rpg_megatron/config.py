@@ -199,6 +199,63 @@ class RolloutConfig:
             raise ConfigError(f"rollout.top_k={self.top_k}: must be >= 1, or null to disable")
 
 
+DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl")
+"""File types `data.read_rows` understands, chosen by suffix."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataConfig:
+    train_files: tuple[str, ...] = ()
+    """Prompt files in the verl/DAPO layout (.parquet or .jsonl), concatenated in this order."""
+    prompt_key: str = "prompt"
+    """Column holding the chat messages: a list of {role, content} mappings."""
+    answer_key: str = "reward_model.ground_truth"
+    """Dotted path of the ground truth inside a row (`reward_model` is a struct/dict)."""
+    unique: bool = False
+    """Drop repeated problems (same messages and ground truth), keeping the first. The eval
+    files repeat every problem 32 times for pass@k; set this to train on them."""
+    on_bad_row: Literal["skip", "error"] = "error"
+    """A malformed row (no ground truth, empty prompt, prompt not a list of messages, prompt
+    longer than max_prompt_tokens): error raises naming file and row; skip logs it, counts it
+    in the load report and drops it. Either way this happens at load time, before step 0."""
+    max_prompt_tokens: int = 1024
+    """Longest templated prompt, in tokens; longer rows are bad rows (see on_bad_row)."""
+    chat_template: Literal["auto", "tokenizer", "plain"] = "auto"
+    """auto: the tokenizer's chat template when it has one, else the plain fallback;
+    tokenizer: require the tokenizer's template; plain: always the fallback
+    ("{Role}: {content}" lines, then "Assistant:")."""
+    shuffle: bool = True
+    """Shuffle the prompt order every epoch (a permutation drawn from seed and epoch)."""
+    seed: int = 1234
+    """Data-order seed, separate from parallel.seed so model seeds do not reorder data."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (no learning signal) and
+    generate more batches until rollout.prompts_per_step informative groups remain."""
+    max_gen_batches: int = 10
+    """Dynamic sampling: most generation batches per step; when they are used up the step trains
+    on the informative groups it has (fewer than asked) and logs the shortfall."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train_files, list):  # direct construction from YAML-ish lists
+            object.__setattr__(self, "train_files", tuple(self.train_files))
+        for path in self.train_files:
+            if not path.endswith(DATA_SUFFIXES):
+                raise ConfigError(
+                    f"data.train_files: {path!r} has an unknown suffix; use one of "
+                    f"{', '.join(DATA_SUFFIXES)}"
+                )
+        if self.seed < 0:
+            raise ConfigError(
+                f"data.seed={self.seed}: must be >= 0 (it seeds numpy's SeedSequence)"
+            )
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"data.max_prompt_tokens={self.max_prompt_tokens}: must be >= 1")
+        if self.max_gen_batches < 1:
+            raise ConfigError(f"data.max_gen_batches={self.max_gen_batches}: must be >= 1")
+        if not self.prompt_key or not self.answer_key:
+            raise ConfigError("data.prompt_key and data.answer_key must be non-empty")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
@@ -226,6 +283,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
