@@ -256,6 +256,76 @@ class DataConfig:
             raise ConfigError("data.prompt_key and data.answer_key must be non-empty")
 
 
+ExtractorName = Literal["answer_line", "boxed", "last_number"]
+"""Answer extractors of rewards.py, by name (rewards.EXTRACTORS maps each to its function)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RewardConfig:
+    extract: tuple[ExtractorName, ...] = ("answer_line", "boxed")
+    """Answer extractors tried in order; the first that finds an answer wins. answer_line: the
+    text after the last "Answer:" (the AIME/AMC prompt asks for it); boxed: the last \\boxed{...};
+    last_number: the last number in the response (for a tiny untrained model that only emits
+    digits)."""
+    correct_reward: float = 1.0
+    """Reward of a response whose extracted answer math-verify judges equal to the ground truth."""
+    incorrect_reward: float = 0.0
+    """Reward of a wrong answer, and of an answer that could not be checked (unparseable,
+    math-verify error, timeout); those are also counted in the reward/* metrics. The RPG paper
+    sometimes uses -1."""
+    format_reward: float = 0.0
+    """Reward of a response in which no extractor found an answer (counted as reward/no_answer)."""
+    timeout_s: float = 5.0
+    """Wall-clock limit in seconds of one verification (parse + compare) in a worker process; a
+    worker past it is killed, replaced and the sample counted in reward/timeouts."""
+    workers: int = 2
+    """Persistent verifier worker processes (spawned, each ~60 MB with sympy loaded)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong punishment: tokens before `max_response_len` over which the penalty
+    grows linearly from 0 to `overlong_penalty_factor`; 0 turns the penalty off."""
+    max_response_len: int = 0
+    """Response length limit in tokens that the overlong penalty refers to (normally the rollout's
+    max new tokens); must exceed `overlong_buffer` when the penalty is on."""
+    overlong_penalty_factor: float = 1.0
+    """Largest overlong penalty, reached at `max_response_len` tokens (DAPO uses 1.0)."""
+
+    def __post_init__(self) -> None:
+        valid = typing.get_args(ExtractorName)
+        if not self.extract:
+            raise ConfigError(
+                f"reward.extract=[]: name at least one extractor of {', '.join(valid)}"
+            )
+        for name in self.extract:
+            if name not in valid:
+                raise ConfigError(
+                    f"reward.extract contains {name!r}: valid extractors are {', '.join(valid)}"
+                )
+        if len(set(self.extract)) != len(self.extract):
+            raise ConfigError(
+                f"reward.extract={list(self.extract)}: an extractor is listed twice; "
+                "list each at most once"
+            )
+        if not self.timeout_s > 0:
+            raise ConfigError(f"reward.timeout_s={self.timeout_s}: must be > 0 seconds")
+        if self.workers < 1:
+            raise ConfigError(f"reward.workers={self.workers}: must be >= 1")
+        if self.overlong_buffer < 0:
+            raise ConfigError(
+                f"reward.overlong_buffer={self.overlong_buffer}: must be >= 0 (0 turns it off)"
+            )
+        if self.overlong_buffer > 0 and self.max_response_len <= self.overlong_buffer:
+            raise ConfigError(
+                f"reward.max_response_len={self.max_response_len} with "
+                f"reward.overlong_buffer={self.overlong_buffer}: the penalty window must lie "
+                "inside the response; set max_response_len to the rollout's max new tokens "
+                "(> overlong_buffer) or overlong_buffer=0"
+            )
+        if self.overlong_penalty_factor < 0:
+            raise ConfigError(
+                f"reward.overlong_penalty_factor={self.overlong_penalty_factor}: must be >= 0"
+            )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
@@ -284,6 +354,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -46,11 +46,13 @@ def test_non_default_round_trip(tmp_path):
             "parallel.sequence_parallel=true",
             "model.fp8=hybrid",
             "rollout.stop=['</s>', 'Answer:']",
+            "reward.extract=[boxed, last_number]",
         ],
     )
     assert cfg.objective.clip == (0.1, 0.1) and cfg.objective.dual_clip_c is None
     assert cfg.optim.lr == 3e-6 and cfg.parallel.tp == 2 and cfg.model.fp8 == "hybrid"
     assert cfg.rollout.stop == ("</s>", "Answer:")
+    assert cfg.reward.extract == ("boxed", "last_number")
     path = tmp_path / "c.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_config(path) == cfg
