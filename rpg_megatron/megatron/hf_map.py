@@ -11,8 +11,11 @@ transforms change layout on the way:
                dropped on export
 
 Everything else is a rename. The same table drives offline conversion (`hf_to_mcore`,
-`mcore_to_hf`), the streaming export of live weights (`to_hf`, `iter_mcore_to_hf`) and the
-tensor-parallel (TP) split of full tensors (`shard`, `unshard`), so they cannot drift.
+`to_mcore`, `mcore_to_hf`), the streaming export of live weights (`to_hf`, `hf_outputs`,
+`iter_mcore_to_hf`) and the tensor-parallel (TP) split of full tensors (`shard`, `unshard`), so
+they cannot drift. Sizes and family come from `model.HFArch`, which `model.read_hf_config` (the
+only parser of config.json, and the place that refuses configs this table cannot express)
+returns; nothing here reads config.json.
 
 Names were read off a GPTModel built with `get_gpt_layer_local_spec` (megatron-core 0.16.1) and,
 for the Transformer Engine spec, from `get_gpt_layer_with_transformer_engine_spec`: there
@@ -34,12 +37,15 @@ tp TP world size, r TP rank.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: hf_map stays importable without megatron
+    from rpg_megatron.megatron.model import HFArch
 
 Transform = Literal["copy", "qkv", "gate_up", "vocab_pad"]
 Split = Literal["replicated", "column", "row", "vocab", "gate_up"]
@@ -51,10 +57,6 @@ class HFMapError(Exception):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
-
-
-class UnsupportedModelError(HFMapError, ValueError):
-    """config.json describes a model this table cannot map."""
 
 
 class MissingTensorError(HFMapError, KeyError):
@@ -156,160 +158,43 @@ def _template(name: str) -> tuple[str, int | None]:
     return m.group(1) + "{i}." + name[m.end() :], int(m.group(2))
 
 
-# --------------------------------------------------------------------------------- layout
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Layout:
-    """The facts of config.json the mapping needs, validated once by `layout_of`."""
-
-    family: str
-    """config.json `model_type`; a key of TABLES."""
-    num_layers: int
-    """L, `num_hidden_layers`."""
-    hidden_size: int
-    """H."""
-    num_heads: int
-    """Q, `num_attention_heads`."""
-    num_kv_heads: int
-    """G, `num_key_value_heads` (Megatron `num_query_groups`); divides Q."""
-    head_dim: int
-    """D, `head_dim` when given (qwen3 may have Q * D != H), else H // Q."""
-    ffn_hidden_size: int
-    """F, `intermediate_size`."""
-    vocab_size: int
-    """V, config.json `vocab_size`: the HF embedding rows (often already > tokenizer size)."""
-    tied: bool
-    """`tie_word_embeddings`: no lm_head in HF, no output_layer in Megatron (PP = 1)."""
-    rope_theta: float
-    """RoPE base (Megatron `rotary_base`)."""
-    rope_scaling_factor: float | None
-    """Llama-3 RoPE scaling factor (Megatron `rope_scaling=True`), None when unscaled."""
-
-    @property
-    def rules(self) -> tuple[Rule, ...]:
-        """This model's table: the family's, without the output layer when tied."""
-        table = TABLES[self.family]
-        return tuple(r for r in table if not (self.tied and r.mcore == OUTPUT_LAYER))
-
-    def hf_shape(self, template: str) -> tuple[int, ...]:
-        """Expected shape of the HF tensor with this `{i}` template."""
-        H, D, F, V = self.hidden_size, self.head_dim, self.ffn_hidden_size, self.vocab_size
-        QD, GD = self.num_heads * D, self.num_kv_heads * D
-        suffix = template.removeprefix(_H)
-        shapes = {
-            "model.embed_tokens.weight": (V, H),
-            LM_HEAD: (V, H),
-            "model.norm.weight": (H,),
-            "input_layernorm.weight": (H,),
-            "post_attention_layernorm.weight": (H,),
-            "self_attn.q_proj.weight": (QD, H),
-            "self_attn.k_proj.weight": (GD, H),
-            "self_attn.v_proj.weight": (GD, H),
-            "self_attn.q_proj.bias": (QD,),
-            "self_attn.k_proj.bias": (GD,),
-            "self_attn.v_proj.bias": (GD,),
-            "self_attn.o_proj.weight": (H, QD),
-            "self_attn.q_norm.weight": (D,),
-            "self_attn.k_norm.weight": (D,),
-            "mlp.gate_proj.weight": (F, H),
-            "mlp.up_proj.weight": (F, H),
-            "mlp.down_proj.weight": (H, F),
-        }
-        return shapes[suffix]
-
-    def mcore_shape(self, rule: Rule) -> tuple[int, ...]:
-        """Expected Megatron shape; dim 0 of vocab_pad tensors is the minimum (V), not Vp."""
-        parts = [self.hf_shape(h) for h in rule.hf]
-        return (sum(p[0] for p in parts), *parts[0][1:])
+# ------------------------------------------------------------------------------ shapes
+def rules_of(arch: HFArch) -> tuple[Rule, ...]:
+    """This model's table: its family's, without the output layer when embeddings are tied."""
+    table = TABLES[arch.family]
+    return tuple(r for r in table if not (arch.tie_word_embeddings and r.mcore == OUTPUT_LAYER))
 
 
-_ROPE_TYPES = {"llama": ("default", "llama3"), "qwen2": ("default",), "qwen3": ("default",)}
-# megatron-core 0.16.1 RotaryEmbedding._apply_scaling hard-codes these Llama-3 constants.
-_LLAMA3_ROPE = {
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+def hf_shape(arch: HFArch, template: str) -> tuple[int, ...]:
+    """Expected shape of the HF tensor with this `{i}` template (or plain name)."""
+    H, D, F, V = arch.hidden_size, arch.head_dim, arch.intermediate_size, arch.vocab_size
+    QD, GD = arch.num_attention_heads * D, arch.num_key_value_heads * D
+    shapes = {
+        "model.embed_tokens.weight": (V, H),
+        LM_HEAD: (V, H),
+        "model.norm.weight": (H,),
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "self_attn.q_proj.weight": (QD, H),
+        "self_attn.k_proj.weight": (GD, H),
+        "self_attn.v_proj.weight": (GD, H),
+        "self_attn.q_proj.bias": (QD,),
+        "self_attn.k_proj.bias": (GD,),
+        "self_attn.v_proj.bias": (GD,),
+        "self_attn.o_proj.weight": (H, QD),
+        "self_attn.q_norm.weight": (D,),
+        "self_attn.k_norm.weight": (D,),
+        "mlp.gate_proj.weight": (F, H),
+        "mlp.up_proj.weight": (F, H),
+        "mlp.down_proj.weight": (H, F),
+    }
+    return shapes[_template(template)[0].removeprefix(_H)]
 
 
-_INT_KEYS = (
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "intermediate_size",
-    "vocab_size",
-)
-
-
-def family_of(hf_config: Mapping[str, Any]) -> str:
-    """config.json `model_type`, checked to be a key of TABLES (exact match, never a substring)."""
-    family = hf_config.get("model_type")
-    if family not in TABLES:
-        raise UnsupportedModelError(
-            f"config.json model_type={family!r}: no weight map for it; supported: "
-            f"{', '.join(sorted(TABLES))}"
-        )
-    return family
-
-
-def _rope(hf_config: Mapping[str, Any], family: str) -> tuple[float, float | None]:
-    """(rope_theta, llama3 factor or None) from old-style rope_scaling or transformers-5 keys."""
-    params = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in _ROPE_TYPES[family]:
-        raise UnsupportedModelError(
-            f"config.json rope_scaling.rope_type={kind!r} for {family}: Megatron RoPE here "
-            f"supports {', '.join(_ROPE_TYPES[family])}"
-        )
-    theta = hf_config.get("rope_theta") or params.get("rope_theta")
-    if theta is None:
-        raise UnsupportedModelError(
-            "config.json has no rope_theta (nor rope_parameters.rope_theta)"
-        )
-    if kind == "default":
-        return float(theta), None
-    for key, want in _LLAMA3_ROPE.items():
-        if float(params.get(key, float("nan"))) != want:
-            raise UnsupportedModelError(
-                f"config.json rope_scaling.{key}={params.get(key)!r}: megatron-core 0.16.1 "
-                f"hard-codes {want} for llama3 RoPE scaling"
-            )
-    return float(theta), float(params["factor"])
-
-
-def layout_of(hf_config: Mapping[str, Any]) -> Layout:
-    """Validate config.json for mapping and return its Layout."""
-    family = family_of(hf_config)
-    for key in _INT_KEYS:
-        if not isinstance(hf_config.get(key), int):
-            raise UnsupportedModelError(f"config.json {key}={hf_config.get(key)!r}: need an int")
-    # qwen2 always has q/k/v biases and nothing else; llama/qwen3 flags add biases Megatron's
-    # add_qkv_bias cannot express (o_proj, MLP), so they are refused rather than dropped.
-    for key in ("attention_bias", "mlp_bias"):
-        if family != "qwen2" and hf_config.get(key):
-            raise UnsupportedModelError(
-                f"config.json {key}=true for {family}: biased projections are not mapped"
-            )
-    heads = hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    if heads % kv_heads:
-        raise UnsupportedModelError(
-            f"config.json num_key_value_heads={kv_heads}: must divide num_attention_heads={heads}"
-        )
-    theta, factor = _rope(hf_config, family)
-    return Layout(
-        family=family,
-        num_layers=hf_config["num_hidden_layers"],
-        hidden_size=hf_config["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // heads,
-        ffn_hidden_size=hf_config["intermediate_size"],
-        vocab_size=hf_config["vocab_size"],
-        # LlamaConfig, Qwen2Config and Qwen3Config all default to untied.
-        tied=bool(hf_config.get("tie_word_embeddings", False)),
-        rope_theta=theta,
-        rope_scaling_factor=factor,
-    )
+def _mcore_shape(arch: HFArch, rule: Rule) -> tuple[int, ...]:
+    """Expected full Megatron shape; dim 0 of vocab_pad tensors is the minimum (V), not Vp."""
+    parts = [hf_shape(arch, h) for h in rule.hf]
+    return (sum(p[0] for p in parts), *parts[0][1:])
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -358,15 +243,16 @@ def vocab_unpad(w: Tensor, *, vocab_size: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- HF -> mcore
-def _check(name: str, t: Tensor, shape: tuple[int, ...], *, min_rows: bool = False) -> None:
+def _check(name: str, t: Tensor | Sequence[int], shape: tuple[int, ...], *, min_rows=False) -> None:
+    got = tuple(t.shape) if isinstance(t, Tensor) else tuple(t)
     ok = (
-        t.dim() == len(shape) and t.shape[1:] == shape[1:] and t.shape[0] >= shape[0]
+        len(got) == len(shape) and got[1:] == shape[1:] and got[0] >= shape[0]
         if min_rows
-        else tuple(t.shape) == shape
+        else got == shape
     )
     if not ok:
         want = f"[>={shape[0]}, {', '.join(map(str, shape[1:]))}]" if min_rows else list(shape)
-        raise ShapeMismatchError(f"{name}: expected shape {want}, got {list(t.shape)}")
+        raise ShapeMismatchError(f"{name}: expected shape {want}, got {list(got)}")
 
 
 def _names(n: int, names: Iterable[str]) -> str:
@@ -379,9 +265,85 @@ def _expand(template: str, num_layers: int) -> list[str]:
     return [template.format(i=i) for i in range(num_layers)] if "{i}" in template else [template]
 
 
+def validate_hf(shapes: Mapping[str, Sequence[int]], arch: HFArch) -> None:
+    """Check an HF checkpoint's tensor names and shapes against the table, before loading data.
+
+    `shapes` maps every HF tensor name to its shape (a safetensors header is enough). Raises
+    UnexpectedTensorError for a name not in the table (nor IGNORED_HF, nor lm_head when tied),
+    MissingTensorError for a table entry with no tensor, ShapeMismatchError naming the tensor.
+    """
+    rules = rules_of(arch)
+    known = {h for r in rules for h in r.hf}
+    ignored = set(IGNORED_HF) | ({LM_HEAD} if arch.tie_word_embeddings else set())
+    unexpected = []
+    for name in shapes:
+        template, layer = _template(name)
+        in_range = layer is None or layer < arch.num_layers
+        if not (in_range and (template in known or template in ignored)):
+            unexpected.append(name)
+    if unexpected:
+        raise UnexpectedTensorError(
+            f"{len(unexpected)} HF tensor(s) not in the {arch.family} weight map: "
+            f"{_names(8, unexpected)}"
+        )
+    missing = [n for r in rules for h in r.hf for n in _expand(h, arch.num_layers)]
+    missing = [n for n in missing if n not in shapes]
+    if missing:
+        raise MissingTensorError(
+            f"{len(missing)} HF tensor(s) missing for {arch.family}: {_names(8, missing)}"
+        )
+    for name, shape in shapes.items():
+        template = _template(name)[0]
+        if template in known or (name == LM_HEAD and arch.tie_word_embeddings):
+            _check(name, shape, hf_shape(arch, template))
+
+
+def _rule_of(name: str, arch: HFArch, te_names: bool | None) -> tuple[Rule, int | None]:
+    """The rule of full Megatron tensor `name` (global layer index) and its layer index."""
+    template, layer = _template(name)
+    rule = _index(arch, te_names).get(template)
+    if rule is None or (layer is not None and layer >= arch.num_layers):
+        naming = {None: "local or TE", True: "TE", False: "local"}[te_names]
+        raise UnexpectedTensorError(
+            f"{name}: not a {arch.family} parameter under {naming} names ({arch.num_layers} layers)"
+        )
+    return rule, layer
+
+
+def to_mcore(name: str, get: Callable[[str], Tensor], arch: HFArch, *, padded_vocab: int) -> Tensor:
+    """One full (TP = 1) Megatron tensor `name` (global layer index, local or TE naming) from
+    the HF tensors `get(hf_name)` returns; used to load one parameter at a time.
+
+    Checks each HF tensor's shape and that the parts of a fused tensor share a dtype.
+    """
+    if padded_vocab < arch.vocab_size:
+        raise ValueError(
+            f"padded_vocab={padded_vocab}: below config.json vocab_size {arch.vocab_size}"
+        )
+    rule, layer = _rule_of(name, arch, None)
+    names = [h.format(i=layer) for h in rule.hf]
+    parts = [get(n) for n in names]
+    for template, n, t in zip(rule.hf, names, parts, strict=True):
+        _check(n, t, hf_shape(arch, template))
+        if t.dtype != parts[0].dtype:
+            raise ShapeMismatchError(f"{n}: dtype {t.dtype} != {names[0]} {parts[0].dtype}")
+    match rule.transform:
+        case "copy":
+            return parts[0]
+        case "qkv":
+            return qkv_to_mcore(
+                *parts, num_kv_heads=arch.num_key_value_heads, head_dim=arch.head_dim
+            )
+        case "gate_up":
+            return gate_up_to_mcore(*parts)
+        case "vocab_pad":
+            return vocab_pad(parts[0], padded_vocab=padded_vocab)
+    raise AssertionError(rule.transform)
+
+
 def hf_to_mcore(
     hf_state: Mapping[str, Tensor],
-    hf_config: Mapping[str, Any],
+    arch: HFArch,
     *,
     padded_vocab: int,
     te_names: bool = False,
@@ -392,43 +354,16 @@ def hf_to_mcore(
     tied embeddings HF's lm_head.weight may be absent or equal to the embedding. Tensors are not
     copied unless a transform needs to (renamed tensors are the same objects).
     """
-    lay = layout_of(hf_config)
-    if padded_vocab < lay.vocab_size:
+    if padded_vocab < arch.vocab_size:
         raise ValueError(
-            f"padded_vocab={padded_vocab}: below config.json vocab_size {lay.vocab_size}"
+            f"padded_vocab={padded_vocab}: below config.json vocab_size {arch.vocab_size}"
         )
-    known = {h for r in lay.rules for h in r.hf}
-    ignored = set(IGNORED_HF) | ({LM_HEAD} if lay.tied else set())
-    unexpected = []
-    for name in hf_state:
-        template, layer = _template(name)
-        in_range = layer is None or layer < lay.num_layers
-        if not (in_range and (template in known or template in ignored)):
-            unexpected.append(name)
-    if unexpected:
-        raise UnexpectedTensorError(
-            f"{len(unexpected)} HF tensor(s) not in the {lay.family} weight map: "
-            f"{_names(8, unexpected)}"
-        )
-    missing = [n for r in lay.rules for h in r.hf for n in _expand(h, lay.num_layers)]
-    missing = [n for n in missing if n not in hf_state]
-    if missing:
-        raise MissingTensorError(
-            f"{len(missing)} HF tensor(s) missing for {lay.family}: {_names(8, missing)}"
-        )
-
+    validate_hf({n: t.shape for n, t in hf_state.items()}, arch)
     out: dict[str, Tensor] = {}
-    for rule in lay.rules:
-        for i in range(lay.num_layers if "{i}" in rule.mcore else 1):
-            names = [h.format(i=i) for h in rule.hf]
-            parts = [hf_state[n] for n in names]
-            for template, n, t in zip(rule.hf, names, parts, strict=True):
-                _check(n, t, lay.hf_shape(template))
-                if t.dtype != parts[0].dtype:
-                    raise ShapeMismatchError(f"{n}: dtype {t.dtype} != {names[0]} {parts[0].dtype}")
-            mcore_name = (rule.te if te_names else rule.mcore).format(i=i)
-            out[mcore_name] = _to_mcore(rule, parts, lay, padded_vocab)
-    if lay.tied and LM_HEAD in hf_state:
+    for rule in rules_of(arch):
+        for name in _expand(rule.te if te_names else rule.mcore, arch.num_layers):
+            out[name] = to_mcore(name, hf_state.__getitem__, arch, padded_vocab=padded_vocab)
+    if arch.tie_word_embeddings and LM_HEAD in hf_state:
         embed = hf_state["model.embed_tokens.weight"]
         if not torch.equal(hf_state[LM_HEAD], embed):
             raise UnexpectedTensorError(
@@ -438,24 +373,11 @@ def hf_to_mcore(
     return out
 
 
-def _to_mcore(rule: Rule, parts: list[Tensor], lay: Layout, padded_vocab: int) -> Tensor:
-    match rule.transform:
-        case "copy":
-            return parts[0]
-        case "qkv":
-            return qkv_to_mcore(*parts, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim)
-        case "gate_up":
-            return gate_up_to_mcore(*parts)
-        case "vocab_pad":
-            return vocab_pad(parts[0], padded_vocab=padded_vocab)
-    raise AssertionError(rule.transform)
-
-
 # ---------------------------------------------------------------------------- mcore -> HF
-def _index(lay: Layout, te_names: bool | None) -> dict[str, Rule]:
+def _index(arch: HFArch, te_names: bool | None) -> dict[str, Rule]:
     """Megatron `{i}` template -> rule; te_names None accepts both namings."""
     index: dict[str, Rule] = {}
-    for rule in lay.rules:
+    for rule in rules_of(arch):
         if te_names is not True:
             index[rule.mcore] = rule
         if te_names is not False:
@@ -467,8 +389,26 @@ def _is_te(names: Iterable[str]) -> bool:
     return any(n.endswith("layer_norm_weight") for n in names)
 
 
+def _skipped(name: str, arch: HFArch) -> bool:
+    return name.endswith(IGNORED_MCORE_SUFFIX) or (
+        arch.tie_word_embeddings and name == OUTPUT_LAYER
+    )
+
+
+def hf_outputs(
+    name: str, arch: HFArch, *, te_names: bool | None = None
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of each tensor `to_hf` returns for full Megatron tensor `name`, without
+    the tensor: lets a receiver allocate buffers before the data arrives. [] for ignored names.
+    """
+    if _skipped(name, arch):
+        return []
+    rule, layer = _rule_of(name, arch, te_names)
+    return [(h.format(i=layer), hf_shape(arch, h)) for h in rule.hf]
+
+
 def to_hf(
-    name: str, tensor: Tensor, *, layout: Layout, te_names: bool | None = None
+    name: str, tensor: Tensor, *, arch: HFArch, te_names: bool | None = None
 ) -> list[tuple[str, Tensor]]:
     """One full (TP-gathered) Megatron tensor -> its HF tensors, for streaming export.
 
@@ -476,17 +416,10 @@ def to_hf(
     output_layer.weight when tied). te_names None accepts local and TE names alike. Outputs may
     be views of `tensor` (clone before saving with safetensors).
     """
-    if name.endswith(IGNORED_MCORE_SUFFIX) or (layout.tied and name == OUTPUT_LAYER):
+    if _skipped(name, arch):
         return []
-    template, layer = _template(name)
-    rule = _index(layout, te_names).get(template)
-    if rule is None or (layer is not None and layer >= layout.num_layers):
-        naming = {None: "local or TE", True: "TE", False: "local"}[te_names]
-        raise UnexpectedTensorError(
-            f"{name}: not a {layout.family} parameter under {naming} names "
-            f"({layout.num_layers} layers)"
-        )
-    _check(name, tensor, layout.mcore_shape(rule), min_rows=rule.transform == "vocab_pad")
+    rule, layer = _rule_of(name, arch, te_names)
+    _check(name, tensor, _mcore_shape(arch, rule), min_rows=rule.transform == "vocab_pad")
     hf_names = [h.format(i=layer) for h in rule.hf]
     match rule.transform:
         case "copy":
@@ -494,20 +427,20 @@ def to_hf(
         case "qkv":
             parts = qkv_to_hf(
                 tensor,
-                num_heads=layout.num_heads,
-                num_kv_heads=layout.num_kv_heads,
-                head_dim=layout.head_dim,
+                num_heads=arch.num_attention_heads,
+                num_kv_heads=arch.num_key_value_heads,
+                head_dim=arch.head_dim,
             )
         case "gate_up":
             parts = gate_up_to_hf(tensor)
         case "vocab_pad":
-            parts = (vocab_unpad(tensor, vocab_size=layout.vocab_size),)
+            parts = (vocab_unpad(tensor, vocab_size=arch.vocab_size),)
     return list(zip(hf_names, parts, strict=True))
 
 
 def iter_mcore_to_hf(
     items: Iterable[tuple[str, Tensor]],
-    hf_config: Mapping[str, Any],
+    arch: HFArch,
     *,
     te_names: bool | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
@@ -515,14 +448,13 @@ def iter_mcore_to_hf(
 
     No completeness check (a pipeline stage holds only its layers); `mcore_to_hf` does one.
     """
-    layout = layout_of(hf_config)
     for name, tensor in items:
-        yield from to_hf(name, tensor, layout=layout, te_names=te_names)
+        yield from to_hf(name, tensor, arch=arch, te_names=te_names)
 
 
 def mcore_to_hf(
     mcore_state: Mapping[str, Tensor | Any],
-    hf_config: Mapping[str, Any],
+    arch: HFArch,
     *,
     te_names: bool | None = None,
 ) -> dict[str, Tensor]:
@@ -532,20 +464,19 @@ def mcore_to_hf(
     table entry must be present under that naming. With tied embeddings no lm_head.weight is
     returned (as `save_pretrained` writes it).
     """
-    layout = layout_of(hf_config)
     te = _is_te(mcore_state) if te_names is None else te_names
     expected = {
-        n for r in layout.rules for n in _expand(r.te if te else r.mcore, layout.num_layers)
+        n for r in rules_of(arch) for n in _expand(r.te if te else r.mcore, arch.num_layers)
     }
     missing = expected - set(mcore_state)
     if missing:
         raise MissingTensorError(
-            f"{len(missing)} Megatron tensor(s) missing for {layout.family} "
+            f"{len(missing)} Megatron tensor(s) missing for {arch.family} "
             f"({'TE' if te else 'local'} names): {_names(8, missing)}"
         )
     embed = mcore_state["embedding.word_embeddings.weight"]
     if (
-        layout.tied
+        arch.tie_word_embeddings
         and OUTPUT_LAYER in mcore_state
         and not torch.equal(mcore_state[OUTPUT_LAYER], embed)
     ):
@@ -555,7 +486,7 @@ def mcore_to_hf(
         )
     out: dict[str, Tensor] = {}
     for name, tensor in mcore_state.items():
-        out.update(to_hf(name, tensor, layout=layout, te_names=te))
+        out.update(to_hf(name, tensor, arch=arch, te_names=te))
     return out
 
 
@@ -565,7 +496,8 @@ _SPLITS: dict[str, Split] = {
 }
 
 
-def _split_of(name: str) -> Split:
+def split_of(name: str) -> Split:
+    """How Megatron shards parameter `name` (any layer index, local or TE naming) over TP."""
     split = _SPLITS.get(_template(name)[0])
     if split is None:
         raise UnexpectedTensorError(f"{name}: not a mapped Megatron parameter; cannot shard it")
@@ -581,7 +513,7 @@ def shard(name: str, full: Tensor, *, tp_rank: int, tp_size: int) -> Tensor:
     """
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank={tp_rank}: must be in [0, tp_size={tp_size})")
-    split = _split_of(name)
+    split = split_of(name)
     if split == "replicated":
         return full
     dim = 1 if split == "row" else 0
@@ -600,7 +532,7 @@ def unshard(name: str, shards: Sequence[Tensor]) -> Tensor:
 
     Replicated tensors must be identical on every rank (a divergence is a bug upstream).
     """
-    split = _split_of(name)
+    split = split_of(name)
     if split == "replicated":
         for r, s in enumerate(shards[1:], start=1):
             if not torch.equal(s, shards[0]):
@@ -610,3 +542,5 @@ def unshard(name: str, shards: Sequence[Tensor]) -> Tensor:
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(list(shards), dim=1 if split == "row" else 0)
+
+

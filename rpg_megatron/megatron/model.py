@@ -89,9 +89,17 @@ class HFArch:
 def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> HFArch:
     """Read a config.json (a file, the directory holding it, or its parsed dict) into `HFArch`.
 
-    Raises ConfigError for an unknown `model_type`, a missing key, and every feature Megatron's
-    GPTModel would silently get wrong: a non-SiLU activation, bias on o_proj or the MLP,
-    sliding-window attention, and RoPE scaling other than llama3's.
+    The only parser of config.json: model building, `hf_map`, export and conversion all take
+    the `HFArch` it returns. Raises ConfigError (naming the file and key) for an unknown
+    `model_type`, a missing or non-integer size, num_key_value_heads not dividing
+    num_attention_heads, and every feature Megatron's GPTModel or the weight map would silently
+    get wrong: a non-SiLU activation, bias on o_proj or the MLP (llama/qwen3 `attention_bias`,
+    any `mlp_bias`), sliding-window attention, and RoPE scaling other than llama3's on llama
+    (qwen2/qwen3: unscaled RoPE only).
+
+    Defaults follow transformers' LlamaConfig / Qwen2Config / Qwen3Config for keys a
+    config.json may omit (rope_theta 10000, rms_norm_eps 1e-6, untied embeddings), so the HF
+    model and the Megatron model built from one file agree.
     """
     if isinstance(path_or_dict, Mapping):
         d, src = dict(path_or_dict), "<config dict>"
@@ -113,17 +121,25 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
             f"{src}: model_type={family!r} is not supported; valid families: {', '.join(FAMILIES)}"
         )
 
-    def need(key: str) -> Any:
+    def need(key: str) -> int:
         if d.get(key) is None:
             raise ConfigError(f"{src}: required key {key!r} is missing (model_type={family})")
-        return d[key]
+        return size(key)
+
+    def size(key: str) -> int:
+        value = d[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{src}: {key}={value!r}: need a positive integer")
+        return value
 
     def off(key: str, why: str) -> None:
         if d.get(key):
-            raise ConfigError(f"{src}: {key}={d[key]!r} is not supported: {why}")
+            raise ConfigError(f"{src}: {key}={d[key]!r} for {family} is not supported: {why}")
 
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{src}: hidden_act={d['hidden_act']!r}: only 'silu' (SwiGLU) is built")
+    # qwen2 always has q/k/v biases and nothing else (Megatron's add_qkv_bias); llama/qwen3
+    # `attention_bias` also adds an o_proj bias, which neither the model nor the map has.
     if family in ("llama", "qwen3"):
         off("attention_bias", "the Megatron model has no bias on the attention output projection")
     off("mlp_bias", "the Megatron model is built without MLP biases")
@@ -131,7 +147,12 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
 
     heads = need("num_attention_heads")
     hidden = need("hidden_size")
-    theta, factor = _read_rope(d, src)
+    kv_heads = size("num_key_value_heads") if d.get("num_key_value_heads") else heads
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{src}: num_key_value_heads={kv_heads} must divide num_attention_heads={heads}"
+        )
+    theta, factor = _read_rope(d, src, family)
     return HFArch(
         family=family,
         vocab_size=need("vocab_size"),
@@ -139,8 +160,8 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
         intermediate_size=need("intermediate_size"),
         num_layers=need("num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or hidden // heads,
+        num_key_value_heads=kv_heads,
+        head_dim=size("head_dim") if d.get("head_dim") else hidden // heads,
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling_factor=factor,
@@ -152,12 +173,22 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
     )
 
 
-def _read_rope(d: Mapping[str, Any], src: str) -> tuple[float, float | None]:
+# RoPE scaling each family may use. Megatron could apply llama3 scaling to any family, but no
+# released Qwen2/Qwen3 checkpoint uses it and their HF configs are not validated for it.
+_ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "llama": ("default", "llama3"),
+    "qwen2": ("default",),
+    "qwen3": ("default",),
+}
+
+
+def _read_rope(d: Mapping[str, Any], src: str, family: str) -> tuple[float, float | None]:
     """(rope_theta, llama3 factor or None) from either config layout.
 
     transformers < 5 (and most config.json files on the Hub) write `rope_theta` and
     `rope_scaling` at top level; transformers >= 5 writes one `rope_parameters` dict holding
-    `rope_theta` and the scaling keys.
+    `rope_theta` and the scaling keys. A missing rope_theta is 10000, transformers' default
+    for all three families.
     """
     params = d.get("rope_parameters")
     if params is not None:
@@ -169,13 +200,13 @@ def _read_rope(d: Mapping[str, Any], src: str) -> tuple[float, float | None]:
     else:
         theta, scaling = d.get("rope_theta", 10000.0), d.get("rope_scaling") or {}
     rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
+    if rope_type not in _ROPE_TYPES[family]:
+        raise ConfigError(
+            f"{src}: rope scaling type {rope_type!r} is not supported for {family}; "
+            f"supported: {', '.join(_ROPE_TYPES[family])} (default = no scaling)"
+        )
     if rope_type == "default":
         return float(theta), None
-    if rope_type != "llama3":
-        raise ConfigError(
-            f"{src}: rope scaling type {rope_type!r} is not supported; supported: default "
-            "(no scaling), llama3"
-        )
     for key, fixed in _MEGATRON_LLAMA3_ROPE.items():
         if float(scaling.get(key, fixed)) != fixed:
             raise ConfigError(
@@ -278,8 +309,13 @@ def validate(
             )
 
 
-def transformer_config(arch: HFArch, model_cfg: ModelConfig, par: ParallelConfig) -> Any:
+def transformer_config(
+    arch: HFArch, model_cfg: ModelConfig, par: ParallelConfig, *, init_weights: bool = True
+) -> Any:
     """`megatron.core.transformer.TransformerConfig` for `arch` under these settings.
+
+    init_weights=False skips the random initialisation (Megatron's `perform_initialization`):
+    for models whose every weight is loaded right after, e.g. checkpoint conversion.
 
     Fixed choices: no dropout (RL fine-tuning), `calculate_per_token_loss=True` (the loss hook
     returns (sum, token count) and Megatron divides by the global count once),
@@ -336,6 +372,7 @@ def transformer_config(arch: HFArch, model_cfg: ModelConfig, par: ParallelConfig
         # variable_seq_lengths with the default 'allgather' MoE dispatcher regardless.
         moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=not cuda,
+        perform_initialization=init_weights,
         # Fused kernels come from TE on GPU; their CPU fallbacks either need CUDA (masked
         # softmax, rope, grad-accumulation) or gain nothing.
         bias_activation_fusion=te,
@@ -355,6 +392,7 @@ def build_gpt(
     *,
     pre_process: bool,
     post_process: bool,
+    init_weights: bool = True,
 ) -> Any:
     """Instantiate this rank's `megatron.core.models.gpt.GPTModel` shard (call after
     `parallel.init`).
@@ -362,14 +400,15 @@ def build_gpt(
     pre_process: this pipeline stage embeds tokens (`ParallelContext.is_first_stage`);
     post_process: it computes logits (`is_last_stage`). Logits come out vocab-parallel,
     [batch, seq, padded_vocab_size(vocab, tp) / tp], on the last stage; rows past
-    `arch.vocab_size` are padding. Weights are freshly initialised; load HF weights after.
+    `arch.vocab_size` are padding. Weights are freshly initialised (uninitialised memory with
+    init_weights=False); load HF weights after.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_gpt: call rpg_megatron.megatron.parallel.init(cfg) first")
-    config = transformer_config(arch, model_cfg, par)
+    config = transformer_config(arch, model_cfg, par, init_weights=init_weights)
     return GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(arch),

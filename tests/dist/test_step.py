@@ -105,7 +105,7 @@ def _full_grads(policy: step.Policy) -> dict[str, torch.Tensor]:
     local = {}
     for name, p in policy.gpt.named_parameters():
         g = p.main_grad.detach().clone()
-        if ctx.tp > 1 and hf_map._split_of(_global(name, off)) != "replicated":
+        if ctx.tp > 1 and hf_map.split_of(_global(name, off)) != "replicated":
             parts = [torch.empty_like(g) for _ in range(ctx.tp)]
             dist.all_gather(parts, g, group=ps.get_tensor_model_parallel_group())
             g = hf_map.unshard(_global(name, off), parts)

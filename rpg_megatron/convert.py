@@ -1,0 +1,480 @@
+"""Offline checkpoint conversion: HF safetensors <-> Megatron distributed checkpoint.
+
+    rpg-megatron convert hf-to-mcore --hf DIR --out DIR [--tp N] [--pp N]
+    rpg-megatron convert mcore-to-hf --mcore DIR --out DIR
+
+A Megatron checkpoint written here is a directory:
+
+    config.json        the HF config.json, copied byte for byte (the architecture source:
+                       `model.read_hf_config` reads it, training and export use it)
+    conversion.json    the resolved conversion: source, family, dtype, tp/pp it was written
+                       with, padded vocab, megatron-core and rpg_megatron versions
+    weights/           `megatron.core.dist_checkpointing` (torch_dist) of
+                       `GPTModel.sharded_state_dict()`
+    tokenizer files    copied from the source when present (TOKENIZER_FILES)
+
+Global keys in a dist checkpoint do not depend on the TP/PP it was saved with: `load_mcore`
+loads it into a model of any TP/PP (Megatron reshards; a different vocab padding is handled by
+its `allow_shape_mismatch` embedding/output entries). So --tp/--pp of hf-to-mcore only split the
+conversion's memory: with tp * pp > 1 the command spawns tp * pp gloo worker processes itself
+(no torchrun needed, CPU only), each reading from the safetensors only the tensors its shard
+needs. mcore-to-hf always loads at TP = PP = 1 in this process (memory: the whole model, once
+as Megatron tensors and once per safetensors shard being written).
+
+Safety: every input is validated before any output exists (config.json against what the family
+supports, safetensors headers: truncation, names, shapes, dtypes), errors name the file or the
+tensor, and output is written to a hidden temporary sibling of --out that is renamed into place
+only when complete. A failed or interrupted conversion leaves at most that temporary directory
+(named `.<out>.tmp-<pid>`), never a half-written --out; an existing --out is refused unless
+overwrite=True, and then replaced only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rpg_megatron import __version__
+from rpg_megatron.config import ModelConfig, ParallelConfig
+
+WEIGHTS = "weights"
+"""Subdirectory of a Megatron checkpoint holding the dist_checkpointing files."""
+CONVERSION = "conversion.json"
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+"""Files besides config.json and weights copied along in both directions when present."""
+MAX_SHARD_BYTES = 5 * 2**30
+"""mcore-to-hf writes one model.safetensors up to this size, else numbered shards + index."""
+_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class ConvertError(ValueError):
+    """An input file is missing, corrupt or inconsistent, or --out cannot be written."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Conversion:
+    """conversion.json: how a Megatron checkpoint directory was produced."""
+
+    source: str
+    """Absolute path of the HF directory converted."""
+    family: str
+    """config.json model_type."""
+    dtype: str
+    """Parameter dtype of the checkpoint (the safetensors dtype): float32, bfloat16, float16."""
+    tp: int
+    """Tensor-parallel size it was written with (loading may use any)."""
+    pp: int
+    """Pipeline-parallel size it was written with (loading may use any)."""
+    padded_vocab_size: int
+    """Embedding rows stored (config.json vocab_size padded for tp)."""
+    megatron_core: str
+    """megatron-core version that wrote it."""
+    rpg_megatron: str
+    """rpg_megatron version that wrote it."""
+
+
+# ----------------------------------------------------------------------------- safetensors
+class SafetensorsReader:
+    """Name -> tensor over the *.safetensors files of an HF directory, loading one at a time.
+
+    Opening validates every file's header (a truncated or corrupt file raises ConvertError
+    naming it) and, with model.safetensors.index.json, that the index and the files agree.
+    """
+
+    def __init__(self, hf_dir: Path) -> None:
+        from safetensors import safe_open
+
+        index = hf_dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConvertError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map = {}
+            files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+        if not files:
+            raise ConvertError(f"{hf_dir}: no *.safetensors files (nor an index naming them)")
+        self._handles: dict[str, Any] = {}
+        self.file_of: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        for name in files:
+            path = hf_dir / name
+            if not path.exists():
+                raise ConvertError(f"{path}: listed in {index.name} but missing")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                keys = list(handle.keys())
+                for key in keys:
+                    sl = handle.get_slice(key)
+                    self.shapes[key] = tuple(sl.get_shape())
+                    self.dtypes[key] = sl.get_dtype()
+            except Exception as e:  # SafetensorError is not importable by a stable path
+                raise ConvertError(f"{path}: unreadable safetensors file: {e}") from None
+            for key in keys:
+                if key in self.file_of:
+                    raise ConvertError(f"{key}: in both {self.file_of[key]} and {path}")
+                if weight_map and weight_map.get(key) != name:
+                    raise ConvertError(
+                        f"{key}: in {path} but {index.name} says {weight_map.get(key)}"
+                    )
+                self.file_of[key] = path
+            self._handles[name] = handle
+        stray = set(weight_map) - set(self.file_of)
+        if stray:
+            raise ConvertError(f"{index}: names tensors no file holds: {sorted(stray)[:8]}")
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load tensor `name` (a copy out of the memory-mapped file)."""
+        path = self.file_of[name]
+        try:
+            return self._handles[path.name].get_tensor(name)
+        except Exception as e:
+            raise ConvertError(f"{path}: cannot read tensor {name}: {e}") from None
+
+
+def _validate_hf(hf_dir: Path, tp: int, pp: int) -> tuple[Any, SafetensorsReader, str]:
+    """(HFArch, reader, dtype name) after every check that needs no tensor data."""
+    from rpg_megatron.megatron import hf_map, model
+
+    if not hf_dir.is_dir():
+        raise ConvertError(f"--hf {hf_dir}: not a directory")
+    arch = model.read_hf_config(hf_dir)
+    reader = SafetensorsReader(hf_dir)
+    hf_map.validate_hf(reader.shapes, arch)
+    float_dtypes = {d for n, d in reader.dtypes.items() if n not in hf_map.IGNORED_HF}
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    if len(float_dtypes) != 1 or next(iter(float_dtypes)) not in names:
+        by_dtype = {d: next(n for n, x in reader.dtypes.items() if x == d) for d in float_dtypes}
+        raise ConvertError(
+            f"{hf_dir}: tensors must share one of F32/BF16/F16; found {by_dtype} (dtype: a tensor)"
+        )
+    dtype = names[next(iter(float_dtypes))]
+    model.validate(arch, ModelConfig(dtype=dtype), ParallelConfig(tp=tp, pp=pp))
+    tied_head = arch.tie_word_embeddings and hf_map.LM_HEAD in reader.shapes
+    if tied_head and not torch.equal(
+        reader.get(hf_map.LM_HEAD), reader.get("model.embed_tokens.weight")
+    ):
+        raise ConvertError(
+            f"{reader.file_of[hf_map.LM_HEAD]}: {hf_map.LM_HEAD} differs from "
+            "model.embed_tokens.weight but config.json has tie_word_embeddings=true"
+        )
+    return arch, reader, dtype
+
+
+# ------------------------------------------------------------------------------ out dir
+@contextlib.contextmanager
+def _atomic_dir(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `out`, renamed to `out` if the body succeeds, removed if not."""
+    out = out.absolute()
+    if out.exists() and not overwrite:
+        raise ConvertError(f"--out {out}: already exists; remove it or choose another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # overwrite: move the old one aside only now that the new one is complete
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in ("config.json", *TOKENIZER_FILES):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+# ---------------------------------------------------------------------------- hf -> mcore
+def hf_to_mcore(
+    hf_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Convert an HF safetensors checkpoint to a Megatron checkpoint directory; returns it."""
+    from megatron.core.package_info import __version__ as mcore_version
+
+    from rpg_megatron.megatron import model
+
+    hf = Path(hf_dir).absolute()
+    arch, _, dtype = _validate_hf(hf, tp, pp)
+    with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+        (tmp / WEIGHTS).mkdir()
+        if tp * pp == 1:
+            _in_process(_hf_to_mcore_rank, str(hf), str(tmp / WEIGHTS), tp, pp, dtype)
+        else:
+            _spawn(tp * pp, _hf_to_mcore_rank, str(hf), str(tmp / WEIGHTS), tp, pp, dtype)
+        _copy_side_files(hf, tmp)
+        record = Conversion(
+            source=str(hf),
+            family=arch.family,
+            dtype=dtype,
+            tp=tp,
+            pp=pp,
+            padded_vocab_size=model.padded_vocab_size(arch.vocab_size, tp),
+            megatron_core=mcore_version,
+            rpg_megatron=__version__,
+        )
+        (tmp / CONVERSION).write_text(json.dumps(asdict(record), indent=2) + "\n")
+    return Path(out_dir)
+
+
+def _hf_to_mcore_rank(hf_dir: str, weights_dir: str, tp: int, pp: int, dtype: str) -> None:
+    """One rank: build its GPTModel shard, fill it from the safetensors, save its part."""
+    from megatron.core import dist_checkpointing
+
+    from rpg_megatron.megatron import export, hf_map, model, parallel
+
+    arch = model.read_hf_config(hf_dir)
+    reader = SafetensorsReader(Path(hf_dir))
+    par = ParallelConfig(tp=tp, pp=pp, backend="gloo")
+    ctx = parallel.init(par)
+    try:
+        gpt = model.build_gpt(
+            arch,
+            ModelConfig(dtype=dtype),
+            par,
+            pre_process=ctx.is_first_stage,
+            post_process=ctx.is_last_stage,
+            init_weights=False,
+        )
+        # The local spec builds norms in float32 whatever params_dtype says (Megatron casts
+        # the whole model in Float16Module); store every tensor in the checkpoint's dtype.
+        gpt.to(getattr(torch, dtype))
+        padded = model.padded_vocab_size(arch.vocab_size, tp)
+        with torch.no_grad():
+            for name, param in export.global_params([gpt]):
+                # With tied embeddings the last stage's output_layer is a copy of the embedding.
+                tied_copy = arch.tie_word_embeddings and name == hf_map.OUTPUT_LAYER
+                src = "embedding.word_embeddings.weight" if tied_copy else name
+                full = hf_map.to_mcore(src, reader.get, arch, padded_vocab=padded)
+                param.copy_(hf_map.shard(src, full, tp_rank=ctx.tp_rank, tp_size=tp))
+        with _plain_results_queue():
+            dist_checkpointing.save(gpt.sharded_state_dict(), weights_dir)
+    finally:
+        parallel.destroy()
+
+
+@contextlib.contextmanager
+def _plain_results_queue() -> Iterator[None]:
+    """Give Megatron's synchronous save an in-process queue instead of a Manager process.
+
+    megatron-core 0.16.1 `filesystem_async._get_write_results_queue` starts a spawn-context
+    `multiprocessing.Manager()` (a fresh Python interpreter, ~3 s on 2 CPU cores) the first time
+    a process saves, for a queue that only matters when the writer runs in another process
+    (async save). `dist_checkpointing.save` without async_sharded_save runs
+    `write_preloaded_data_multiproc` in this process, which puts its one result there and
+    `retrieve_write_results` reads it back here, so a plain queue.Queue does the same job.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:  # someone already made one: use theirs
+        yield
+        return
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = None
+
+
+# ---------------------------------------------------------------------------- mcore -> hf
+def load_mcore(model_chunk: Any, mcore_dir: str | os.PathLike[str]) -> None:
+    """Load a Megatron checkpoint directory into this rank's GPTModel (any TP/PP; collective).
+
+    Megatron's sharded state dict reshards: the checkpoint may have been saved with another
+    TP/PP (and so another vocab padding) than `model_chunk` was built with.
+    """
+    from megatron.core import dist_checkpointing
+
+    from rpg_megatron.megatron import export
+
+    weights = Path(mcore_dir) / WEIGHTS
+    if not (weights / "metadata.json").is_file():
+        raise ConvertError(f"{weights / 'metadata.json'}: missing; not a Megatron checkpoint")
+    gpt = export.unwrap(model_chunk)
+    state = dist_checkpointing.load(gpt.sharded_state_dict(), str(weights))
+    gpt.load_state_dict(state, strict=True)
+
+
+def mcore_to_hf(
+    mcore_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Convert a Megatron checkpoint directory (any saved TP/PP) to HF safetensors + config."""
+    from rpg_megatron.megatron import model
+
+    src = Path(mcore_dir).absolute()
+    model.read_hf_config(src)  # validates config.json before anything is written
+    conv = src / CONVERSION
+    try:
+        dtype = json.loads(conv.read_text())["dtype"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ConvertError(f"{conv}: unreadable conversion record ({e})") from None
+    if not (src / WEIGHTS / "metadata.json").is_file():
+        raise ConvertError(f"{src / WEIGHTS / 'metadata.json'}: missing; not a Megatron checkpoint")
+    with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+        state = _in_process(_load_full_hf, str(src), dtype)
+        _write_safetensors(state, tmp, max_shard_bytes)
+        del state
+        _copy_side_files(src, tmp)
+    return Path(out_dir)
+
+
+def _load_full_hf(mcore_dir: str, dtype: str) -> dict[str, torch.Tensor]:
+    """HF state of a Megatron checkpoint, loaded at TP = PP = 1 in this process."""
+    from rpg_megatron.megatron import hf_map, model, parallel
+
+    arch = model.read_hf_config(mcore_dir)
+    par = ParallelConfig(backend="gloo")
+    parallel.init(par)
+    try:
+        gpt = model.build_gpt(
+            arch, ModelConfig(dtype=dtype), par, pre_process=True, post_process=True,
+            init_weights=False,
+        )  # fmt: skip
+        gpt.to(getattr(torch, dtype))  # norms too, as written by _hf_to_mcore_rank
+        load_mcore(gpt, mcore_dir)
+        return hf_map.mcore_to_hf(gpt.state_dict(), arch)
+    finally:
+        parallel.destroy()
+
+
+def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    """model.safetensors, or model-0000i-of-0000N.safetensors + index when over the bound."""
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = total = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+        total += n
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, names in zip(files, shards, strict=True):
+        # Clones: safetensors refuses tensors that share storage (gate/up halves of fc1).
+        save_file({n: state[n].contiguous().clone() for n in names}, out / file, {"format": "pt"})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names},
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -------------------------------------------------------------------------------- ranks
+def _in_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a one-rank job here; `parallel.init` creates (and destroy removes) the group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise ConvertError(
+            "conversion runs its own process group; call it from a process without "
+            "torch.distributed initialised (e.g. the rpg-megatron CLI)"
+        )
+    for key in ("RANK", "WORLD_SIZE"):  # a torchrun environment would make init expect peers
+        if key in os.environ and os.environ[key] not in ("0", "1"):
+            raise ConvertError(f"conversion: {key}={os.environ[key]}: run it without torchrun")
+    return fn(*args)
+
+
+def _spawn(world: int, fn: Callable[..., None], *args: Any) -> None:
+    """Run fn(*args) on `world` fresh gloo ranks (spawned processes); raise if any fails."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            ctx.Process(target=_rank_entry, args=(r, world, f"{tmp}/store", port, fn, args, queue))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        errors = []
+        try:
+            for _ in range(world):
+                rank, error = queue.get()
+                if error is not None:
+                    errors.append(f"rank {rank}: {error}")
+                    break
+        finally:
+            for p in procs:
+                p.join(timeout=10 if errors else None)
+                if p.is_alive():
+                    p.kill()
+        if errors:
+            raise ConvertError("conversion worker failed: " + "\n".join(errors))
+
+
+def _rank_entry(
+    rank: int, world: int, store: str, port: int, fn: Callable, args: tuple, queue: Any
+) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        fn(*args)
+        queue.put((rank, None))
+    except BaseException:  # reported to the parent with the rank
+        queue.put((rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,123 @@
+"""Converted checkpoints on 2 gloo ranks: logits at TP = 2, resharded loading, live export.
+
+Setup (parent process): tiny random HF checkpoints for llama, qwen2 (tied) and qwen3; llama and
+qwen3 converted at TP = 1 in-process, qwen2 at TP = 2 by `hf_to_mcore(tp=2)` itself (its two
+spawned workers), V = 260 padded to 264 at TP = 1 and 272 at TP = 2, so loading always crosses
+a different vocab padding or TP size. Each rank then, per family:
+
+* TP = 2: loads the checkpoint, runs the fixed prompt; the logits gathered over the vocab
+  shards equal the HF model's (float32; only summation order differs: atol 1e-4, rtol 0).
+  Live export (`iter_hf_buckets`, bucket_bytes = 40 000) yields exactly the original
+  safetensors (names, shapes, dtypes, torch.equal), and with dtype=bfloat16 their bf16 casts.
+* TP = 1 / PP = 2: loads the same checkpoint (qwen2: saved at TP = 2 / PP = 1, the issue's
+  resharding case) and exports again: exact original tensors, on both stages.
+
+Bucket bound: every bucket's bytes <= bucket_bytes unless it holds the HF tensors of a single
+Megatron parameter (the embedding, 66 560 bytes, and each fc1 = gate + up, 49 152 bytes).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from rpg_megatron import convert
+from rpg_megatron.config import ModelConfig, ParallelConfig
+from rpg_megatron.megatron import export, model, parallel
+from tests import tiny_hf
+from tests.distributed import spawn
+
+pytestmark = pytest.mark.slow
+
+BUCKET = 40_000
+LOGITS_ATOL = 1e-4
+
+
+def _param_key(name: str) -> str:
+    """HF names that come from one Megatron parameter share a key (q/k/v, gate/up)."""
+    name = re.sub(r"self_attn\.[qkv]_proj\.", "self_attn.qkv.", name)
+    return re.sub(r"mlp\.(gate|up)_proj\.", "mlp.fc1.", name)
+
+
+def _export_and_check(gpt: Any, arch: Any, want: dict[str, torch.Tensor], dtype=None) -> None:
+    got: dict[str, torch.Tensor] = {}
+    buckets = 0
+    for bucket in export.iter_hf_buckets([gpt], arch, bucket_bytes=BUCKET, dtype=dtype):
+        buckets += 1
+        size = sum(t.numel() * t.element_size() for _, t in bucket)
+        if size > BUCKET:
+            assert len({_param_key(n) for n, _ in bucket}) == 1, [n for n, _ in bucket]
+        for name, t in bucket:
+            assert name not in got, f"{name} exported twice"
+            got[name] = t.clone()
+    assert buckets > 4
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        t = t if dtype is None else t.to(dtype)
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+
+
+def _worker(rank: int, world: int, cases: list[tuple[str, str, dict, torch.Tensor]]) -> None:
+    from megatron.core import parallel_state
+
+    fp32 = ModelConfig(dtype="float32")
+    for family, mc_dir, hf_state, hf_logits in cases:
+        arch = model.read_hf_config(mc_dir)
+        par = ParallelConfig(tp=2)
+        parallel.init(par)
+        try:
+            gpt = model.build_gpt(arch, fp32, par, pre_process=True, post_process=True)
+            convert.load_mcore(gpt, mc_dir)
+            gpt.eval()
+            ids = tiny_hf.prompt()
+            with torch.no_grad():
+                shard = gpt(ids, torch.arange(ids.shape[1])[None], None)
+            parts = [torch.empty_like(shard) for _ in range(2)]
+            dist.all_gather(parts, shard, group=parallel_state.get_tensor_model_parallel_group())
+            logits = torch.cat(parts, dim=-1)[..., : tiny_hf.V]
+            torch.testing.assert_close(logits, hf_logits, atol=LOGITS_ATOL, rtol=0, msg=family)
+            _export_and_check(gpt, arch, hf_state)
+            if family == "qwen3":
+                _export_and_check(gpt, arch, hf_state, dtype=torch.bfloat16)
+        finally:
+            parallel.destroy()
+
+        par = ParallelConfig(pp=2)
+        ctx = parallel.init(par)
+        try:
+            gpt = model.build_gpt(
+                arch, fp32, par, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage
+            )
+            convert.load_mcore(gpt, mc_dir)
+            _export_and_check(gpt, arch, hf_state)
+        finally:
+            parallel.destroy()
+
+
+def test_converted_logits_tp2_resharding_and_live_export(tmp_path: Path) -> None:
+    cases = []
+    for family in ("llama", "qwen2", "qwen3"):
+        hf = tmp_path / f"hf-{family}"
+        logits = tiny_hf.write(hf, family)
+        tp = 2 if family == "qwen2" else 1
+        mc = convert.hf_to_mcore(hf, tmp_path / f"mc-{family}", tp=tp)
+        assert f'"tp": {tp}' in (mc / "conversion.json").read_text()
+        cases.append((family, str(mc), tiny_hf.read_safetensors(hf), logits))
+    spawn(2, _worker, cases)
+
+
+def test_checkpoint_saved_at_tp2_converts_back_bit_exact(tmp_path: Path) -> None:
+    hf = tmp_path / "hf"
+    tiny_hf.write(hf, "qwen3", dtype=torch.bfloat16)
+    mc = convert.hf_to_mcore(hf, tmp_path / "mc", tp=2)
+    back = convert.mcore_to_hf(mc, tmp_path / "back")
+    want, got = tiny_hf.read_safetensors(hf), tiny_hf.read_safetensors(back)
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name

@@ -1,0 +1,166 @@
+"""convert: HF safetensors -> Megatron dist checkpoint -> HF, in this process (TP = PP = 1).
+
+Independent truths: the original safetensors written by `transformers` (round trips compare
+every tensor with torch.equal and the same dtype) and the HF model's own logits on a fixed
+prompt. Logit tolerance: float32 on both sides, only the summation order differs (fused QKV
+and gate/up GEMMs): atol 1e-4, rtol 0, with logits of size ~1.
+Corrupt inputs must fail with an error naming the tensor or file, before --out exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rpg_megatron import cli, convert
+from rpg_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from rpg_megatron.megatron import hf_map, model, parallel
+from tests import tiny_hf
+
+LOGITS_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
+    root = tmp_path_factory.mktemp("hf")
+    out = {f: (root / f, tiny_hf.write(root / f, f)) for f in tiny_hf.CLASSES}
+    tiny_hf.write(root / "qwen2-bf16", "qwen2", dtype=torch.bfloat16)
+    out["qwen2-bf16"] = (root / "qwen2-bf16", None)
+    return out
+
+
+def _assert_same_hf(got_dir: Path, want_dir: Path) -> None:
+    got, want = tiny_hf.read_safetensors(got_dir), tiny_hf.read_safetensors(want_dir)
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen2-bf16"])
+def test_hf_mcore_hf_is_bit_exact_and_logits_match(hf_dirs, tmp_path, family):
+    src, hf_logits = hf_dirs[family]
+    mc = convert.hf_to_mcore(src, tmp_path / "mc")
+    assert sorted(p.name for p in mc.iterdir()) == [
+        "config.json", "conversion.json", "generation_config.json", "tokenizer_config.json",
+        "weights",
+    ]  # fmt: skip
+    record = json.loads((mc / "conversion.json").read_text())
+    assert record["dtype"] == ("bfloat16" if "bf16" in family else "float32")
+    back = convert.mcore_to_hf(mc, tmp_path / "hf")
+    _assert_same_hf(back, src)
+    assert (back / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (back / "tokenizer_config.json").read_text() == '{"model_max_length": 64}\n'
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary directory left behind
+    if hf_logits is None:
+        return
+    arch = model.read_hf_config(mc)
+    parallel.init(ParallelConfig())
+    try:
+        gpt = model.build_gpt(
+            arch, ModelConfig(dtype="float32"), ParallelConfig(), pre_process=True,
+            post_process=True,
+        )  # fmt: skip
+        convert.load_mcore(gpt, mc)
+        gpt.eval()
+        ids = tiny_hf.prompt()
+        with torch.no_grad():
+            logits = gpt(ids, torch.arange(ids.shape[1])[None], None)
+    finally:
+        parallel.destroy()
+    assert hf_logits.abs().max() > 1.0
+    torch.testing.assert_close(logits[..., : tiny_hf.V], hf_logits, atol=LOGITS_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- corrupt
+def _corrupt_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(path: Path, edit) -> None:
+    from safetensors.torch import save_file
+
+    state = tiny_hf.read_safetensors(path.parent)
+    edit(state)
+    save_file(state, path, {"format": "pt"})
+
+
+def _drop_k_proj(state):
+    del state["model.layers.1.self_attn.k_proj.weight"]
+
+
+def _short_up_proj(state):
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:-1]
+
+
+CORRUPT = [
+    ("missing_tensor", _drop_k_proj, hf_map.MissingTensorError,
+     r"model\.layers\.1\.self_attn\.k_proj\.weight"),
+    ("wrong_shape", _short_up_proj, hf_map.ShapeMismatchError,
+     r"model\.layers\.0\.mlp\.up_proj\.weight: expected shape \[96, 64\], got \[95, 64\]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "error", "match"), [c[1:] for c in CORRUPT],
+                         ids=[c[0] for c in CORRUPT])  # fmt: skip
+def test_corrupt_tensors_are_named_and_out_never_appears(hf_dirs, tmp_path, edit, error, match):
+    src = _corrupt_copy(hf_dirs["llama"][0], tmp_path / "src")
+    _rewrite(src / "model.safetensors", edit)
+    with pytest.raises(error, match=match):
+        convert.hf_to_mcore(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_truncated_safetensors_names_the_file(hf_dirs, tmp_path):
+    src = _corrupt_copy(hf_dirs["qwen3"][0], tmp_path / "src")
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(convert.ConvertError, match=rf"{f}: unreadable safetensors file"):
+        convert.hf_to_mcore(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_of_another_family_is_refused(hf_dirs, tmp_path):
+    # qwen3 weights under a llama config.json: qwen3's q_norm/k_norm are not llama tensors.
+    src = _corrupt_copy(hf_dirs["qwen3"][0], tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(
+        hf_map.UnexpectedTensorError, match=r"not in the llama weight map: .*q_norm\.weight"
+    ):
+        convert.hf_to_mcore(src, tmp_path / "out")
+    (src / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    with pytest.raises(ConfigError, match=rf"{src / 'config.json'}: model_type='mistral'"):
+        convert.hf_to_mcore(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_is_never_clobbered(hf_dirs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(convert.ConvertError, match="already exists"):
+        convert.hf_to_mcore(hf_dirs["llama"][0], out)
+    bad = _corrupt_copy(hf_dirs["llama"][0], tmp_path / "bad")
+    _rewrite(bad / "model.safetensors", _drop_k_proj)
+    with pytest.raises(hf_map.MissingTensorError):
+        convert.hf_to_mcore(bad, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "out"]
+
+
+def test_cli_convert_reports_errors_and_keeps_config_subcommand(hf_dirs, tmp_path, capsys):
+    src = _corrupt_copy(hf_dirs["qwen2"][0], tmp_path / "src")
+    _rewrite(src / "model.safetensors", _drop_k_proj)
+    argv = ["convert", "hf-to-mcore", "--hf", str(src), "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    assert "k_proj.weight" in capsys.readouterr().err
+    assert cli.main(["convert", "mcore-to-hf", "--mcore", str(src), "--out", str(tmp_path / "o")])
+    assert "conversion.json" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["config", "parallel.tp=2"]) == 0
+    assert "tp: 2" in capsys.readouterr().out
