@@ -1,10 +1,10 @@
-# Entry points: `make test` (and `make demo` once the RL loop lands, issue 5). Both create .venv.
+# Entry points: `make demo` and `make test`. Both create .venv on first use.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format clean
+.PHONY: install test lint format demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ format: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The tiny end-to-end RPG run on CPU: 2 gloo processes (data parallel), a few minutes.
+demo: $(STAMP)
+	$(BIN)/python -m rpg_megatron.tiny runs/demo
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 \
+		-m rpg_megatron.cli train examples/tiny_cpu.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

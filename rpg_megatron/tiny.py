@@ -214,3 +214,18 @@ def write_parquet(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def prepare_demo(run_dir: str | Path, *, prompts: int = 512, seed: int = 0) -> Path:
+    """What `make demo` trains on: `run_dir/model` (config.json + tokenizer, no weights: the
+    trainer's seeded init is the starting policy) and `run_dir/train.parquet`."""
+    run_dir = Path(run_dir)
+    write_tiny_model_dir(run_dir / "model")
+    write_parquet(arithmetic_rows(prompts, seed), run_dir / "train.parquet")
+    return run_dir
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(f"demo inputs in {prepare_demo(sys.argv[1] if len(sys.argv) > 1 else 'runs/demo')}")

@@ -1,0 +1,289 @@
+"""The RL loop: rollout -> reward -> advantages -> pi_old / pi_ref log-probs -> update ->
+export weights to the engine -> metrics -> checkpoint. Read `train()` top to bottom.
+
+Placement (v1, synchronous, colocated): global rank 0 owns the rollout engine and the reward
+workers; it generates and scores the whole global batch and broadcasts it, every rank trains on
+its data-parallel slice, and the weight export (a collective) feeds rank 0's engine. The engine
+sleeps while the trainer runs (a no-op on CPU).
+
+Legend: N samples of the global batch (prompts_per_step * n_samples), S padded positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rpg_megatron import advantages, checkpoint, data, rewards
+from rpg_megatron.batch import Completion, SamplingParams
+from rpg_megatron.config import Config, save_config
+from rpg_megatron.megatron import export, parallel, step
+from rpg_megatron.megatron import model as model_lib
+from rpg_megatron.megatron.reference import Reference
+from rpg_megatron.metrics import MetricsSink, plot, read_metrics
+from rpg_megatron.objectives import build_objective
+from rpg_megatron.rollout import make_engine
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rollout:
+    """One scored rollout batch, right-padded (built on rank 0, broadcast to all)."""
+
+    batch: step.TrainBatch
+    """tokens and response mask of every sample (old/ref/adv filled later)."""
+    sample_logp_NS: torch.Tensor
+    """Engine log-probs of the response tokens (0 elsewhere), same alignment as tokens."""
+    rewards_N: torch.Tensor
+    """float32 reward of each sample."""
+    group_ids_N: torch.Tensor
+    """int64: samples of one prompt share an id."""
+    metrics: dict[str, float]
+    """Reward counters and rollout statistics."""
+
+
+def train(cfg: Config, *, resume: bool = False) -> Path:
+    """Run `cfg`; returns the run directory (metrics.jsonl, checkpoints, reward.png)."""
+    ctx = parallel.init(cfg.parallel)
+    try:
+        return _train(cfg, ctx, resume=resume)
+    finally:
+        parallel.destroy()
+
+
+def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
+    from transformers import AutoTokenizer
+
+    run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
+    hf_dir = Path(cfg.model.hf_path)
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    arch = model_lib.read_hf_config(hf_config)
+    policy = step.build_policy(
+        arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx
+    )
+    objective = build_objective(cfg.objective)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    sampler = data.PromptSampler(
+        data.load_prompts(cfg.data, tokenizer), seed=cfg.data.seed, shuffle=cfg.data.shuffle
+    )
+    engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer) if is_main else None
+    scorer = rewards.RewardScorer(cfg.reward) if is_main else None
+
+    start = _resume(cfg, policy, sampler) if resume else None
+    ref = Reference(policy, cfg.objective) if objective.needs_ref else None
+    if ref is not None and start is not None:
+        ref.load_state_dict(start["reference"])
+    first = 0 if start is None else start["iteration"]
+    iterations = math.ceil(cfg.optim.steps / (cfg.optim.minibatches * cfg.optim.update_epochs))
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
+    _sync_weights(policy, engine, version=first)
+
+    for it in range(first, iterations):
+        t0 = time.perf_counter()
+        prompts = sampler.next_batch(cfg.rollout.prompts_per_step)  # every rank: same cursor
+        rollout = _broadcast(
+            _collect(engine, scorer, tokenizer, prompts, cfg, seed=cfg.parallel.seed + it)
+            if is_main
+            else None
+        )
+        t_gen = time.perf_counter()
+        batch = rollout.batch
+        old_logp = step.logprobs(policy, batch)
+        ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp) if ref is not None else None
+        adv = _advantages(cfg, rollout, old_logp, ref_logp)
+        batch = step.TrainBatch(
+            tokens_NS=batch.tokens_NS,
+            mask_NS=batch.mask_NS,
+            adv_NS=adv,
+            old_logp_NS=old_logp,
+            ref_logp_NS=ref_logp,
+            max_response_len=cfg.rollout.max_new_tokens,
+        )
+        t_lp = time.perf_counter()
+        stats = step.update(policy, batch, objective, objective_cfg=cfg.objective)
+        t_train = time.perf_counter()
+        reset = False
+        if ref is not None:
+            ref.observe(stats[-1].get("kl", 0.0))
+            reset = ref.maybe_reset(policy)
+        _sync_weights(policy, engine, version=it + 1)
+        t_sync = time.perf_counter()
+
+        mask = batch.mask_NS > 0
+        last = stats[-1]
+        sink.log(
+            it,
+            {
+                **rollout.metrics,
+                "loss": last["loss"],
+                "kl": last.get("kl", math.nan),
+                "entropy": last.get("entropy", math.nan),
+                "clip_frac": last.get("clip_high", 0.0)
+                + last.get("clip_low", 0.0)
+                + last.get("clip_dual", 0.0),
+                "ratio": last.get("ratio", math.nan),
+                "grad_norm": last["grad_norm"],
+                "lr": last["lr"],
+                "ref/reset": float(reset),
+                "train_rollout_logprob_abs_diff": float(
+                    (old_logp - rollout.sample_logp_NS).abs()[mask].mean()
+                ),
+                "time/generate_s": t_gen - t0,
+                "time/logprob_s": t_lp - t_gen,
+                "time/train_s": t_train - t_lp,
+                "time/sync_s": t_sync - t_train,
+                "time/step_s": t_sync - t0,
+            },
+        )
+        done = it + 1
+        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == iterations:
+            _save(cfg, policy, ref, sampler, iteration=done)
+
+    sink.close()
+    if is_main:
+        plot(run_dir / "metrics.jsonl", run_dir / "reward.png", keys=("reward/mean", "kl"))
+        print(_summary(run_dir / "metrics.jsonl"), flush=True)
+        print(f"metrics: {run_dir / 'metrics.jsonl'}  plot: {run_dir / 'reward.png'}", flush=True)
+        engine.shutdown()
+        scorer.close()
+    return run_dir
+
+
+def _summary(path: Path) -> str:
+    """Mean reward over the first and the last 10% of the run's steps."""
+    rewards_ = [r["reward/mean"] for r in read_metrics(path)]
+    k = max(1, len(rewards_) // 10)
+    first, last = sum(rewards_[:k]) / k, sum(rewards_[-k:]) / k
+    return (
+        f"reward/mean: first {k} steps {first:.3f}, last {k} steps {last:.3f} (+{last - first:.3f})"
+    )
+
+
+# ------------------------------------------------------------------------------- pieces
+def _collect(
+    engine: Any, scorer: Any, tokenizer: Any, prompts: list[data.Prompt], cfg: Config, *, seed: int
+) -> Rollout:
+    """Generate n_samples completions per prompt, score them, pad them into a batch."""
+    rc = cfg.rollout
+    params = SamplingParams(
+        max_new_tokens=rc.max_new_tokens,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        top_k=rc.top_k,
+        stop=rc.stop,
+        seed=seed,
+    )
+    ids = [list(p.token_ids) for p in prompts for _ in range(rc.n_samples)]
+    engine.wake()
+    completions: list[Completion] = engine.generate(ids, params)
+    engine.sleep()
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+    gold = [p.ground_truth for p in prompts for _ in range(rc.n_samples)]
+    lens = [len(c.token_ids) for c in completions]
+    scored = scorer.score(texts, gold, response_lens=lens)
+    N, S = len(ids), max(len(p) + len(c.token_ids) for p, c in zip(ids, completions, strict=True))
+    tokens = torch.zeros(N, S, dtype=torch.int64)
+    mask = torch.zeros(N, S)
+    sample_logp = torch.zeros(N, S)
+    for n, (p, c) in enumerate(zip(ids, completions, strict=True)):
+        L = len(p) + len(c.token_ids)
+        tokens[n, :L] = torch.tensor(p + c.token_ids)
+        mask[n, len(p) : L] = 1.0
+        sample_logp[n, len(p) : L] = torch.tensor(c.logprobs)
+    r = torch.tensor(scored.rewards, dtype=torch.float32)
+    metrics = {
+        "reward/mean": float(r.mean()),
+        "response_len/mean": sum(lens) / N,
+        "response_len/max": float(max(lens)),
+        "response/truncated": sum(c.finish_reason == "length" for c in completions) / N,
+        **scored.metrics(),
+    }
+    return Rollout(
+        batch=step.TrainBatch(tokens_NS=tokens, mask_NS=mask),
+        sample_logp_NS=sample_logp,
+        rewards_N=r,
+        group_ids_N=torch.arange(len(prompts)).repeat_interleave(rc.n_samples),
+        metrics=metrics,
+    )
+
+
+def _broadcast(rollout: Rollout | None) -> Rollout:
+    """Rank 0's rollout to every rank (one pickled object; small next to a train step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        assert rollout is not None
+        return rollout
+    box = [rollout]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _advantages(
+    cfg: Config, rollout: Rollout, old_logp: torch.Tensor, ref_logp: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-token advantages [N, S] from the rollout's rewards (advantages.compute)."""
+    N, S = rollout.batch.tokens_NS.shape
+    kl_T = None if ref_logp is None else (old_logp - ref_logp).reshape(-1)
+    adv_T = advantages.compute(
+        cfg.objective.advantage,
+        rewards_N=rollout.rewards_N,
+        group_ids_N=rollout.group_ids_N,
+        seq_index_T=torch.arange(N).repeat_interleave(S),
+        mask_T=rollout.batch.mask_NS.reshape(-1),
+        kl_T=kl_T,
+        kl_coef=cfg.objective.beta if cfg.objective.advantage == "reinforce_pp" else 0.0,
+    )
+    return adv_T.view(N, S)
+
+
+def _sync_weights(policy: step.Policy, engine: Any, *, version: int) -> None:
+    """Full HF-named tensors from the (TP/PP-sharded) policy to rank 0's engine. The export is
+    collective, so every rank walks the buckets; only rank 0 loads them."""
+    buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=torch.float32)
+    if engine is None:
+        for _ in buckets:
+            pass
+        return
+    engine.update_weights(buckets, version)
+
+
+def _save(
+    cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any, *, iteration: int
+) -> None:
+    ctx = policy.ctx
+    model = {"policy": step.state_dict(policy)}
+    if ref is not None:
+        model["reference"] = ref.state_dict()
+    checkpoint.save(
+        cfg.checkpoint,
+        step=iteration,
+        layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
+        model=model,
+        optimizer=None,
+        extra={"steps_done": policy.steps_done, "data": sampler.state_dict()},
+        run_config=cfg,
+    )
+
+
+def _resume(cfg: Config, policy: step.Policy, sampler: Any) -> dict[str, Any] | None:
+    """Restore policy, optimizer, RNG and data cursor from the newest checkpoint, if any."""
+    ctx = policy.ctx
+    state: dict[str, Any] = {}
+    got = checkpoint.load_latest(
+        cfg.checkpoint,
+        layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
+        load_model=state.update,
+        load_optimizer=None,
+    )
+    if got is None:
+        return None
+    step.load_state_dict(policy, state["policy"], steps_done=got.extra["steps_done"])
+    sampler.load_state_dict(got.extra["data"])
+    return {"iteration": got.step, "reference": state.get("reference")}
