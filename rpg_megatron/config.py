@@ -186,6 +186,12 @@ class RolloutConfig:
     """Embedded engine: where its float32 HF model runs. On cuda, sleep() moves it to the CPU."""
     embedded_batch_size: int = 64
     """Embedded engine: prompts decoded together; larger batches use more KV-cache memory."""
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    """colocated: engines share the trainer's devices and sleep while it trains;
+    disaggregated: engines run on their own devices and stay awake."""
+    tis_cap: float | None = None
+    """Truncated importance sampling: weight each token's loss by min(pi_old / pi_rollout,
+    tis_cap) to correct rollout/trainer log-prob mismatch; None turns it off."""
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "prompts_per_step", "max_new_tokens", "embedded_batch_size"):
@@ -195,6 +201,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ConfigError(f"rollout.tis_cap={self.tis_cap}: must be > 0, or null to disable")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"rollout.top_k={self.top_k}: must be >= 1, or null to disable")
 

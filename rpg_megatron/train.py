@@ -1,10 +1,11 @@
 """The RL loop: rollout -> reward -> advantages -> pi_old / pi_ref log-probs -> update ->
 export weights to the engine -> metrics -> checkpoint. Read `train()` top to bottom.
 
-Placement (v1, synchronous, colocated): global rank 0 owns the rollout engine and the reward
-workers; it generates and scores the whole global batch and broadcasts it, every rank trains on
-its data-parallel slice, and the weight export (a collective) feeds rank 0's engine. The engine
-sleeps while the trainer runs (a no-op on CPU).
+Placement (v1, synchronous): global rank 0 owns the rollout engine and the reward workers; it
+generates and scores the whole global batch and broadcasts it, every rank trains on its
+data-parallel slice, and the weight export (a collective) feeds rank 0's engine. In
+rollout.mode=colocated the engine sleeps while the trainer runs (a no-op on CPU); in
+disaggregated mode it stays awake on its own devices.
 
 Legend: N samples of the global batch (prompts_per_step * n_samples), S padded positions.
 """
@@ -88,9 +89,8 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
 
     for it in range(first, iterations):
         t0 = time.perf_counter()
-        prompts = sampler.next_batch(cfg.rollout.prompts_per_step)  # every rank: same cursor
         rollout = _broadcast(
-            _collect(engine, scorer, tokenizer, prompts, cfg, seed=cfg.parallel.seed + it)
+            _collect(engine, scorer, tokenizer, sampler, cfg, seed=cfg.parallel.seed + it)
             if is_main
             else None
         )
@@ -106,6 +106,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             old_logp_NS=old_logp,
             ref_logp_NS=ref_logp,
             max_response_len=cfg.rollout.max_new_tokens,
+            weight_NS=_tis(cfg.rollout.tis_cap, old_logp, rollout.sample_logp_NS),
         )
         t_lp = time.perf_counter()
         stats = step.update(policy, batch, objective, objective_cfg=cfg.objective)
@@ -169,50 +170,100 @@ def _summary(path: Path) -> str:
 
 # ------------------------------------------------------------------------------- pieces
 def _collect(
-    engine: Any, scorer: Any, tokenizer: Any, prompts: list[data.Prompt], cfg: Config, *, seed: int
+    engine: Any, scorer: Any, tokenizer: Any, sampler: data.PromptSampler, cfg: Config, *, seed: int
 ) -> Rollout:
-    """Generate n_samples completions per prompt, score them, pad them into a batch."""
-    rc = cfg.rollout
-    params = SamplingParams(
-        max_new_tokens=rc.max_new_tokens,
-        temperature=rc.temperature,
-        top_p=rc.top_p,
-        top_k=rc.top_k,
-        stop=rc.stop,
-        seed=seed,
-    )
-    ids = [list(p.token_ids) for p in prompts for _ in range(rc.n_samples)]
-    engine.wake()
-    completions: list[Completion] = engine.generate(ids, params)
-    engine.sleep()
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-    gold = [p.ground_truth for p in prompts for _ in range(rc.n_samples)]
-    lens = [len(c.token_ids) for c in completions]
-    scored = scorer.score(texts, gold, response_lens=lens)
-    N, S = len(ids), max(len(p) + len(c.token_ids) for p, c in zip(ids, completions, strict=True))
+    """n_samples completions per prompt for prompts_per_step prompts, scored and padded.
+
+    With data.dynamic_sampling, groups whose rewards are all equal are dropped and further
+    generation batches are drawn (up to data.max_gen_batches) until prompts_per_step groups
+    remain (DAPO). Only rank 0 advances the prompt sampler; its cursor is what is checkpointed.
+    """
+    rc, n = cfg.rollout, cfg.rollout.n_samples
+    counts: dict[str, float] = {}
+
+    def generate(b: int) -> list[tuple[tuple, list[float]]]:
+        """One generation batch as (group = (prompt ids, completions, rewards), rewards)."""
+        prompts = sampler.next_batch(rc.prompts_per_step)
+        params = SamplingParams(
+            max_new_tokens=rc.max_new_tokens,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            top_k=rc.top_k,
+            stop=rc.stop,
+            seed=seed * 1000 + b,  # a fresh, reproducible stream per generation batch
+        )
+        ids = [list(p.token_ids) for p in prompts for _ in range(n)]
+        if rc.mode == "colocated":
+            engine.wake()
+        completions: list[Completion] = engine.generate(ids, params)
+        if rc.mode == "colocated":
+            engine.sleep()
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        gold = [p.ground_truth for p in prompts for _ in range(n)]
+        scored = scorer.score(texts, gold, response_lens=[len(c.token_ids) for c in completions])
+        for k, v in scored.metrics().items():
+            counts[k] = counts.get(k, 0.0) + v
+        groups = []
+        for i in range(len(prompts)):
+            rs = scored.rewards[i * n : (i + 1) * n]
+            groups.append(((ids[i * n], completions[i * n : (i + 1) * n], rs), rs))
+        return groups
+
+    if cfg.data.dynamic_sampling:
+        picked = data.dynamic_sampling(
+            generate, target_groups=rc.prompts_per_step, max_gen_batches=cfg.data.max_gen_batches
+        )
+        groups, rewards_ = picked.groups, [r for g in picked.groups for r in g[2]]
+        counts.update(
+            {
+                "sampling/gen_batches": float(picked.gen_batches),
+                "sampling/groups_uniform": float(picked.groups_uniform),
+                "sampling/groups_kept": float(len(picked.groups)),
+            }
+        )
+    else:
+        groups = [g for g, _ in generate(0)]
+        rewards_ = [r for g in groups for r in g[2]]
+    return _pad(groups, rewards_, counts, n)
+
+
+def _pad(groups: list, rewards_: list[float], counts: dict[str, float], n: int) -> Rollout:
+    """Right-padded tokens, response mask and engine log-probs of every sample."""
+    rows = [(prompt, c) for prompt, comps, _ in groups for c in comps]
+    N, S = len(rows), max(len(p) + len(c.token_ids) for p, c in rows)
     tokens = torch.zeros(N, S, dtype=torch.int64)
     mask = torch.zeros(N, S)
     sample_logp = torch.zeros(N, S)
-    for n, (p, c) in enumerate(zip(ids, completions, strict=True)):
+    for i, (p, c) in enumerate(rows):
         L = len(p) + len(c.token_ids)
-        tokens[n, :L] = torch.tensor(p + c.token_ids)
-        mask[n, len(p) : L] = 1.0
-        sample_logp[n, len(p) : L] = torch.tensor(c.logprobs)
-    r = torch.tensor(scored.rewards, dtype=torch.float32)
+        tokens[i, :L] = torch.tensor(p + c.token_ids)
+        mask[i, len(p) : L] = 1.0
+        sample_logp[i, len(p) : L] = torch.tensor(c.logprobs)
+    lens = [len(c.token_ids) for _, c in rows]
+    r = torch.tensor(rewards_, dtype=torch.float32)
     metrics = {
         "reward/mean": float(r.mean()),
         "response_len/mean": sum(lens) / N,
         "response_len/max": float(max(lens)),
-        "response/truncated": sum(c.finish_reason == "length" for c in completions) / N,
-        **scored.metrics(),
+        "response/truncated": sum(c.finish_reason == "length" for _, c in rows) / N,
+        **counts,
     }
     return Rollout(
         batch=step.TrainBatch(tokens_NS=tokens, mask_NS=mask),
         sample_logp_NS=sample_logp,
         rewards_N=r,
-        group_ids_N=torch.arange(len(prompts)).repeat_interleave(rc.n_samples),
+        group_ids_N=torch.arange(len(groups)).repeat_interleave(n),
         metrics=metrics,
     )
+
+
+def _tis(
+    cap: float | None, old_logp: torch.Tensor, sample_logp: torch.Tensor
+) -> torch.Tensor | None:
+    """Truncated importance weights min(pi_old / pi_rollout, cap) per token (None when off)."""
+    if cap is None:
+        return None
+    return (old_logp - sample_logp).exp().clamp(max=cap)
 
 
 def _broadcast(rollout: Rollout | None) -> Rollout:

@@ -255,10 +255,14 @@ class LossInputs:
     """Number of sequences in this micro-batch (whole sequences only; none is split)."""
     max_response_len: int | None = None
     """Response-length budget (rollout max_new_tokens); needed by aggregation="constant"."""
+    weight_T: Tensor | None = None
+    """float [T], optional, no grad: multiplies each token's loss, e.g. the truncated importance
+    weight min(pi_old / pi_rollout, cap) that corrects rollout/trainer mismatch."""
 
     def __post_init__(self) -> None:
         n = self.target_T.shape
-        for name in ("target_T", "old_logp_T", "ref_logp_T", "adv_T", "mask_T", "seq_index_T"):
+        names = ("target_T", "old_logp_T", "ref_logp_T", "adv_T", "mask_T", "seq_index_T")
+        for name in (*names, "weight_T"):
             x = getattr(self, name)
             if x is not None and (x.dim() != 1 or x.shape != n):
                 raise ValueError(
@@ -334,6 +338,8 @@ def make_loss_func(
             mask_T=inp.mask_T,
         )
         loss_T, metrics = objective(terms)
+        if inp.weight_T is not None:
+            loss_T = loss_T * inp.weight_T
         num, den = aggregate_terms(
             loss_T,
             inp.mask_T,

@@ -48,6 +48,8 @@ class TrainBatch:
     """float [N, S]: log pi_ref(token [n, s] | prefix); needed when the objective has a KL."""
     max_response_len: int | None = None
     """Response-length budget, for aggregation='constant'."""
+    weight_NS: Tensor | None = None
+    """float [N, S], optional: per-token loss weights (truncated importance weights)."""
 
     def __post_init__(self) -> None:
         if self.tokens_NS.dim() != 2 or self.tokens_NS.dtype != torch.int64:
@@ -57,7 +59,7 @@ class TrainBatch:
             )
         if self.tokens_NS.shape[1] < 2:
             raise ValueError("TrainBatch.tokens_NS: sequences need >= 2 positions")
-        for name in ("mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS"):
+        for name in ("mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS", "weight_NS"):
             x = getattr(self, name)
             if x is not None and x.shape != self.tokens_NS.shape:
                 raise ValueError(
@@ -79,9 +81,8 @@ class TrainBatch:
 
 
 def _tensor_fields(b: TrainBatch) -> dict[str, Tensor | None]:
-    return {
-        k: getattr(b, k) for k in ("tokens_NS", "mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS")
-    }
+    names = ("tokens_NS", "mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS", "weight_NS")
+    return {k: getattr(b, k) for k in names}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -278,6 +279,7 @@ def _micro_batches(batch: TrainBatch, size: int, device: torch.device) -> list[_
             seq_index_T=torch.arange(B, device=device).repeat_interleave(S - 1),
             n_seqs=B,
             max_response_len=b.max_response_len,
+            weight_T=shifted(b.weight_NS),
         )
         positions = torch.arange(S - 1, device=device).expand(B, S - 1)
         out.append(_MicroBatch(input_BS=tokens[:, :-1], position_BS=positions, loss=loss))

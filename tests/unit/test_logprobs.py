@@ -259,3 +259,38 @@ def test_loss_func_rejects_missing_ref_and_wrong_logits_shape():
         LossInputs(
             **(fields | {"adv_T": adv_T[:-1]}), ref_logp_T=None, seq_index_T=seq_T, n_seqs=N_SEQS
         )
+
+
+def test_token_weights_scale_each_tokens_loss_and_gradient():
+    """weight_T (truncated importance weights) multiplies token t's loss: with weights w_t the
+    logits gradient of token t is w_t times the unweighted one, and the numerator follows."""
+    T, V = 6, 11
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, V, (T,), generator=g)
+    weights = torch.tensor([0.5, 2.0, 1.0, 0.0, 1.5, 1.0])
+    common = dict(
+        target_T=target,
+        old_logp_T=torch.full((T,), -2.0),
+        ref_logp_T=torch.full((T,), -2.1),
+        adv_T=torch.randn(T, generator=g),
+        mask_T=torch.ones(T),
+        seq_index_T=torch.zeros(T, dtype=torch.int64),
+        n_seqs=1,
+    )
+    grads, nums = [], []
+    for w in (None, weights):
+        logits = torch.randn(1, T, V, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        fn = make_loss_func(
+            LossInputs(**common, weight_T=w),
+            GRPO(beta=0.05, kl_importance_weight=True),
+            "token",
+            tp_group=None,
+            vocab_start=0,
+            vocab_size=V,
+        )
+        num, _, _ = fn(logits)
+        (grad,) = torch.autograd.grad(num, logits)
+        grads.append(grad[0])
+        nums.append(num)
+    torch.testing.assert_close(grads[1], grads[0] * weights[:, None])
+    assert torch.all(grads[1][3] == 0) and torch.any(grads[0][3] != 0)
