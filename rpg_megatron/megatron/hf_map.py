@@ -542,5 +542,3 @@ def unshard(name: str, shards: Sequence[Tensor]) -> Tensor:
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(list(shards), dim=1 if split == "row" else 0)
-
-
