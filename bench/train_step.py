@@ -296,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("MASTER_PORT", "29511")
             rows.append(run_layout(0, 1, preset, args.fp8, False))
         else:
-            from tests.distributed import spawn
-
-            rows.append(spawn(tp, run_layout, preset, args.fp8, False)[0])
+            rows.append(parallel.spawn_local(tp, run_layout, preset, args.fp8, False)[0])
     lines = _table(args.preset, preset, rows, args.fp8)
     step_ratio, mem_ratio = ratios(rows[-1])
     print("\n".join(lines))

@@ -36,9 +36,6 @@ import json
 import os
 import queue
 import shutil
-import socket
-import tempfile
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -426,55 +423,13 @@ def _in_process(fn: Callable[..., Any], *args: Any) -> Any:
 
 def _spawn(world: int, fn: Callable[..., None], *args: Any) -> None:
     """Run fn(*args) on `world` fresh gloo ranks (spawned processes); raise if any fails."""
-    import torch.multiprocessing as mp
+    from rpg_megatron.megatron.parallel import RankFailed, spawn_local
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        procs = [
-            ctx.Process(target=_rank_entry, args=(r, world, f"{tmp}/store", port, fn, args, queue))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        errors = []
-        try:
-            for _ in range(world):
-                rank, error = queue.get()
-                if error is not None:
-                    errors.append(f"rank {rank}: {error}")
-                    break
-        finally:
-            for p in procs:
-                p.join(timeout=10 if errors else None)
-                if p.is_alive():
-                    p.kill()
-        if errors:
-            raise ConvertError("conversion worker failed: " + "\n".join(errors))
-
-
-def _rank_entry(
-    rank: int, world: int, store: str, port: int, fn: Callable, args: tuple, queue: Any
-) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        fn(*args)
-        queue.put((rank, None))
-    except BaseException:  # reported to the parent with the rank
-        queue.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        spawn_local(world, _rank_call, fn, args)
+    except RankFailed as e:
+        raise ConvertError(f"conversion worker failed: {e}") from None
+
+
+def _rank_call(_rank: int, _world: int, fn: Callable[..., None], args: tuple) -> None:
+    fn(*args)

@@ -35,12 +35,15 @@ def prompt() -> torch.Tensor:
     return torch.randint(0, V, (1, SEQ), generator=torch.Generator().manual_seed(2))
 
 
-def write(path: Path, family: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Save a tiny random `family` model to `path`; returns its float32 logits [1, SEQ, V]."""
+def random_model(family: str, *, tied: bool, ids: torch.Tensor, **overrides) -> tuple:
+    """(transformers config, eval-mode model, float32 logits of `ids`) of a tiny `family`
+    model whose every parameter is re-drawn: norms 1 + 0.2 N(0, 1), the rest 0.1 N(0, 1)."""
     import transformers
 
     extra = {"head_dim": 24} if family == "qwen3" else {}  # qwen3: heads * head_dim != hidden
-    cfg = getattr(transformers, CLASSES[family])(**TINY, tie_word_embeddings=TIED[family], **extra)
+    cfg = getattr(transformers, CLASSES[family])(
+        **{**TINY, **extra, **overrides}, tie_word_embeddings=tied
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     g = torch.Generator().manual_seed(1)
@@ -49,7 +52,13 @@ def write(path: Path, family: str, *, dtype: torch.dtype = torch.float32) -> tor
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.1 * noise)
         model.eval()
-        logits = model(prompt()).logits.float()
+        logits = model(ids).logits.float()
+    return cfg, model, logits
+
+
+def write(path: Path, family: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Save a tiny random `family` model to `path`; returns its float32 logits [1, SEQ, V]."""
+    _, model, logits = random_model(family, tied=TIED[family], ids=prompt())
     model.to(dtype).save_pretrained(path, safe_serialization=True)
     (path / "tokenizer_config.json").write_text('{"model_max_length": 64}\n')
     return logits

@@ -532,3 +532,89 @@ def apply_cpu_compat() -> tuple[str, ...]:
     if applied:
         log.debug("cpu compat: patched %s", ", ".join(applied))
     return tuple(applied)
+
+
+# ------------------------------------------------------------------------- local ranks
+class RankFailed(RuntimeError):
+    """A rank started by `spawn_local` raised; the message carries its rank and traceback."""
+
+
+def spawn_local(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 3600.0
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` fresh local gloo processes, the way
+    torchrun would start them (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set, default group
+    initialised from a file store), and return the results by rank.
+
+    For CPU tools and tests that need several ranks without a launcher (conversion at TP > 1,
+    bench/train_step.py at TP = 2, tests/dist). `fn` and its arguments must be picklable
+    (module-level functions). Each rank gets cpu_count // world_size threads. A failing rank's
+    traceback is raised here as `RankFailed`.
+    """
+    import io
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            ctx.Process(
+                target=_spawned_rank,
+                args=(r, world_size, f"{tmp}/store", port, fn, args, queue),
+            )
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        error = None
+        try:
+            for _ in range(world_size):
+                rank, ok, payload = queue.get(timeout=timeout)
+                if not ok:
+                    error = f"rank {rank} failed:\n{payload}"
+                    break
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        finally:
+            for p in procs:
+                p.join(timeout=5 if error else timeout)
+                if p.is_alive():
+                    p.kill()
+        if error:
+            raise RankFailed(error)
+    return [results[r] for r in range(world_size)]
+
+
+def _spawned_rank(
+    rank: int, world: int, store: str, port: int, fn: Callable, args: tuple, queue: Any
+) -> None:
+    import io
+    import traceback
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        result = fn(rank, world, *args)
+        # Plain bytes, not tensors: multiprocessing queues pass tensors as shared-memory handles
+        # that die with this process, which can exit before the parent has read them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        queue.put((rank, True, buf.getvalue()))
+    except BaseException:  # reported to the parent with the rank
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

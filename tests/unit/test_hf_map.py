@@ -35,6 +35,7 @@ from rpg_megatron.megatron.hf_map import (
     UnexpectedTensorError,
 )
 from rpg_megatron.megatron.model import HFArch, read_hf_config
+from tests import tiny_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,33 +51,17 @@ ROPE_THETA = 50000
 # ------------------------------------------------------------------------------ HF side
 @functools.cache
 def _hf(family: str, tied: bool) -> tuple[HFArch, dict[str, torch.Tensor], torch.Tensor]:
-    """(its HFArch, HF state dict, HF logits [1, SEQ, V]) of a tiny random model."""
-    cls = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[family]
-    extra = {"head_dim": HEAD_DIM[family]} if family == "qwen3" else {}
-    cfg = getattr(transformers, cls)(
+    """(its HFArch, HF state dict, HF logits [1, SEQ, V]) of a tiny random model (every
+    parameter re-drawn: HF's norms of 1 and biases of 0 would hide a swapped q_norm/k_norm or a
+    misplaced bias)."""
+    cfg, model, logits = tiny_hf.random_model(
+        family,
+        tied=tied,
+        ids=_prompt(),
         vocab_size=V,
-        hidden_size=H,
         intermediate_size=F_FFN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=GROUPS,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-6,
         rope_theta=ROPE_THETA,
-        tie_word_embeddings=tied,
-        **extra,
     )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    # Re-draw every parameter: HF initialises norms to 1 and biases to 0, which would hide a
-    # swapped q_norm/k_norm or a misplaced bias.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.1 * noise)
-        model.eval()
-        logits = model(_prompt()).logits.float()
     return read_hf_config(cfg.to_dict()), dict(model.state_dict()), logits
 
 
