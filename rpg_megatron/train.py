@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
+    stop_flag = _install_preemption_handler()
     _sync_weights(policy, engine, version=first)
 
     for it in range(first, iterations):
@@ -145,8 +147,17 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             },
         )
         done = it + 1
-        if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == iterations:
+        stop = _preempted(stop_flag, ctx.device)
+        if (
+            (cfg.checkpoint.every and done % cfg.checkpoint.every == 0)
+            or done == iterations
+            or stop
+        ):
             _save(cfg, policy, ref, sampler, iteration=done)
+        if stop:
+            if is_main:
+                print(f"preempted: checkpoint of step {done} written; rerun with --resume")
+            break
 
     sink.close()
     if is_main:
@@ -255,6 +266,27 @@ def _pad(groups: list, rewards_: list[float], counts: dict[str, float], n: int) 
         group_ids_N=torch.arange(len(groups)).repeat_interleave(n),
         metrics=metrics,
     )
+
+
+def _install_preemption_handler() -> list[bool]:
+    """SIGUSR1 (Slurm's --signal before the time limit) or SIGTERM (scancel, preemption) sets
+    a flag; the loop finishes its step, checkpoints and leaves, so a requeued job resumes."""
+    flag = [False]
+
+    def handler(signum: int, _frame: Any) -> None:
+        flag[0] = True
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return flag
+
+
+def _preempted(flag: list[bool], device: torch.device) -> bool:
+    """Whether any rank was signalled (ranks must agree, or the checkpoint collective hangs)."""
+    stop = torch.tensor([1.0 if flag[0] else 0.0], device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return bool(stop.item())
 
 
 def _tis(

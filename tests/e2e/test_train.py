@@ -125,3 +125,35 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     want, got = _records(straight), _records(broken)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     assert got == want
+
+
+def test_sigusr1_checkpoints_and_stops_then_resume_continues(tmp_path):
+    """What Slurm's --signal=USR1@T does before the time limit: the trainer finishes its step,
+    checkpoints, exits 0; --resume continues the step count from there."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    _prepare(run)
+    cmd = _cmd(run, 40, "checkpoint.every=100")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        path = run / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "preempted" in out
+    stopped = int((run / "ck" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= stopped < 40
+    assert [r["step"] for r in _records(run)] == list(range(1, stopped + 1))
+    subprocess.run(
+        [*_cmd(run, stopped + 2, "checkpoint.every=100"), "--resume"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert [r["step"] for r in _records(run)] == list(range(1, stopped + 3))
