@@ -160,6 +160,100 @@ class OptimConfig:
             raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
 
 
+WeightSync = Literal["colocated", "distributed"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SGLangConfig:
+    """rollout.sglang: how to reach (attach) or start (launch) SGLang servers."""
+
+    server_urls: tuple[str, ...] = ()
+    """Attach mode: base URLs of running servers, one per engine ("http://host:port"). Empty
+    means launch `num_engines` servers here."""
+    router_url: str | None = None
+    """Attach mode: a running sglang-router in front of `server_urls`; generate goes through it,
+    weight updates and sleep/wake go to every server directly."""
+    model_path: str = ""
+    """Launch mode: model directory (config.json + tokenizer) the servers are started from."""
+    load_format: str = "dummy"
+    """Launch mode: --load-format. "dummy" starts from random weights; the first update_weights
+    brings the real ones (as with the embedded engine)."""
+    num_engines: int = 1
+    """Launch mode: servers to start; more than one puts an sglang-router in front."""
+    tp_size: int = 1
+    """GPUs per server (--tp-size); server i uses GPUs i*tp_size .. (i+1)*tp_size-1."""
+    host: str = "127.0.0.1"
+    """Launch mode: interface the servers and the router listen on."""
+    base_port: int = 30000
+    """Launch mode: server i listens on base_port + i."""
+    router_port: int = 30100
+    """Launch mode: port of the router (when num_engines > 1)."""
+    mem_fraction_static: float = 0.8
+    """Launch mode: fraction of GPU memory for weights + KV cache (--mem-fraction-static)."""
+    deterministic: bool = False
+    """Launch mode: --enable-deterministic-inference, which makes SGLang honour the per-prompt
+    `sampling_seed` (slower kernels)."""
+    extra_server_args: tuple[str, ...] = ()
+    """Launch mode: further `sglang.launch_server` arguments, appended verbatim."""
+    python: str = ""
+    """Launch mode: interpreter that runs sglang; "" = the one running this process."""
+    log_dir: str = ""
+    """Launch mode: where server/router stdout+stderr go (server_{i}.log); "" = a temp dir."""
+    launch_timeout_s: float = 900.0
+    """Seconds a launched server or router may take to answer /health (model load, graphs)."""
+    request_timeout_s: float = 1800.0
+    """Seconds one HTTP request may take (a whole generate chunk or weight bucket)."""
+    health_timeout_s: float = 30.0
+    """Seconds a /health or /health_generate probe may take before the server counts as down."""
+    retries: int = 2
+    """Extra attempts of an idempotent request after a refused/reset connection."""
+    prompts_per_request: int = 32
+    """Prompts batched into one /generate request."""
+    max_concurrency: int = 16
+    """/generate requests in flight at once (over all engines)."""
+    weight_sync: WeightSync = "colocated"
+    """colocated: trainer and servers share GPUs; tensors travel as CUDA IPC handles via
+    /update_weights_from_tensor. distributed: servers on their own GPUs; tensors travel by NCCL
+    broadcast via /init_weights_update_group + /update_weights_from_distributed."""
+    nccl_master_address: str = "127.0.0.1"
+    """distributed: address of this (trainer) process, reachable from every server."""
+    nccl_master_port: int = 29600
+    """distributed: TCP port of the weight-update group's rendezvous store on the trainer."""
+    attached_original_logprobs: bool = False
+    """Attach mode: the servers run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, so their log-probs
+    are raw (temperature 1) at any temperature; without it generate refuses temperature != 1."""
+    restart_on_failure: bool = True
+    """Keep a host copy of the last weights so a launched server that died can be relaunched and
+    reloaded (costs one model in host RAM)."""
+
+    def __post_init__(self) -> None:
+        if self.router_url and not self.server_urls:
+            raise ConfigError(
+                f"rollout.sglang.router_url={self.router_url!r} without server_urls: weight "
+                "updates and sleep/wake go to each server directly; list the servers in "
+                "rollout.sglang.server_urls"
+            )
+        for name in ("num_engines", "tp_size", "prompts_per_request", "max_concurrency"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.sglang.{name}={getattr(self, name)}: must be >= 1")
+        if self.retries < 0:
+            raise ConfigError(f"rollout.sglang.retries={self.retries}: must be >= 0")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ConfigError(
+                f"rollout.sglang.mem_fraction_static={self.mem_fraction_static}: must be in (0, 1)"
+            )
+        if self.weight_sync not in ("colocated", "distributed"):
+            raise ConfigError(
+                f"rollout.sglang.weight_sync={self.weight_sync!r}: valid values are colocated, "
+                "distributed"
+            )
+        for name in ("launch_timeout_s", "request_timeout_s", "health_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"rollout.sglang.{name}={getattr(self, name)}: must be > 0 seconds"
+                )
+
+
 EngineName = Literal["embedded", "sglang"]
 
 
@@ -189,6 +283,8 @@ class RolloutConfig:
     mode: Literal["colocated", "disaggregated"] = "colocated"
     """colocated: engines share the trainer's devices and sleep while it trains;
     disaggregated: engines run on their own devices and stay awake."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    """Servers for rollout.engine=sglang (ignored by the embedded engine)."""
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token's loss by min(pi_old / pi_rollout,
     tis_cap) to correct rollout/trainer log-prob mismatch; None turns it off."""

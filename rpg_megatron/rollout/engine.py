@@ -91,13 +91,6 @@ def make_engine(
             try:
                 from rpg_megatron.rollout.sglang import SGLangEngine
             except ModuleNotFoundError as e:
-                if e.name == "rpg_megatron.rollout.sglang":
-                    # TODO(#5): rollout/sglang.py is the next part of issue 5.
-                    raise ImportError(
-                        "rollout.engine='sglang': rpg_megatron.rollout.sglang is not in this "
-                        "build yet (it lands with issue 5); use rollout.engine='embedded' until "
-                        "then"
-                    ) from e
                 raise ImportError(
                     f"rollout.engine='sglang' needs the sglang package ({e}); install it on a "
                     "GPU node with `pip install 'sglang[srt]'`, or use rollout.engine='embedded'"

@@ -412,7 +412,7 @@ def test_bad_prompts_and_params_are_named():
 
 
 def test_make_engine_names_the_engine_it_cannot_build():
-    with pytest.raises(ImportError, match=r"rollout\.engine='sglang'"):
+    with pytest.raises(ValueError, match=r"rollout\.engine='sglang' needs rollout\.sglang"):
         make_engine(RolloutConfig(engine="sglang"), hf_config=_hf_config())
     with pytest.raises(ValueError, match=r"rollout\.engine='vllm'.*embedded, sglang"):
         make_engine(RolloutConfig(engine="vllm"), hf_config=_hf_config())
