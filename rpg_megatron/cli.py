@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from rpg_megatron.config import ConfigError, dump_yaml, load_config
@@ -17,6 +19,11 @@ def _config(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     # Imported here: `rpg-megatron config` must not pay for torch/megatron imports.
     from rpg_megatron.train import train
+
+    # Our INFO lines (start-up: parallel layout and which fused paths are active) on rank 0.
+    if os.environ.get("RANK", "0") == "0":
+        logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+        logging.getLogger("rpg_megatron").setLevel(logging.INFO)
 
     train(load_config(args.config, args.overrides), resume=args.resume)
     return 0
@@ -33,6 +40,59 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         out = convert.mcore_to_hf(args.mcore, args.out, overwrite=args.overwrite)
     print(f"rpg-megatron convert {args.direction}: wrote {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    # Imported here: `rpg-megatron config` must not pay for torch/transformers imports.
+    import dataclasses
+    import logging
+
+    from rpg_megatron import evaluate
+
+    # data.py logs each skipped row (file:row n) as a warning; show them as plain lines.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    # An argument with "=" is an override even when it follows --data (nargs="+" takes it).
+    overrides = [a for a in args.data if "=" in a] + args.overrides
+    cfg = load_config(args.config, overrides)
+    data_cfg = cfg.data
+    if args.on_bad_row is not None:
+        data_cfg = dataclasses.replace(data_cfg, on_bad_row=args.on_bad_row)
+    eval_cfg = evaluate.EvalConfig(
+        files=tuple(a for a in args.data if "=" not in a),
+        k=args.k,
+        pass_at=tuple(args.pass_at),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    report = evaluate.run_eval(
+        eval_cfg,
+        model_dir=args.mcore or args.model,
+        mcore=args.mcore is not None,
+        out=args.out,
+        data_cfg=data_cfg,
+        reward_cfg=cfg.reward,
+        rollout_cfg=cfg.rollout,
+    )
+    for b in report.benchmarks:
+        if b.skipped:
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(b.skipped.items()))
+            print(
+                f"{b.name}: skipped {sum(b.skipped.values())} malformed rows ({reasons}); their "
+                "file:row numbers are listed above"
+            )
+    print(evaluate.format_table(report))
+    print(f"rpg-megatron eval: wrote {args.out}")
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from rpg_megatron import launch
+
+    launch_cfg, cfg = launch.load(args.config, args.overrides)
+    launch.launch(launch_cfg, cfg, executor=args.executor, dry_run=args.dry_run)
     return 0
 
 
@@ -81,6 +141,59 @@ def build_parser() -> argparse.ArgumentParser:
             "--overwrite", action="store_true", help="replace --out once the new one is complete"
         )
         q.set_defaults(run=_convert)
+
+    e = sub.add_parser(
+        "eval", help="Mean@k and pass@k of a checkpoint on AIME/AMC-style benchmark files"
+    )
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF model dir: config.json, *.safetensors, tokenizer")
+    src.add_argument(
+        "--mcore", help="Megatron dist checkpoint dir (from `rpg-megatron convert hf-to-mcore`)"
+    )
+    e.add_argument(
+        "--data", nargs="+", required=True, help="benchmark files (.parquet/.jsonl), one each"
+    )
+    e.add_argument("--out", required=True, help="JSON report path (written atomically)")
+    e.add_argument("--k", type=int, default=32, help="samples per distinct problem")
+    e.add_argument(
+        "--pass-at", type=int, nargs="*", default=[1], help="pass@ values besides k (each <= k)"
+    )
+    e.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per sample at most")
+    e.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument(
+        "--on-bad-row",
+        choices=["error", "skip"],
+        default=None,
+        help="a malformed row: error (the data.on_bad_row default) or skip and count it",
+    )
+    e.add_argument(
+        "--config", default=None, help="YAML config whose data/reward/rollout sections apply"
+    )
+    e.add_argument(
+        "overrides", nargs="*", help="data./reward./rollout. key=value overrides (YAML values)"
+    )
+    e.set_defaults(run=_eval)
+
+    la = sub.add_parser(
+        "launch", help="submit training: plain sbatch, local torchrun or nemo-run (--dry-run)"
+    )
+    la.add_argument("config", help="YAML recipe; its `launch:` section sets nodes, GPUs, ...")
+    la.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides; launch.* ones set the launch"
+    )
+    la.add_argument(
+        "--executor",
+        choices=("slurm", "local", "nemo-run", "nemo-run-local"),
+        default="slurm",
+        help="slurm: render slurm/train.sbatch and sbatch it; local: torchrun here; nemo-run: "
+        "SlurmExecutor (launch.tunnel local|ssh); nemo-run-local: LocalExecutor + torchrun",
+    )
+    la.add_argument(
+        "--dry-run", action="store_true", help="print the exact script or plan; submit nothing"
+    )
+    la.set_defaults(run=_launch)
     return parser
 
 
@@ -91,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides.insert(0, args.config)
         args.config = None
     errors: tuple[type[BaseException], ...] = (ConfigError,)
-    if args.command == "convert":
+    if args.command in ("convert", "eval"):
         errors += _convert_errors()
+    if args.command == "eval":
+        from rpg_megatron.data import DataError
+
+        errors += (DataError,)
     try:
         return args.run(args)
     except errors as e:
