@@ -46,7 +46,6 @@ def _convert(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     # Imported here: `rpg-megatron config` must not pay for torch/transformers imports.
     import dataclasses
-    import logging
 
     from rpg_megatron import evaluate
 

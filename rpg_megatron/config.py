@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rpg_megatron.batch import SamplingParams
+
 
 class ConfigError(ValueError):
     """A config value is unknown, mistyped or invalid; the message names key, value and fix."""
@@ -431,6 +433,64 @@ class RewardConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EvalConfig:
+    """eval: benchmarks, samples per problem and sampling for `rpg-megatron eval` and
+    in-training validation."""
+
+    files: tuple[str, ...] = ()
+    """Benchmark files in the verl layout (.parquet/.jsonl); each is one benchmark named by its
+    file stem. data.prompt_key / answer_key / chat_template / max_prompt_tokens apply."""
+    k: int = 32
+    """Samples per distinct problem; Mean@k averages their accuracy."""
+    pass_at: tuple[int, ...] = (1,)
+    """pass@k' values reported besides pass@k itself; each in 1..k."""
+    every: int = 0
+    """In-training validation every this many optimizer iterations (and after the last); 0 turns
+    it off."""
+    max_new_tokens: int = 1024
+    """SamplingParams.max_new_tokens of eval samples."""
+    temperature: float = 1.0
+    """SamplingParams.temperature of eval samples (0 = greedy; then all k samples agree)."""
+    top_p: float = 1.0
+    """SamplingParams.top_p of eval samples."""
+    top_k: int | None = None
+    """SamplingParams.top_k of eval samples; None disables it."""
+    seed: int = 0
+    """Sampling seed: the same seed, weights and files give the same report."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"eval.k={self.k}: must be >= 1 sample per problem")
+        bad = [p for p in self.pass_at if not 1 <= p <= self.k]
+        if bad:
+            raise ConfigError(
+                f"eval.pass_at={list(self.pass_at)}: {bad} outside 1..eval.k={self.k}; pass@k' "
+                "needs at least k' samples per problem"
+            )
+        if self.every < 0 or self.seed < 0:
+            raise ConfigError(f"eval.every={self.every}, eval.seed={self.seed}: must be >= 0")
+        try:
+            self.sampling()
+        except ValueError as e:  # SamplingParams names the field; say which section set it
+            raise ConfigError(f"eval: {e}") from None
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """Every pass@ value reported: pass_at and k, sorted."""
+        return tuple(sorted({*self.pass_at, self.k}))
+
+    def sampling(self) -> SamplingParams:
+        """The SamplingParams of every eval generate call."""
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     """Where checkpoints go; each is a directory `step_<n>` written to a temp name and renamed."""
@@ -459,6 +519,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

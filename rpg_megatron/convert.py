@@ -341,19 +341,31 @@ def mcore_to_hf(
 
     src = Path(mcore_dir).absolute()
     model.read_hf_config(src)  # validates config.json before anything is written
-    conv = src / CONVERSION
-    try:
-        dtype = json.loads(conv.read_text())["dtype"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise ConvertError(f"{conv}: unreadable conversion record ({e})") from None
+    _conversion_dtype(src)  # before any output exists
     if not (src / WEIGHTS / "metadata.json").is_file():
         raise ConvertError(f"{src / WEIGHTS / 'metadata.json'}: missing; not a Megatron checkpoint")
     with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
-        state = _in_process(_load_full_hf, str(src), dtype)
+        state = load_hf_state(src)
         _write_safetensors(state, tmp, max_shard_bytes)
         del state
         _copy_side_files(src, tmp)
     return Path(out_dir)
+
+
+def load_hf_state(mcore_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Full HF-named tensors of a converted Megatron checkpoint (`mcore_to_hf` without the
+    writing), loaded at TP = PP = 1 in this process."""
+    src = Path(mcore_dir).absolute()
+    return _in_process(_load_full_hf, str(src), _conversion_dtype(src))
+
+
+def _conversion_dtype(src: Path) -> str:
+    """The parameter dtype recorded by hf-to-mcore in conversion.json."""
+    conv = src / CONVERSION
+    try:
+        return json.loads(conv.read_text())["dtype"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise ConvertError(f"{conv}: unreadable conversion record ({e})") from None
 
 
 def _load_full_hf(mcore_dir: str, dtype: str) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rpg_megatron import advantages, checkpoint, data, rewards
+from rpg_megatron import advantages, checkpoint, data, evaluate, rewards
 from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import Config, save_config
 from rpg_megatron.megatron import export, parallel, step
@@ -76,6 +76,11 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     )
     engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer) if is_main else None
     scorer = rewards.RewardScorer(cfg.reward) if is_main else None
+    eval_sets = (
+        evaluate.load_benchmarks(cfg.eval.files, cfg.data, tokenizer)
+        if is_main and cfg.eval.files and cfg.eval.every
+        else {}
+    )
 
     start = _resume(cfg, policy, sampler) if resume else None
     ref = Reference(policy, cfg.objective) if objective.needs_ref else None
@@ -119,6 +124,22 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             reset = ref.maybe_reset(policy)
         _sync_weights(policy, engine, version=it + 1)
         t_sync = time.perf_counter()
+        validation = (
+            evaluate.maybe_evaluate(
+                it + 1,
+                cfg=cfg.eval,
+                engine=engine,
+                tokenizer=tokenizer,
+                datasets=eval_sets,
+                scorer=scorer,
+                model_id=str(run_dir),
+                out_dir=run_dir,
+                colocated=cfg.rollout.mode == "colocated",
+                last=it + 1 == iterations,
+            )
+            if is_main
+            else None
+        )
 
         mask = batch.mask_NS > 0
         last = stats[-1]
@@ -144,6 +165,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
                 "time/train_s": t_train - t_lp,
                 "time/sync_s": t_sync - t_train,
                 "time/step_s": t_sync - t0,
+                **(validation.metrics() if validation is not None else {}),
             },
         )
         done = it + 1
