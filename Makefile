@@ -23,7 +23,10 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# A single-node Slurm (slurm-wlm + munge, apt, ~20 s cold) for tests/e2e/test_slurm.py; if it
+# cannot start here, that test skips and says why.
 test: lint
+	-bash tools/slurm_local.sh || echo "tools/slurm_local.sh failed: Slurm tests will skip"
 	$(BIN)/python -m pytest -q tests
 
 # The tiny end-to-end RPG run on CPU: 2 gloo processes (data parallel), a few minutes.

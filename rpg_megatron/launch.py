@@ -1,0 +1,470 @@
+"""Start a training job: plain sbatch (from `slurm/train.sbatch`), local torchrun, or nemo-run.
+
+One `LaunchConfig` (the `launch:` section of a recipe, or `launch.key=value` overrides) says
+where and how big; the rest of the recipe is the training `Config`, resolved here and written
+beside the job so a pending job never sees later edits of the recipe. Every job runs
+
+    torchrun --nproc-per-node R -m rpg_megatron.cli train RESOLVED.yaml --resume
+
+(`--resume` is a no-op on a fresh run and continues after a requeue). Preemption: Slurm sends
+SIGUSR1 `grace_s` seconds before the time limit; the batch script forwards it through srun and
+torchrun to every rank, where `train._install_preemption_handler` makes the loop checkpoint and
+stop; the script then requeues the job. Everything is validated before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from rpg_megatron.config import (
+    Config,
+    ConfigError,
+    ParallelConfig,
+    apply_override,
+    from_dict,
+    save_config,
+)
+
+Executor = Literal["slurm", "local", "nemo-run", "nemo-run-local"]
+EXECUTORS: tuple[str, ...] = ("slurm", "local", "nemo-run", "nemo-run-local")
+TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+
+
+# TODO(#6): move into config.py as `Config.launch` once the other sections settle.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchConfig:
+    nodes: int = 1
+    """Number of nodes; one srun task (one torchrun agent) per node."""
+    gpus_per_node: int = 8
+    """GPUs per node, one rank each. 0 runs on CPU (gloo) with `procs_per_node` ranks."""
+    procs_per_node: int = 0
+    """Ranks per node on CPU (gpus_per_node=0); must be 0 or equal gpus_per_node otherwise."""
+    cpus_per_node: int = 0
+    """`--cpus-per-task` of the per-node task; 0 = procs_per_node on CPU, Slurm's default on GPU."""
+    partition: str = ""
+    """Slurm partition (`sinfo` lists them). Required by the slurm and nemo-run executors."""
+    account: str = ""
+    """Slurm account to charge; empty = the user's default account."""
+    time: str = "04:00:00"
+    """Wall-clock limit in Slurm syntax: MM, HH:MM:SS or D-HH:MM:SS."""
+    grace_s: int = 300
+    """Seconds before the limit at which SIGUSR1 asks the trainer to checkpoint and requeue;
+    also torchrun's --shutdown-timeout. Must exceed one training step plus one checkpoint save."""
+    job_name: str = "rpg-megatron"
+    """Slurm job name; also the stem of the rendered script and resolved config."""
+    log_dir: str = "runs/slurm"
+    """Job stdout (`<job>-<id>.out`), per-rank torchrun logs (`<id>/restart_<n>/node_<k>/`),
+    the rendered script and the resolved config. Relative paths are under `workdir`."""
+    workdir: str = ""
+    """Directory the job runs in (relative recipe paths resolve here); empty = where
+    `rpg-megatron launch` was run."""
+    container_image: str = ""
+    """Container for the srun step (pyxis/enroot `--container-image`); empty = run on the host."""
+    mounts: tuple[str, ...] = ()
+    """Container mounts `SRC:DST` (pyxis `--container-mounts`); needs `container_image`."""
+    venv: str = ""
+    """Virtual environment activated on every node; empty = the submitting shell's PATH."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for every rank (NCCL knobs, HF_HOME, ...)."""
+    master_port: int = 29500
+    """TCP port of torchrun's c10d rendezvous on the first node."""
+    exclusive: bool = True
+    """Request whole nodes (`--exclusive`)."""
+    sbatch_args: tuple[str, ...] = ()
+    """Extra `#SBATCH` options verbatim, e.g. `--qos=high`, `--mem=0`."""
+    tunnel: Literal["local", "ssh"] = "local"
+    """nemo-run: submit from this machine (`LocalTunnel`) or over SSH (`SSHTunnel`)."""
+    ssh_host: str = ""
+    """nemo-run SSH tunnel host (the cluster's login node)."""
+    ssh_user: str = ""
+    """nemo-run SSH tunnel user; empty = the local user name."""
+    remote_job_dir: str = ""
+    """nemo-run: where experiment files go on the cluster; empty = `<log_dir>/nemo_run`."""
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Processes torchrun starts on each node."""
+        return self.gpus_per_node or self.procs_per_node
+
+
+def validate(launch: LaunchConfig, parallel: ParallelConfig, *, executor: str) -> None:
+    """Everything that would otherwise fail after submission, with the fix in the message."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: must be one of {', '.join(EXECUTORS)}")
+    if launch.nodes < 1:
+        raise ConfigError(
+            f"launch.nodes={launch.nodes}: a job needs at least one node; set launch.nodes>=1"
+        )
+    for name in ("gpus_per_node", "procs_per_node", "cpus_per_node"):
+        if getattr(launch, name) < 0:
+            raise ConfigError(f"launch.{name}={getattr(launch, name)}: must be >= 0")
+    if launch.gpus_per_node == 0 and launch.procs_per_node < 1:
+        raise ConfigError(
+            "launch.gpus_per_node=0 (CPU) with launch.procs_per_node=0: set "
+            "launch.procs_per_node to the number of ranks per node"
+        )
+    if launch.gpus_per_node and launch.procs_per_node not in (0, launch.gpus_per_node):
+        raise ConfigError(
+            f"launch.procs_per_node={launch.procs_per_node} with launch.gpus_per_node="
+            f"{launch.gpus_per_node}: GPU jobs run one rank per GPU; leave procs_per_node=0"
+        )
+    world = launch.nodes * launch.ranks_per_node
+    model_parallel = parallel.tp * parallel.pp * parallel.cp
+    if world % model_parallel:
+        raise ConfigError(
+            f"launch.nodes={launch.nodes} x {launch.ranks_per_node} ranks per node = {world} "
+            f"ranks is not divisible by parallel.tp*pp*cp = {parallel.tp}*{parallel.pp}*"
+            f"{parallel.cp} = {model_parallel}; change the node count or the parallel layout"
+        )
+    if executor in ("slurm", "nemo-run") and not launch.partition:
+        raise ConfigError(
+            f"launch.partition is empty: --executor {executor} submits to Slurm and needs a "
+            "partition (`sinfo` lists them); set launch.partition=NAME"
+        )
+    if executor in ("local", "nemo-run-local") and launch.nodes != 1:
+        raise ConfigError(
+            f"launch.nodes={launch.nodes} with --executor {executor}: a local run has one "
+            "node; use --executor slurm or nemo-run for more"
+        )
+    if not _TIME.match(launch.time):
+        raise ConfigError(
+            f"launch.time={launch.time!r}: not a Slurm time; use MM, HH:MM:SS or D-HH:MM:SS"
+        )
+    if launch.grace_s < 10:
+        raise ConfigError(
+            f"launch.grace_s={launch.grace_s}: the trainer needs time to finish a step and "
+            "save; use >= 10 seconds (minutes on real models)"
+        )
+    if launch.container_image and launch.venv:
+        raise ConfigError(
+            f"launch.container_image={launch.container_image!r} and launch.venv="
+            f"{launch.venv!r}: pick one environment (the container brings its own Python)"
+        )
+    if launch.mounts and not launch.container_image:
+        raise ConfigError(
+            f"launch.mounts={list(launch.mounts)}: mounts apply to a container; set "
+            "launch.container_image or drop the mounts"
+        )
+    if launch.tunnel == "ssh" and executor == "nemo-run" and not launch.ssh_host:
+        raise ConfigError("launch.tunnel='ssh' needs launch.ssh_host (the cluster login node)")
+    bad = [k for k in launch.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+    if bad:
+        raise ConfigError(f"launch.env key {bad[0]!r}: not a shell variable name")
+
+
+# -------------------------------------------------------------------------------- recipe
+def load(path: str | Path, overrides: list[str] | tuple[str, ...]) -> tuple[LaunchConfig, Config]:
+    """Recipe YAML + overrides -> (launch section, training config). `launch.*` overrides go to
+    the launch section, all others to the training config."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    launch_data = {"launch": data.pop("launch", None) or {}}
+    for item in overrides:
+        apply_override(launch_data if item.startswith("launch.") else data, item)
+    launch = from_dict(LaunchConfig, launch_data["launch"], source=str(path), prefix="launch.")
+    return launch, from_dict(Config, data, source=str(path))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobFiles:
+    workdir: Path
+    """Absolute directory the job runs in."""
+    log_dir: Path
+    """Absolute `launch.log_dir`."""
+    config: Path
+    """Resolved training config the job reads (`<log_dir>/<job>-<stamp>.yaml`)."""
+    script: Path
+    """Rendered batch script (`<log_dir>/<job>-<stamp>.sbatch`)."""
+
+
+def job_files(launch: LaunchConfig, *, stamp: str | None = None) -> JobFiles:
+    workdir = Path(launch.workdir or os.getcwd()).resolve()
+    log_dir = (workdir / launch.log_dir).resolve()
+    stamp = stamp or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = f"{launch.job_name}-{stamp}"
+    return JobFiles(
+        workdir=workdir,
+        log_dir=log_dir,
+        config=log_dir / f"{stem}.yaml",
+        script=log_dir / f"{stem}.sbatch",
+    )
+
+
+def train_args(config: Path) -> list[str]:
+    """What follows `torchrun <launcher flags>` on every node."""
+    return ["-m", "rpg_megatron.cli", "train", str(config), "--resume"]
+
+
+def job_env(launch: LaunchConfig) -> dict[str, str]:
+    """Environment of every rank: defaults that matter at scale, then `launch.env`."""
+    env: dict[str, str] = {}
+    if launch.gpus_per_node:
+        # A dead peer must abort the collective instead of hanging until the time limit.
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+        # Megatron's TP/SP communication overlap relies on a single CUDA work queue.
+        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    else:
+        env["OMP_NUM_THREADS"] = "1"  # one core per CPU rank; more oversubscribes the node
+    env.update(launch.env)
+    return env
+
+
+# ------------------------------------------------------------------------------- sbatch
+def render_sbatch(launch: LaunchConfig, files: JobFiles, *, template: Path = TEMPLATE) -> str:
+    """Fill `slurm/train.sbatch`'s `{{name}}` placeholders from `launch`."""
+    options = []
+    if launch.gpus_per_node:
+        options.append(f"#SBATCH --gpus-per-node={launch.gpus_per_node}")
+    cpus = launch.cpus_per_node or (0 if launch.gpus_per_node else launch.procs_per_node)
+    if cpus:
+        options.append(f"#SBATCH --cpus-per-task={cpus}")
+    options.append(f"#SBATCH --partition={launch.partition}")
+    if launch.account:
+        options.append(f"#SBATCH --account={launch.account}")
+    if launch.exclusive:
+        options.append("#SBATCH --exclusive")
+    options += [f"#SBATCH {arg}" for arg in launch.sbatch_args]
+
+    setup = []
+    if launch.venv:
+        venv = (files.workdir / launch.venv).resolve()
+        setup.append(f"source {shlex.quote(str(venv / 'bin' / 'activate'))}")
+    setup += [f"export {k}={shlex.quote(v)}" for k, v in job_env(launch).items()]
+
+    container = ""
+    if launch.container_image:
+        container = f"--container-image={shlex.quote(launch.container_image)} "
+        container += f"--container-workdir={shlex.quote(str(files.workdir))} "
+        if launch.mounts:
+            container += f"--container-mounts={shlex.quote(','.join(launch.mounts))} "
+
+    values = {
+        "job_name": launch.job_name,
+        "nodes": str(launch.nodes),
+        "time": launch.time,
+        "grace_s": str(launch.grace_s),
+        "log_dir": str(files.log_dir),
+        "sbatch_options": "\n".join(options),
+        "workdir": shlex.quote(str(files.workdir)),
+        "setup": "\n".join(setup),
+        "master_port": str(launch.master_port),
+        "ranks_per_node": str(launch.ranks_per_node),
+        "srun_container": container,
+        "train_args": " ".join(shlex.quote(a) for a in train_args(files.config)),
+    }
+    return fill_template(template.read_text(), values, template=template)
+
+
+def fill_template(text: str, values: dict[str, str], *, template: Path) -> str:
+    """Replace every `{{name}}`; a placeholder without a value is an error, not left behind."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in values:
+            raise ConfigError(
+                f"{template}: placeholder {{{{{m.group(1)}}}}} has no value; known: "
+                f"{', '.join(sorted(values))}"
+            )
+        return values[m.group(1)]
+
+    return re.sub(r"\{\{(\w+)\}\}", sub, text)
+
+
+def write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def submit_sbatch(script: Path) -> str:
+    """`sbatch` the rendered script; returns the job id."""
+    try:
+        out = subprocess.run(
+            ["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        raise ConfigError(
+            "--executor slurm: `sbatch` is not on PATH; run on a Slurm login node, or use "
+            "--dry-run to see the script (tools/slurm_local.sh starts a one-node Slurm here)"
+        ) from None
+    except subprocess.CalledProcessError as e:
+        raise ConfigError(f"sbatch {script} failed: {e.stderr.strip()}") from None
+    return out.stdout.strip().split(";")[0]
+
+
+# ------------------------------------------------------------------------------- local
+def local_command(launch: LaunchConfig, files: JobFiles) -> list[str]:
+    """One-node torchrun, same trainer flags as the Slurm job."""
+    return [
+        "torchrun",
+        "--standalone",
+        f"--nproc-per-node={launch.ranks_per_node}",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown-timeout={launch.grace_s}",
+        *train_args(files.config),
+    ]
+
+
+# ----------------------------------------------------------------------------- nemo-run
+def run_nemo(
+    launch: LaunchConfig,
+    files: JobFiles,
+    *,
+    executor: str,
+    dry_run: bool,
+    before_submit: Callable[[], None],
+) -> str:
+    """A nemo-run `Experiment` with one task, torchrun over `rpg_megatron.cli train`: printed
+    (dry-run) or run. Returns the experiment id ("" on dry-run)."""
+    try:
+        import nemo_run as run
+    except ImportError as e:
+        raise ImportError(
+            f"--executor {executor} needs nemo-run: pip install nemo_run (0.11.1 is tested; it "
+            "installs no torch). Or use --executor slurm, which needs nothing extra."
+        ) from e
+    base_dir = files.log_dir / "nemo_run"
+    # LocalTunnel submits the files nemo-run wrote under `<base_dir>/experiments/<name>/<id>`.
+    job_dir = launch.remote_job_dir or str(base_dir / "experiments")
+    env = job_env(launch)
+    if executor == "nemo-run-local":
+        ex = run.LocalExecutor(ntasks_per_node=launch.ranks_per_node, env_vars=env)
+    else:
+        tunnel = (
+            run.SSHTunnel(host=launch.ssh_host, user=launch.ssh_user or _user(), job_dir=job_dir)
+            if launch.tunnel == "ssh"
+            else run.LocalTunnel(job_dir=job_dir)
+        )
+        cpus = launch.cpus_per_node or (None if launch.gpus_per_node else launch.procs_per_node)
+        ex = run.SlurmExecutor(
+            partition=launch.partition,
+            account=launch.account or None,
+            job_name_prefix="rpg-megatron.",  # nemo-run 0.11.1 derives it from the account
+            nodes=launch.nodes,
+            ntasks_per_node=1,  # one torchrun agent per node, as in slurm/train.sbatch
+            gpus_per_node=launch.gpus_per_node or None,
+            cpus_per_task=cpus,
+            torchrun_nproc_per_node=launch.ranks_per_node,
+            time=launch.time,
+            signal=f"USR1@{launch.grace_s}",
+            exclusive=launch.exclusive or None,
+            container_image=launch.container_image or None,
+            container_mounts=list(launch.mounts),
+            env_vars={**env, **torchrun_signal_env(launch)},
+            # nemo-run's script requeues a failed job while restarts < retries; a preempted
+            # trainer exits through torchrun's SignalException, i.e. "failed".
+            retries=3,
+            # nemo-run runs srun in its own code dir; relative recipe paths mean `workdir`.
+            srun_args=[f"--chdir={files.workdir}"],
+            tunnel=tunnel,
+            packager=run.Packager(),  # the job runs in `workdir`; no git-archive copy
+            setup_lines=f"cd {shlex.quote(str(files.workdir))}"
+            + (
+                f"\nsource {shlex.quote(str(files.workdir / launch.venv / 'bin/activate'))}"
+                if launch.venv
+                else ""
+            ),
+        )
+    ex.launcher = "torchrun"
+    script = run.Script(
+        path="rpg_megatron.cli",
+        args=train_args(files.config)[2:],
+        entrypoint="python",
+        m=True,
+    )
+    # nemo-run only accepts `add` inside the experiment's context manager.
+    with run.Experiment(
+        launch.job_name, executor=ex, base_dir=str(base_dir), log_level="WARN"
+    ) as exp:
+        exp.add(script, executor=ex, name=launch.job_name)
+        if dry_run:
+            exp.dryrun(delete_exp_dir=True)
+            return ""
+        before_submit()
+        # Local: wait for torchrun to finish; Slurm: return once sbatch has accepted the job.
+        exp.run(detach=executor == "nemo-run", tail_logs=False)
+        return exp._id
+
+
+def torchrun_signal_env(launch: LaunchConfig) -> dict[str, str]:
+    """torchrun reads `PET_<FLAG>` for flags nemo-run does not pass: forward SIGUSR1 (Slurm's
+    --signal) to the ranks and give them `grace_s` to checkpoint."""
+    return {
+        "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "PET_SHUTDOWN_TIMEOUT": str(launch.grace_s),
+    }
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+# -------------------------------------------------------------------------------- entry
+def launch(
+    launch_cfg: LaunchConfig,
+    cfg: Config,
+    *,
+    executor: str,
+    dry_run: bool = False,
+    stamp: str | None = None,
+) -> str:
+    """Validate, write the resolved config (unless dry-run) and start the job.
+
+    Returns the Slurm job id (slurm), the experiment id (nemo-run) or "" (local, dry-run).
+    Dry-run prints the exact script or plan and writes nothing.
+    """
+    validate(launch_cfg, cfg.parallel, executor=executor)
+    files = job_files(launch_cfg, stamp=stamp)
+    if executor == "slurm":
+        script = render_sbatch(launch_cfg, files)
+        if dry_run:
+            sys.stdout.write(script)
+            return ""
+        save_config(cfg, files.config)
+        write_atomic(files.script, script, mode=0o755)
+        job = submit_sbatch(files.script)
+        print(
+            f"submitted job {job}: {files.script}\n"
+            f"  log {files.log_dir}/{launch_cfg.job_name}-{job}.out, "
+            f"per-rank logs {files.log_dir}/{job}/"
+        )
+        return job
+    if executor == "local":
+        cmd = local_command(launch_cfg, files)
+        if dry_run:
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in job_env(launch_cfg).items())
+            print(f"cd {shlex.quote(str(files.workdir))} && {env} {shlex.join(cmd)}")
+            return ""
+        save_config(cfg, files.config)
+        subprocess.run(
+            cmd, cwd=files.workdir, env={**os.environ, **job_env(launch_cfg)}, check=True
+        )
+        return ""
+    return run_nemo(
+        launch_cfg,
+        files,
+        executor=executor,
+        dry_run=dry_run,
+        before_submit=lambda: save_config(cfg, files.config),
+    )

@@ -1,0 +1,161 @@
+"""`rpg-megatron launch --dry-run`: the rendered sbatch script and launch-config validation."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from rpg_megatron import launch
+from rpg_megatron.config import Config, ConfigError, ParallelConfig
+
+H100 = launch.LaunchConfig(
+    nodes=4,
+    gpus_per_node=8,
+    partition="h100",
+    account="llm",
+    time="1-00:00:00",
+    grace_s=600,
+    job_name="qwen3-rpg",
+    log_dir="/lustre/runs/logs",
+    workdir="/lustre/rpg",
+    container_image="nvcr.io/nvidia/pytorch:25.01-py3",
+    mounts=("/lustre:/lustre",),
+    env={"NCCL_IB_HCA": "mlx5_0,mlx5_3", "HF_HOME": "/lustre/hf"},
+)
+
+
+def _script(cfg: launch.LaunchConfig = H100) -> str:
+    return launch.render_sbatch(cfg, launch.job_files(cfg, stamp="S"))
+
+
+def _sbatch(script: str) -> dict[str, str]:
+    opts = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line[len("#SBATCH ") :].partition("=")
+            opts[key] = value
+    return opts
+
+
+def test_h100_recipe_sbatch_header() -> None:
+    opts = _sbatch(_script())
+    assert opts["--nodes"] == "4"
+    assert opts["--ntasks-per-node"] == "1"  # one torchrun agent per node
+    assert opts["--gpus-per-node"] == "8"
+    assert opts["--partition"] == "h100"
+    assert opts["--account"] == "llm"
+    assert opts["--time"] == "1-00:00:00"
+    assert opts["--job-name"] == "qwen3-rpg"
+    assert "--requeue" in opts
+    assert opts["--signal"] == "B:USR1@600"
+    assert opts["--output"] == "/lustre/runs/logs/%x-%j.out"
+    assert "--exclusive" in opts
+
+
+def test_h100_recipe_torchrun_rendezvous_and_env() -> None:
+    script = _script()
+    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)"' in script
+    assert "export MASTER_PORT=29500" in script
+    torchrun = script[script.index("exec torchrun") :]
+    assert "--nproc-per-node=8" in torchrun
+    assert '--nnodes="$SLURM_JOB_NUM_NODES"' in torchrun
+    assert "--rdzv-backend=c10d" in torchrun
+    assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in torchrun
+    assert "SIGUSR1" in torchrun and "--shutdown-timeout=600" in torchrun
+    assert "--tee=3" in torchrun and '--log-dir="$RUN_LOG_DIR/node_$SLURM_NODEID"' in torchrun
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--ntasks-per-node=1" in srun
+    assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in srun
+    assert "--container-mounts=/lustre:/lustre" in srun
+    assert "export NCCL_IB_HCA=mlx5_0,mlx5_3" in script
+    assert "export HF_HOME=/lustre/hf" in script
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
+    assert "cd /lustre/rpg" in script
+    assert "-m rpg_megatron.cli train /lustre/runs/logs/qwen3-rpg-S.yaml --resume &" in script
+    assert not re.search(r"\{\{\w+\}\}", script)
+
+
+def test_trap_forwards_signals_and_requeues() -> None:
+    script = _script()
+    assert "trap 'forward USR1' USR1" in script
+    assert "trap 'forward TERM' TERM" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert re.search(r"^srun .*&$|&\n", script, re.M)  # in the background, so traps run
+
+
+def test_cpu_job_uses_procs_per_node_and_venv(tmp_path: Path) -> None:
+    cfg = launch.LaunchConfig(
+        gpus_per_node=0, procs_per_node=2, partition="debug", venv=".venv", workdir=str(tmp_path)
+    )
+    script = _script(cfg)
+    opts = _sbatch(script)
+    assert "--gpus-per-node" not in opts
+    assert opts["--cpus-per-task"] == "2"
+    assert "--nproc-per-node=2" in script
+    assert f"source {tmp_path}/.venv/bin/activate" in script
+    assert "export OMP_NUM_THREADS=1" in script
+
+
+def test_dry_run_prints_script_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = launch.LaunchConfig(partition="debug", workdir=str(tmp_path), log_dir="logs")
+    assert launch.launch(cfg, Config(), executor="slurm", dry_run=True) == ""
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash") and "#SBATCH --partition=debug" in out
+    assert not (tmp_path / "logs").exists()
+
+
+def test_local_dry_run_is_one_torchrun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = launch.LaunchConfig(gpus_per_node=0, procs_per_node=2, workdir=str(tmp_path))
+    launch.launch(cfg, Config(), executor="local", dry_run=True)
+    words = shlex.split(capsys.readouterr().out.split("&&", 1)[1])
+    assert words[0] == "OMP_NUM_THREADS=1" and words[1] == "torchrun"
+    assert "--nproc-per-node=2" in words and words[-1] == "--resume"
+
+
+def test_recipe_launch_section_and_overrides(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("launch:\n  nodes: 2\n  partition: a\noptim:\n  steps: 7\n")
+    lc, cfg = launch.load(recipe, ["launch.partition=b", "optim.lr=1e-5"])
+    assert (lc.nodes, lc.partition) == (2, "b")
+    assert cfg.optim.steps == 7 and cfg.optim.lr == 1e-5
+    with pytest.raises(ConfigError, match=r"launch\.nodse"):
+        launch.load(recipe, ["launch.nodse=3"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "parallel", "executor", "match"),
+    [
+        ({"nodes": 0}, {}, "slurm", r"launch\.nodes=0: .*at least one node"),
+        ({"gpus_per_node": 8}, {"tp": 3}, "slurm", r"8 ranks is not divisible by .*= 3"),
+        ({"nodes": 4}, {"tp": 2, "pp": 2, "cp": 3}, "slurm", r"32 ranks .* = 12"),
+        ({"partition": ""}, {}, "slurm", r"launch\.partition is empty: --executor slurm"),
+        ({"partition": ""}, {}, "nemo-run", r"launch\.partition is empty"),
+        ({"gpus_per_node": 0}, {}, "slurm", r"procs_per_node=0"),
+        ({"nodes": 2}, {}, "local", r"launch\.nodes=2 with --executor local"),
+        ({"time": "4h"}, {}, "slurm", r"launch\.time='4h'"),
+        ({"venv": ".venv", "container_image": "img"}, {}, "slurm", "pick one environment"),
+        ({}, {}, "kubernetes", "must be one of"),
+    ],
+)
+def test_bad_launch_config_errors_before_submission(
+    kwargs: dict, parallel: dict, executor: str, match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_submit(*_a: object, **_k: object) -> str:
+        raise AssertionError("submitted an invalid job")
+
+    monkeypatch.setattr(launch, "submit_sbatch", no_submit)
+    cfg = launch.LaunchConfig(**{"partition": "p", **kwargs})
+    with pytest.raises(ConfigError, match=match):
+        launch.launch(cfg, Config(parallel=ParallelConfig(**parallel)), executor=executor)
+
+
+def test_unknown_placeholder_is_an_error(tmp_path: Path) -> None:
+    tpl = tmp_path / "t.sbatch"
+    tpl.write_text("#SBATCH --nodes={{nodes}}\n{{nope}}\n")
+    with pytest.raises(ConfigError, match=r"\{\{nope\}\} has no value"):
+        launch.render_sbatch(H100, launch.job_files(H100, stamp="S"), template=tpl)
