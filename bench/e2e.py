@@ -1,0 +1,359 @@
+"""One RL step of our loop, phase by phase, and the same work through TRL's GRPOTrainer.
+
+(1) ours: `rpg-megatron train examples/tiny_cpu.yaml` (world 1, one thread) in a subprocess on
+    the tiny demo inputs (`rpg_megatron.tiny.prepare_demo`); the per-phase times come from the
+    run's metrics.jsonl (`time/generate_s`, `time/logprob_s`, `time/train_s`, `time/sync_s`,
+    `time/step_s`), medians over the steps after the first (warm-up).
+(2) TRL: `trl.GRPOTrainer` in a second subprocess (this file with `--trl-worker`, one thread) on
+    the same tiny model (`AutoModelForCausalLM.from_config` of `<demo>/model/config.json`,
+    randomly initialised), the same prompt pool (the parquet's chat messages), the same prompts
+    per step x samples per prompt, max new tokens, lr, clip range (0.2, 0.28), KL beta 1e-3,
+    group-mean advantages without std scaling, token-level loss aggregation, grad clip 1.0, no
+    weight decay, constant lr, and the same reward (1.0 when the completion's last number equals
+    the ground truth, as `reward.extract=[last_number]`). One optimizer step per rollout batch
+    on both sides (TRL: micro-batches of 32 with gradient accumulation over the batch).
+
+Not equal by construction: the initial weights (Megatron's seeded init vs HF's, both random
+with std 0.02), the prompt order (each side shuffles the pool with its own sampler), and what
+each side computes per step (ours adds an old-policy log-prob pass; TRL skips it when on-policy).
+Both subprocesses run one after the other inside one invocation; start-up (imports, model
+build) is excluded from the per-step times and reported separately.
+
+    python bench/e2e.py                      # 250 steps each (~6 min on 2 CPU cores)
+    python bench/e2e.py --steps 3 --prompts 4
+    python bench/e2e.py --record             # append the table to docs/benchmarks.md
+
+Last line, exactly: step_ratio=<ours / TRL median seconds per step>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "benchmarks.md"
+CONFIG = REPO / "examples" / "tiny_cpu.yaml"
+PHASES = ("generate", "logprob", "train", "sync")
+"""Our per-step phases, as logged under `time/<phase>_s`."""
+
+
+def last_number_reward(completion: str, ground_truth: str) -> float:
+    """1.0 when the last number in `completion` equals the integer/decimal `ground_truth`."""
+    from rpg_megatron.rewards import extract_last_number
+
+    answer = extract_last_number(completion)
+    try:
+        return float(answer is not None and float(answer) == float(ground_truth))
+    except ValueError:  # "a/b" forms: compare as text
+        return float(answer == ground_truth)
+
+
+def time_to_reward(
+    seconds: list[float], rewards: list[float], *, threshold: float, window: int
+) -> tuple[int, float] | None:
+    """(step, cumulative seconds) at the first step where the mean reward of the last `window`
+    steps is >= `threshold` (only full windows count); None when never. Steps count from 1."""
+    elapsed = 0.0
+    for i, (s, _) in enumerate(zip(seconds, rewards, strict=True)):
+        elapsed += s
+        recent = rewards[max(0, i + 1 - window) : i + 1]
+        if i + 1 >= window and sum(recent) / len(recent) >= threshold:
+            return i + 1, elapsed
+    return None
+
+
+# ---------------------------------------------------------------------------------- ours
+def run_ours(
+    demo: Path, out: Path, *, steps: int, prompts: int, samples: int, threads: int
+) -> dict[str, Any]:
+    """Train `steps` steps with our loop in a subprocess; returns the per-step metrics."""
+    run_dir = out / "ours"
+    cmd = [
+        sys.executable,
+        "-m",
+        "rpg_megatron.cli",
+        "train",
+        str(CONFIG),
+        f"model.hf_path={demo / 'model'}",
+        f"data.train_files=[{demo / 'train.parquet'}]",
+        f"log.run_dir={run_dir}",
+        f"checkpoint.dir={run_dir / 'checkpoints'}",
+        f"optim.steps={steps}",
+        "checkpoint.every=1000",
+        f"rollout.prompts_per_step={prompts}",
+        f"rollout.n_samples={samples}",
+    ]
+    t0 = time.perf_counter()
+    _run(cmd, threads, run_dir.with_suffix(".log"))
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "wall_s": wall,
+        "step_s": [r["time/step_s"] for r in rows],
+        "reward": [r["reward/mean"] for r in rows],
+        "response_len": [r["response_len/mean"] for r in rows],
+        "samples": [int(r["reward/samples"]) for r in rows],
+        "prompts": [int(r["reward/samples"]) // samples for r in rows],
+        "phases": {p: [r[f"time/{p}_s"] for r in rows] for p in PHASES},
+    }
+
+
+# ---------------------------------------------------------------------------------- TRL
+def run_trl(
+    demo: Path, out: Path, *, steps: int, prompts: int, samples: int, threads: int, config: dict
+) -> dict[str, Any]:
+    """The same work through TRL's GRPOTrainer, in a subprocess (`--trl-worker`)."""
+    result = out / "trl.json"
+    cmd = [sys.executable, __file__, "--trl-worker", str(demo), str(result)]
+    cmd += ["--steps", str(steps), "--prompts", str(prompts), "--samples", str(samples)]
+    cmd += ["--lr", str(config["optim"]["lr"])]
+    cmd += ["--max-new-tokens", str(config["rollout"]["max_new_tokens"])]
+    t0 = time.perf_counter()
+    _run(cmd, threads, out / "trl.log")
+    data = json.loads(result.read_text())
+    data["wall_s"] = time.perf_counter() - t0
+    return data
+
+
+def trl_worker(demo: Path, result: Path, args: argparse.Namespace) -> None:
+    """Run GRPOTrainer for `args.steps` optimizer steps; write per-step times and rewards."""
+    import pyarrow.parquet as pq
+    import torch
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    rows = pq.read_table(demo / "train.parquet").to_pylist()
+    dataset = Dataset.from_list(
+        [
+            {"prompt": list(r["prompt"]), "ground_truth": r["reward_model"]["ground_truth"]}
+            for r in rows
+        ]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
+    # TRL builds its reference model from the policy's path, so the random init is saved first.
+    init = result.parent / "trl_init"
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(demo / "model"))
+    model.save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    batch = args.prompts * args.samples
+    micro = min(32, batch)  # examples/tiny_cpu.yaml optim.micro_batch_size
+    if batch % micro:
+        raise ValueError(f"--prompts x --samples = {batch}: must be a multiple of {micro}")
+
+    seen: list[dict[str, int]] = []  # per reward call: completions and prompt groups
+
+    def reward(completions: list, ground_truth: list[str], **kwargs: Any) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        # A group is `samples` consecutive completions of one prompt (TRL's RepeatSampler). The
+        # pool repeats prompts (25 distinct sums), so groups are counted, not distinct prompts.
+        prompts_ = kwargs["prompts"]
+        groups = len(prompts_) // args.samples
+        if len(prompts_) % args.samples or any(
+            prompts_[i] != prompts_[i - i % args.samples] for i in range(len(prompts_))
+        ):
+            groups = -1  # not laid out in groups of `samples`: the caller reports the mismatch
+        seen.append({"completions": len(texts), "prompts": groups})
+        return [last_number_reward(t, g) for t, g in zip(texts, ground_truth, strict=True)]
+
+    class Clock(TrainerCallback):
+        """Seconds between optimizer-step ends (the first from train start), and logged rewards."""
+
+        def __init__(self) -> None:
+            self.t = 0.0
+            self.step_s: list[float] = []
+            self.logs: dict[int, dict[str, float]] = {}
+
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            now = time.perf_counter()
+            self.step_s.append(now - self.t)
+            self.t = now
+
+        def on_log(self, _args: Any, state: Any, _control: Any, logs: Any = None, **k: Any) -> None:
+            if logs and "reward" in logs:
+                self.logs[state.global_step] = dict(logs)
+
+    clock = Clock()
+    config = GRPOConfig(
+        output_dir=str(result.parent / "trl"),
+        max_steps=args.steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        num_generations=args.samples,
+        max_completion_length=args.max_new_tokens,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        beta=1e-3,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type="dapo",  # token-level aggregation, as objective.aggregation=token
+        scale_rewards="none",  # group-mean advantage, as objective.advantage=group_mean
+        temperature=1.0,
+        gradient_checkpointing=False,  # TRL's default; it only costs time at this size
+        disable_dropout=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=str(init),
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    trainer.train()
+    steps = sorted(clock.logs)
+    payload = {
+        "step_s": clock.step_s,
+        "reward": [clock.logs[s]["reward"] for s in steps],
+        "response_len": [clock.logs[s].get("completions/mean_length", float("nan")) for s in steps],
+        "samples": [c["completions"] for c in seen],
+        "prompts": [c["prompts"] for c in seen],
+        "trl": __import__("trl").__version__,
+    }
+    tmp = result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, result)
+
+
+# ---------------------------------------------------------------------------------- report
+def _run(cmd: list[str], threads: int, log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}; {log}:\n{tail}")
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs[1:] if len(xs) > 1 else xs)
+
+
+def table(ours: dict, trl: dict, *, threshold: float, window: int, load: float) -> str:
+    """The markdown table: per-phase medians of ours, step medians of both, time to reward."""
+    n_ours = sum(ours["samples"]) / len(ours["samples"])
+    n_trl = sum(trl["samples"]) / len(trl["samples"])
+    lines = [
+        "| system | steps | prompts x samples / step | generate s | log-prob s | train s "
+        "| sync s | step s | response tok/s | final reward (last 10) "
+        f"| steps, s to reward {threshold} (window {window}) | start-up s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, d, n in (("ours (rpg_megatron)", ours, n_ours), (f"TRL {trl['trl']}", trl, n_trl)):
+        step_s = _median(d["step_s"])
+        phases = [f"{_median(d['phases'][p]):.3f}" for p in PHASES] if "phases" in d else ["-"] * 4
+        tok_s = n * _median(d["response_len"]) / step_s
+        hit = time_to_reward(d["step_s"], d["reward"], threshold=threshold, window=window)
+        reached = f"{hit[0]}, {hit[1]:.1f}" if hit else "not reached"
+        final = sum(d["reward"][-10:]) / len(d["reward"][-10:])
+        startup = d["wall_s"] - sum(d["step_s"])
+        shape = f"{d['prompts'][0]} x {d['samples'][0] // d['prompts'][0]}"
+        lines.append(
+            f"| {name} | {len(d['step_s'])} | {shape} "
+            f"| {' | '.join(phases)} | {step_s:.3f} | {tok_s:.0f} | {final:.3f} | {reached} "
+            f"| {startup:.1f} |"
+        )
+    ratio = _median(ours["step_s"]) / _median(trl["step_s"])
+    return (
+        "\n".join(lines)
+        + f"\n\nstep-time ratio ours / TRL (median s per step, first step excluded): {ratio:.3f}"
+        + f"\n1-minute load average at start: {load:.1f}\n"
+    )
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
+
+
+def _record(text: str, argv: list[str]) -> None:
+    """Append one dated section to docs/benchmarks.md (temporary sibling, then os.replace)."""
+    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nOne section per run, newest last.\n"
+    section = (
+        f"\n## e2e: one RL step, ours vs TRL GRPOTrainer ({dt.date.today()})\n\n"
+        f"- machine: {_machine()}\n"
+        f"- command: `python bench/e2e.py {' '.join(argv)}`\n\n"
+        f"{text}"
+    )
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(old.rstrip("\n") + "\n" + section)
+    os.replace(tmp, DOC)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps per system")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per step (default: yaml)")
+    p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: yaml)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both runs")
+    p.add_argument("--threshold", type=float, default=0.3, help="demo reward threshold")
+    p.add_argument("--window", type=int, default=10, help="sliding window in steps")
+    p.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: tmp)")
+    p.add_argument("--record", action="store_true", help="append the table to the docs")
+    p.add_argument(
+        "--trl-worker", nargs=2, type=Path, metavar=("DEMO", "RESULT"), help=argparse.SUPPRESS
+    )
+    p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.trl_worker:
+        trl_worker(*args.trl_worker, args)
+        return 0
+
+    import yaml
+
+    from rpg_megatron.tiny import prepare_demo
+
+    config = yaml.safe_load(CONFIG.read_text())
+    prompts = args.prompts or config["rollout"]["prompts_per_step"]
+    samples = args.samples or config["rollout"]["n_samples"]
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_e2e.") as tmp:
+        out = args.work_dir or Path(tmp)
+        demo = prepare_demo(out / "demo")
+        common = {"steps": args.steps, "prompts": prompts, "samples": samples}
+        ours = run_ours(demo, out, threads=args.threads, **common)
+        trl = run_trl(demo, out, threads=args.threads, config=config, **common)
+    text = table(ours, trl, threshold=args.threshold, window=args.window, load=load)
+    print(text)
+    if args.record:
+        _record(text, argv)
+    ratio = _median(ours["step_s"]) / _median(trl["step_s"])
+    print(f"step_ratio={ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
