@@ -1,6 +1,6 @@
 """Prompt datasets: verl/DAPO-layout parquet and jsonl files -> validated rows -> chat-templated,
-tokenized prompts; a per-epoch shuffled order with a resumable cursor; DP sharding; and DAPO
-dynamic sampling (drop uniform-reward groups, generate more batches until enough remain).
+tokenized prompts; a per-epoch shuffled order with a resumable cursor; DP sharding. (DAPO dynamic
+sampling, which draws more prompt batches, lives in rollout/collect.py.)
 
 Row layout (one problem per row; exactly the layout of ../shared/data/eval/*.parquet):
     prompt        list of {"role": str, "content": str}      column `DataConfig.prompt_key`
@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from rpg_megatron.config import DataConfig
 
@@ -513,105 +511,3 @@ class PromptSampler:
                 f"{self.seed}: resume with the same data files, unique and seed"
             )
         self.cursor = DataCursor(epoch=int(state["epoch"]), index=int(state["index"]))
-
-
-# ---------------------------------------------------------------------- dynamic sampling
-def informative(rewards: Sequence[float], *, atol: float = 0.0) -> bool:
-    """Whether a group's rewards differ (max - min > atol). With equal rewards every
-    group-baseline advantage is 0: the group costs compute and, under token averaging, dilutes
-    the gradient of the others (DAPO's reason to filter it)."""
-    return len(rewards) > 0 and max(rewards) - min(rewards) > atol
-
-
-def filter_groups(rewards_N: Tensor, group_ids_N: Tensor, *, atol: float = 0.0) -> Tensor:
-    """keep_N: True for samples whose group's rewards are not all equal (see `informative`)."""
-    if rewards_N.shape != group_ids_N.shape or rewards_N.dim() != 1:
-        raise ValueError(
-            f"filter_groups: rewards_N {tuple(rewards_N.shape)} and group_ids_N "
-            f"{tuple(group_ids_N.shape)} must be equal 1-D shapes"
-        )
-    _, inverse_N = torch.unique(group_ids_N, return_inverse=True)
-    n_groups = int(inverse_N.max()) + 1 if inverse_N.numel() else 0
-    r = rewards_N.double()
-    max_G = torch.full((n_groups,), -torch.inf, dtype=r.dtype).scatter_reduce(
-        0, inverse_N, r, "amax"
-    )
-    min_G = torch.full((n_groups,), torch.inf, dtype=r.dtype).scatter_reduce(
-        0, inverse_N, r, "amin"
-    )
-    return ((max_G - min_G) > atol)[inverse_N]
-
-
-Group = TypeVar("Group")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DynamicSample(Generic[Group]):
-    """Groups kept by `dynamic_sampling` and what it cost."""
-
-    groups: list[Group]
-    """Kept groups in generation order, at most target_groups of them."""
-    target_groups: int
-    """Groups asked for."""
-    gen_batches: int
-    """Generation batches used (1..max_gen_batches)."""
-    groups_generated: int
-    """Groups generated over all batches."""
-    groups_uniform: int
-    """Generated groups whose rewards were all equal (dropped when drop_uniform)."""
-
-    @property
-    def enough(self) -> bool:
-        """False when max_gen_batches ran out first: the step trains on fewer groups."""
-        return len(self.groups) >= self.target_groups
-
-
-def dynamic_sampling(
-    generate: Callable[[int], Sequence[tuple[Group, Sequence[float]]]],
-    *,
-    target_groups: int,
-    max_gen_batches: int,
-    drop_uniform: bool = True,
-    atol: float = 0.0,
-) -> DynamicSample[Group]:
-    """Call `generate(batch_index)` until `target_groups` groups remain or `max_gen_batches`
-    batches were generated; `generate` returns (group, its rewards) pairs of one generation
-    batch, typically by taking the next prompts from a PromptSampler and scoring completions.
-
-    drop_uniform=False keeps every group (plain sampling: one batch when it has enough groups).
-    Surplus groups of the last batch are discarded, as in DAPO, so every step trains on the same
-    number of groups. When the batches run out this returns the groups it has (`enough` is
-    False) rather than raising as verl does: a crash there would lose the step's generations.
-    Run it where a whole generation batch is visible (the rank driving the engines, or every rank
-    after gathering rewards): ranks deciding on local counts would disagree and hang.
-    """
-    if target_groups < 1 or max_gen_batches < 1:
-        raise ValueError(
-            f"dynamic_sampling: target_groups={target_groups}, max_gen_batches="
-            f"{max_gen_batches}: both must be >= 1"
-        )
-    kept: list[Group] = []
-    generated = uniform = batches = 0
-    while len(kept) < target_groups and batches < max_gen_batches:
-        for group, rewards in generate(batches):
-            generated += 1
-            if not informative(rewards, atol=atol):
-                uniform += 1
-                if drop_uniform:
-                    continue
-            kept.append(group)
-        batches += 1
-    if len(kept) < target_groups:
-        logger.warning(
-            "dynamic sampling: %d of %d groups after %d generation batches (data.max_gen_batches)",
-            len(kept),
-            target_groups,
-            batches,
-        )
-    return DynamicSample(
-        groups=kept[:target_groups],
-        target_groups=target_groups,
-        gen_batches=batches,
-        groups_generated=generated,
-        groups_uniform=uniform,
-    )

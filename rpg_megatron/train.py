@@ -16,7 +16,6 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from rpg_megatron import advantages, checkpoint, data, evaluate, rewards
-from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import Config, save_config
 from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron import model as model_lib
@@ -32,22 +30,7 @@ from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.metrics import MetricsSink, plot, read_metrics
 from rpg_megatron.objectives import build_objective
 from rpg_megatron.rollout import make_engine
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Rollout:
-    """One scored rollout batch, right-padded (built on rank 0, broadcast to all)."""
-
-    batch: step.TrainBatch
-    """tokens and response mask of every sample (old/ref/adv filled later)."""
-    sample_logp_NS: torch.Tensor
-    """Engine log-probs of the response tokens (0 elsewhere), same alignment as tokens."""
-    rewards_N: torch.Tensor
-    """float32 reward of each sample."""
-    group_ids_N: torch.Tensor
-    """int64: samples of one prompt share an id."""
-    metrics: dict[str, float]
-    """Reward counters and rollout statistics."""
+from rpg_megatron.rollout.collect import Rollout, collect
 
 
 def train(cfg: Config, *, resume: bool = False) -> Path:
@@ -97,7 +80,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     for it in range(first, iterations):
         t0 = time.perf_counter()
         rollout = _broadcast(
-            _collect(engine, scorer, tokenizer, sampler, cfg, seed=cfg.parallel.seed + it)
+            collect(engine, scorer, tokenizer, sampler, cfg, seed=cfg.parallel.seed + it)
             if is_main
             else None
         )
@@ -202,94 +185,6 @@ def _summary(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------- pieces
-def _collect(
-    engine: Any, scorer: Any, tokenizer: Any, sampler: data.PromptSampler, cfg: Config, *, seed: int
-) -> Rollout:
-    """n_samples completions per prompt for prompts_per_step prompts, scored and padded.
-
-    With data.dynamic_sampling, groups whose rewards are all equal are dropped and further
-    generation batches are drawn (up to data.max_gen_batches) until prompts_per_step groups
-    remain (DAPO). Only rank 0 advances the prompt sampler; its cursor is what is checkpointed.
-    """
-    rc, n = cfg.rollout, cfg.rollout.n_samples
-    counts: dict[str, float] = {}
-
-    def generate(b: int) -> list[tuple[tuple, list[float]]]:
-        """One generation batch as (group = (prompt ids, completions, rewards), rewards)."""
-        prompts = sampler.next_batch(rc.prompts_per_step)
-        params = SamplingParams(
-            max_new_tokens=rc.max_new_tokens,
-            temperature=rc.temperature,
-            top_p=rc.top_p,
-            top_k=rc.top_k,
-            stop=rc.stop,
-            seed=seed * 1000 + b,  # a fresh, reproducible stream per generation batch
-        )
-        ids = [list(p.token_ids) for p in prompts for _ in range(n)]
-        if rc.mode == "colocated":
-            engine.wake()
-        completions: list[Completion] = engine.generate(ids, params)
-        if rc.mode == "colocated":
-            engine.sleep()
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        gold = [p.ground_truth for p in prompts for _ in range(n)]
-        scored = scorer.score(texts, gold, response_lens=[len(c.token_ids) for c in completions])
-        for k, v in scored.metrics().items():
-            counts[k] = counts.get(k, 0.0) + v
-        groups = []
-        for i in range(len(prompts)):
-            rs = scored.rewards[i * n : (i + 1) * n]
-            groups.append(((ids[i * n], completions[i * n : (i + 1) * n], rs), rs))
-        return groups
-
-    if cfg.data.dynamic_sampling:
-        picked = data.dynamic_sampling(
-            generate, target_groups=rc.prompts_per_step, max_gen_batches=cfg.data.max_gen_batches
-        )
-        groups, rewards_ = picked.groups, [r for g in picked.groups for r in g[2]]
-        counts.update(
-            {
-                "sampling/gen_batches": float(picked.gen_batches),
-                "sampling/groups_uniform": float(picked.groups_uniform),
-                "sampling/groups_kept": float(len(picked.groups)),
-            }
-        )
-    else:
-        groups = [g for g, _ in generate(0)]
-        rewards_ = [r for g in groups for r in g[2]]
-    return _pad(groups, rewards_, counts, n)
-
-
-def _pad(groups: list, rewards_: list[float], counts: dict[str, float], n: int) -> Rollout:
-    """Right-padded tokens, response mask and engine log-probs of every sample."""
-    rows = [(prompt, c) for prompt, comps, _ in groups for c in comps]
-    N, S = len(rows), max(len(p) + len(c.token_ids) for p, c in rows)
-    tokens = torch.zeros(N, S, dtype=torch.int64)
-    mask = torch.zeros(N, S)
-    sample_logp = torch.zeros(N, S)
-    for i, (p, c) in enumerate(rows):
-        L = len(p) + len(c.token_ids)
-        tokens[i, :L] = torch.tensor(p + c.token_ids)
-        mask[i, len(p) : L] = 1.0
-        sample_logp[i, len(p) : L] = torch.tensor(c.logprobs)
-    lens = [len(c.token_ids) for _, c in rows]
-    r = torch.tensor(rewards_, dtype=torch.float32)
-    metrics = {
-        "reward/mean": float(r.mean()),
-        "response_len/mean": sum(lens) / N,
-        "response_len/max": float(max(lens)),
-        "response/truncated": sum(c.finish_reason == "length" for _, c in rows) / N,
-        **counts,
-    }
-    return Rollout(
-        batch=step.TrainBatch(tokens_NS=tokens, mask_NS=mask),
-        sample_logp_NS=sample_logp,
-        rewards_N=r,
-        group_ids_N=torch.arange(len(groups)).repeat_interleave(n),
-        metrics=metrics,
-    )
-
-
 def _install_preemption_handler() -> list[bool]:
     """SIGUSR1 (Slurm's --signal before the time limit) or SIGTERM (scancel, preemption) sets
     a flag; the loop finishes its step, checkpoints and leaves, so a requeued job resumes."""

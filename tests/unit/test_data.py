@@ -16,6 +16,7 @@ import torch
 
 from rpg_megatron import data, tiny
 from rpg_megatron.config import ConfigError, DataConfig
+from rpg_megatron.rollout import collect
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SHARED_EVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
@@ -246,13 +247,13 @@ def test_cursor_restore_gives_the_identical_continuation(tmp_path: Path, tok) ->
 def test_filter_groups_drops_uniform_groups() -> None:
     rewards_N = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
     group_ids_N = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    keep_N = data.filter_groups(rewards_N, group_ids_N)
+    keep_N = collect.filter_groups(rewards_N, group_ids_N)
     assert keep_N.tolist() == [False, False, True, True, False, False, False, False]
     # group ids need not be contiguous or sorted
-    keep_N = data.filter_groups(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([5, 9, 5, 9]))
+    keep_N = collect.filter_groups(torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([5, 9, 5, 9]))
     assert keep_N.tolist() == [False, True, False, True]
     near = torch.tensor([0.5, 0.5 + 1e-6])
-    assert data.filter_groups(near, torch.tensor([0, 0]), atol=1e-3).tolist() == [False, False]
+    assert collect.filter_groups(near, torch.tensor([0, 0]), atol=1e-3).tolist() == [False, False]
 
 
 BATCHES = [
@@ -279,7 +280,7 @@ def test_dynamic_sampling_loop(target, max_batches, drop, groups, batches, unifo
         calls.append(i)
         return BATCHES[i] if i < len(BATCHES) else []
 
-    out = data.dynamic_sampling(
+    out = collect.dynamic_sampling(
         generate, target_groups=target, max_gen_batches=max_batches, drop_uniform=drop
     )
     assert out.groups == groups and out.gen_batches == batches

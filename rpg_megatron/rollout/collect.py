@@ -1,0 +1,228 @@
+"""prompts -> engine -> rewards -> a padded, scored `Rollout` (groups, DAPO filter, stats).
+
+Runs on the rank that owns the engine (global rank 0 in train.py). Legend: N samples of the
+batch (groups of n_samples completions of one prompt), S padded positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+from rpg_megatron import data
+from rpg_megatron.batch import Completion, SamplingParams
+from rpg_megatron.config import Config
+from rpg_megatron.megatron import step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rollout:
+    """One scored rollout batch, right-padded (built on rank 0, broadcast to all)."""
+
+    batch: step.TrainBatch
+    """tokens and response mask of every sample (old/ref/adv filled later)."""
+    sample_logp_NS: torch.Tensor
+    """Engine log-probs of the response tokens (0 elsewhere), same alignment as tokens."""
+    rewards_N: torch.Tensor
+    """float32 reward of each sample."""
+    group_ids_N: torch.Tensor
+    """int64: samples of one prompt share an id."""
+    metrics: dict[str, float]
+    """Reward counters and rollout statistics."""
+
+
+def collect(
+    engine: Any, scorer: Any, tokenizer: Any, sampler: data.PromptSampler, cfg: Config, *, seed: int
+) -> Rollout:
+    """n_samples completions per prompt for prompts_per_step prompts, scored and padded.
+
+    With data.dynamic_sampling, groups whose rewards are all equal are dropped and further
+    generation batches are drawn (up to data.max_gen_batches) until prompts_per_step groups
+    remain (DAPO). Only rank 0 advances the prompt sampler; its cursor is what is checkpointed.
+    """
+    rc, n = cfg.rollout, cfg.rollout.n_samples
+    counts: dict[str, float] = {}
+
+    def generate(b: int) -> list[tuple[tuple, list[float]]]:
+        """One generation batch as (group = (prompt ids, completions, rewards), rewards)."""
+        prompts = sampler.next_batch(rc.prompts_per_step)
+        params = SamplingParams(
+            max_new_tokens=rc.max_new_tokens,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            top_k=rc.top_k,
+            stop=rc.stop,
+            seed=seed * 1000 + b,  # a fresh, reproducible stream per generation batch
+        )
+        ids = [list(p.token_ids) for p in prompts for _ in range(n)]
+        if rc.mode == "colocated":
+            engine.wake()
+        completions: list[Completion] = engine.generate(ids, params)
+        if rc.mode == "colocated":
+            engine.sleep()
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        gold = [p.ground_truth for p in prompts for _ in range(n)]
+        scored = scorer.score(texts, gold, response_lens=[len(c.token_ids) for c in completions])
+        for k, v in scored.metrics().items():
+            counts[k] = counts.get(k, 0.0) + v
+        groups = []
+        for i in range(len(prompts)):
+            rs = scored.rewards[i * n : (i + 1) * n]
+            groups.append(((ids[i * n], completions[i * n : (i + 1) * n], rs), rs))
+        return groups
+
+    if cfg.data.dynamic_sampling:
+        picked = dynamic_sampling(
+            generate, target_groups=rc.prompts_per_step, max_gen_batches=cfg.data.max_gen_batches
+        )
+        groups, rewards_ = picked.groups, [r for g in picked.groups for r in g[2]]
+        counts.update(
+            {
+                "sampling/gen_batches": float(picked.gen_batches),
+                "sampling/groups_uniform": float(picked.groups_uniform),
+                "sampling/groups_kept": float(len(picked.groups)),
+            }
+        )
+    else:
+        groups = [g for g, _ in generate(0)]
+        rewards_ = [r for g in groups for r in g[2]]
+    return _pad(groups, rewards_, counts, n)
+
+
+def _pad(groups: list, rewards_: list[float], counts: dict[str, float], n: int) -> Rollout:
+    """Right-padded tokens, response mask and engine log-probs of every sample."""
+    rows = [(prompt, c) for prompt, comps, _ in groups for c in comps]
+    N, S = len(rows), max(len(p) + len(c.token_ids) for p, c in rows)
+    tokens = torch.zeros(N, S, dtype=torch.int64)
+    mask = torch.zeros(N, S)
+    sample_logp = torch.zeros(N, S)
+    for i, (p, c) in enumerate(rows):
+        L = len(p) + len(c.token_ids)
+        tokens[i, :L] = torch.tensor(p + c.token_ids)
+        mask[i, len(p) : L] = 1.0
+        sample_logp[i, len(p) : L] = torch.tensor(c.logprobs)
+    lens = [len(c.token_ids) for _, c in rows]
+    r = torch.tensor(rewards_, dtype=torch.float32)
+    metrics = {
+        "reward/mean": float(r.mean()),
+        "response_len/mean": sum(lens) / N,
+        "response_len/max": float(max(lens)),
+        "response/truncated": sum(c.finish_reason == "length" for _, c in rows) / N,
+        **counts,
+    }
+    return Rollout(
+        batch=step.TrainBatch(tokens_NS=tokens, mask_NS=mask),
+        sample_logp_NS=sample_logp,
+        rewards_N=r,
+        group_ids_N=torch.arange(len(groups)).repeat_interleave(n),
+        metrics=metrics,
+    )
+
+
+# ---------------------------------------------------------------------- dynamic sampling
+def informative(rewards: Sequence[float], *, atol: float = 0.0) -> bool:
+    """Whether a group's rewards differ (max - min > atol). With equal rewards every
+    group-baseline advantage is 0: the group costs compute and, under token averaging, dilutes
+    the gradient of the others (DAPO's reason to filter it)."""
+    return len(rewards) > 0 and max(rewards) - min(rewards) > atol
+
+
+def filter_groups(rewards_N: Tensor, group_ids_N: Tensor, *, atol: float = 0.0) -> Tensor:
+    """keep_N: True for samples whose group's rewards are not all equal (see `informative`)."""
+    if rewards_N.shape != group_ids_N.shape or rewards_N.dim() != 1:
+        raise ValueError(
+            f"filter_groups: rewards_N {tuple(rewards_N.shape)} and group_ids_N "
+            f"{tuple(group_ids_N.shape)} must be equal 1-D shapes"
+        )
+    _, inverse_N = torch.unique(group_ids_N, return_inverse=True)
+    n_groups = int(inverse_N.max()) + 1 if inverse_N.numel() else 0
+    r = rewards_N.double()
+    max_G = torch.full((n_groups,), -torch.inf, dtype=r.dtype).scatter_reduce(
+        0, inverse_N, r, "amax"
+    )
+    min_G = torch.full((n_groups,), torch.inf, dtype=r.dtype).scatter_reduce(
+        0, inverse_N, r, "amin"
+    )
+    return ((max_G - min_G) > atol)[inverse_N]
+
+
+Group = TypeVar("Group")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DynamicSample(Generic[Group]):
+    """Groups kept by `dynamic_sampling` and what it cost."""
+
+    groups: list[Group]
+    """Kept groups in generation order, at most target_groups of them."""
+    target_groups: int
+    """Groups asked for."""
+    gen_batches: int
+    """Generation batches used (1..max_gen_batches)."""
+    groups_generated: int
+    """Groups generated over all batches."""
+    groups_uniform: int
+    """Generated groups whose rewards were all equal (dropped when drop_uniform)."""
+
+    @property
+    def enough(self) -> bool:
+        """False when max_gen_batches ran out first: the step trains on fewer groups."""
+        return len(self.groups) >= self.target_groups
+
+
+def dynamic_sampling(
+    generate: Callable[[int], Sequence[tuple[Group, Sequence[float]]]],
+    *,
+    target_groups: int,
+    max_gen_batches: int,
+    drop_uniform: bool = True,
+    atol: float = 0.0,
+) -> DynamicSample[Group]:
+    """Call `generate(batch_index)` until `target_groups` groups remain or `max_gen_batches`
+    batches were generated; `generate` returns (group, its rewards) pairs of one generation
+    batch, typically by taking the next prompts from a PromptSampler and scoring completions.
+
+    drop_uniform=False keeps every group (plain sampling: one batch when it has enough groups).
+    Surplus groups of the last batch are discarded, as in DAPO, so every step trains on the same
+    number of groups. When the batches run out this returns the groups it has (`enough` is
+    False) rather than raising as verl does: a crash there would lose the step's generations.
+    Run it where a whole generation batch is visible (the rank driving the engines, or every rank
+    after gathering rewards): ranks deciding on local counts would disagree and hang.
+    """
+    if target_groups < 1 or max_gen_batches < 1:
+        raise ValueError(
+            f"dynamic_sampling: target_groups={target_groups}, max_gen_batches="
+            f"{max_gen_batches}: both must be >= 1"
+        )
+    kept: list[Group] = []
+    generated = uniform = batches = 0
+    while len(kept) < target_groups and batches < max_gen_batches:
+        for group, rewards in generate(batches):
+            generated += 1
+            if not informative(rewards, atol=atol):
+                uniform += 1
+                if drop_uniform:
+                    continue
+            kept.append(group)
+        batches += 1
+    if len(kept) < target_groups:
+        logger.warning(
+            "dynamic sampling: %d of %d groups after %d generation batches (data.max_gen_batches)",
+            len(kept),
+            target_groups,
+            batches,
+        )
+    return DynamicSample(
+        groups=kept[:target_groups],
+        target_groups=target_groups,
+        gen_batches=batches,
+        groups_generated=generated,
+        groups_uniform=uniform,
+    )
