@@ -29,10 +29,8 @@ Last line, exactly: step_ratio=<ours / TRL median seconds per step>
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,7 +40,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "benchmarks.md"
+sys.path.insert(0, str(REPO))  # `python bench/x.py` from anywhere
+
+from bench.record import record  # noqa: E402
+
 CONFIG = REPO / "examples" / "tiny_cpu.yaml"
 PHASES = ("generate", "logprob", "train", "sync")
 """Our per-step phases, as logged under `time/<phase>_s`."""
@@ -285,32 +286,6 @@ def table(ours: dict, trl: dict, *, threshold: float, window: int, load: float) 
     )
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
-
-
-def _record(text: str, argv: list[str]) -> None:
-    """Append one dated section to docs/benchmarks.md (temporary sibling, then os.replace)."""
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nOne section per run, newest last.\n"
-    section = (
-        f"\n## e2e: one RL step, ours vs TRL GRPOTrainer ({dt.date.today()})\n\n"
-        f"- machine: {_machine()}\n"
-        f"- command: `python bench/e2e.py {' '.join(argv)}`\n\n"
-        f"{text}"
-    )
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(old.rstrip("\n") + "\n" + section)
-    os.replace(tmp, DOC)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -349,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     text = table(ours, trl, threshold=args.threshold, window=args.window, load=load)
     print(text)
     if args.record:
-        _record(text, argv)
+        record(
+            "e2e: one RL step, ours vs TRL GRPOTrainer",
+            f"python bench/e2e.py {' '.join(argv)}",
+            text,
+        )
     ratio = _median(ours["step_s"]) / _median(trl["step_s"])
     print(f"step_ratio={ratio:.3f}")
     return 0

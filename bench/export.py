@@ -24,11 +24,8 @@ all cores. Timing: best of --repeat runs after one warm-up.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import fcntl
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -38,8 +35,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "benchmarks.md"
 sys.path.insert(0, str(REPO))
+
+from bench.record import record  # noqa: E402
 
 CONFIG = {
     "model_type": "llama",
@@ -154,46 +152,6 @@ def _table(rows: list[dict], dtype: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.system()}"
-
-
-def _record(table: str, argv: list[str]) -> None:
-    """Append one dated section to docs/benchmarks.md: under an exclusive lock (another bench
-    may append at the same time), read, write a temporary sibling, os.replace."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(DOC.parent, os.O_RDONLY)  # flock on the folder: no lock file left behind
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        old = (
-            DOC.read_text()
-            if DOC.exists()
-            else "# Benchmarks\n\nOne section per run, newest last.\n"
-        )
-        section = (
-            f"\n## export: live HF export vs torch.cat of the same bytes ({dt.date.today()})\n\n"
-            f"- machine: {_machine()}\n"
-            f"- command: `python bench/export.py {' '.join(argv)}`\n"
-            f"- model: Llama-style, {CONFIG['num_hidden_layers']} layers, hidden "
-            f"{CONFIG['hidden_size']}, float32 parameters, 512 MiB buckets; ~0.94 B "
-            "parameters rather than 1 B to keep each TP run near a minute on 2 cores\n\n"
-            f"{table}"
-        )
-        tmp = DOC.with_suffix(".md.tmp")
-        tmp.write_text(old.rstrip("\n") + "\n" + section)
-        os.replace(tmp, DOC)
-    finally:
-        os.close(lock)  # releases the flock
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -206,7 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     table = _table(rows, args.dtype)
     sys.stdout.write(table)
     if args.record:
-        _record(table, [a for a in argv if a != "--record"] + ["--record"])
+        args_ = " ".join([a for a in argv if a != "--record"] + ["--record"])
+        record(
+            "export: live HF export vs torch.cat of the same bytes",
+            f"python bench/export.py {args_}",
+            table,
+            notes=(
+                f"model: Llama-style, {CONFIG['num_hidden_layers']} layers, hidden "
+                f"{CONFIG['hidden_size']}, float32 parameters, 512 MiB buckets; ~0.94 B "
+                "parameters rather than 1 B to keep each TP run near a minute on 2 cores",
+            ),
+        )
 
 
 if __name__ == "__main__":

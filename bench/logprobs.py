@@ -23,10 +23,8 @@ Legend: T tokens, V vocab.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,7 +35,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "benchmarks.md"
+sys.path.insert(0, str(REPO))  # `python bench/x.py` from anywhere
+
+from bench.record import record  # noqa: E402
+
 DTYPES = ("bfloat16", "float32")
 
 
@@ -197,33 +198,6 @@ def _table(rows: list[tuple[Variant, dict]], args: argparse.Namespace) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import torch
-
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, no GPU, torch {torch.__version__}"
-
-
-def _record(table: str, argv: list[str]) -> None:
-    """Append one dated section to docs/benchmarks.md (temporary sibling, then os.replace)."""
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nOne section per run, newest last.\n"
-    section = (
-        f"\n## logprobs: chunked vocab-parallel vs naive log_softmax ({dt.date.today()})\n\n"
-        f"- machine: {_machine()}\n"
-        f"- command: `python bench/logprobs.py {' '.join(argv)}`\n\n"
-        f"{table}"
-    )
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(old.rstrip("\n") + "\n" + section)
-    os.replace(tmp, DOC)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -245,8 +219,13 @@ def main(argv: list[str] | None = None) -> None:
     table = _table(rows, args)
     print(table)
     if args.record:
-        _record(table, [a for a in argv if a != "--record"] + ["--record"])
-        print(f"appended to {DOC}")
+        args_ = " ".join([a for a in argv if a != "--record"] + ["--record"])
+        doc = record(
+            "logprobs: chunked vocab-parallel vs naive log_softmax",
+            f"python bench/logprobs.py {args_}",
+            table,
+        )
+        print(f"appended to {doc}")
 
 
 if __name__ == "__main__":

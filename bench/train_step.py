@@ -23,9 +23,7 @@ Last line, exactly: step_ratio=<ours/plain tokens per second> mem_ratio=<ours/pl
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,12 +36,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.record import record  # noqa: E402
 from rpg_megatron.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from rpg_megatron.megatron import model as model_lib  # noqa: E402
 from rpg_megatron.megatron import parallel, step  # noqa: E402
 from rpg_megatron.objectives import RPG  # noqa: E402
 
-DOC = REPO / "docs" / "benchmarks.md"
 OBJECTIVE = RPG(
     kl="reverse", normalized=False, form="reinforce", beta=1e-4, clip=(0.2, 0.28), dual_clip_c=3.0
 )
@@ -302,25 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     last = f"step_ratio={step_ratio:.3f} mem_ratio={mem_ratio:.3f}"
     if args.record:
-        device = (
-            torch.cuda.get_device_name()
-            if torch.cuda.is_available()
-            else (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU")
-        )
         cmd = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
         ratios_all = ", ".join(f"TP={m.tp}: step_ratio={ratios(m)[0]:.3f}" for m in rows)
-        block = [
-            f"\n## train_step: ours vs plain Megatron ({dt.date.today().isoformat()})",
-            "",
-            f"- device: {device}; torch {torch.__version__}",
-            f"- command: `{cmd.strip()}`",
-            f"- {ratios_all}",
-            "",
-            *lines,
-            "",
-        ]
-        with DOC.open("a") as f:
-            f.write("\n".join(block))
+        record(
+            "train_step: ours vs plain Megatron", cmd.strip(), "\n".join(lines), notes=(ratios_all,)
+        )
     print(last)
     return 0
 
