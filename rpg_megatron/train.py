@@ -12,7 +12,6 @@ Legend: N samples of the global batch (prompts_per_step * n_samples), S padded p
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -47,7 +46,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
 
     run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
     hf_dir = Path(cfg.model.hf_path)
-    hf_config = json.loads((hf_dir / "config.json").read_text())
+    hf_config = model_lib.load_config_json(hf_dir)
     arch = model_lib.read_hf_config(hf_config)
     policy = step.build_policy(
         arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx

@@ -86,6 +86,23 @@ class HFArch:
     """Std of the normal init (only matters for freshly initialised weights)."""
 
 
+def _config_json_path(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
+def load_config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """config.json (or the one inside directory `path`) as a dict; a missing or malformed file
+    is a ConfigError naming it (model.hf_path)."""
+    path = _config_json_path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"model.hf_path: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+
+
 def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> HFArch:
     """Read a config.json (a file, the directory holding it, or its parsed dict) into `HFArch`.
 
@@ -104,16 +121,8 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
     if isinstance(path_or_dict, Mapping):
         d, src = dict(path_or_dict), "<config dict>"
     else:
-        path = Path(path_or_dict)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"model.hf_path: {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
-        src = str(path)
+        d = load_config_json(path_or_dict)
+        src = str(_config_json_path(path_or_dict))
 
     family = d.get("model_type")
     if family not in FAMILIES:
