@@ -14,16 +14,17 @@ stop; the script then requeues the job. Everything is validated before anything 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -91,7 +92,8 @@ class LaunchConfig:
     ssh_user: str = ""
     """nemo-run SSH tunnel user; empty = the local user name."""
     remote_job_dir: str = ""
-    """nemo-run: where experiment files go on the cluster; empty = `<log_dir>/nemo_run`."""
+    """nemo-run: where experiment files go on the cluster; empty =
+    `<log_dir>/nemorun/experiments`."""
 
     @property
     def ranks_per_node(self) -> int:
@@ -339,12 +341,22 @@ def run_nemo(
         import nemo_run as run
     except ImportError as e:
         raise ImportError(
-            f"--executor {executor} needs nemo-run: pip install nemo_run (0.11.1 is tested; it "
-            "installs no torch). Or use --executor slurm, which needs nothing extra."
+            f"--executor {executor} needs nemo-run: pip install 'rpg-megatron[nemo]' (nemo_run "
+            "0.11.1 and the leptonai it imports; no torch). Or use --executor slurm, which needs "
+            "nothing extra."
         ) from e
-    base_dir = files.log_dir / "nemo_run"
+    base_dir = files.log_dir / "nemorun"
     # LocalTunnel submits the files nemo-run wrote under `<base_dir>/experiments/<name>/<id>`.
     job_dir = launch.remote_job_dir or str(base_dir / "experiments")
+    if executor == "nemo-run" and not launch.container_image:
+        check_nemo_paths(
+            {
+                "launch.workdir": files.workdir,
+                "launch.log_dir": files.log_dir,
+                "launch.venv": files.workdir / launch.venv if launch.venv else "",
+                "launch.remote_job_dir": job_dir,
+            }
+        )
     env = job_env(launch)
     if executor == "nemo-run-local":
         ex = run.LocalExecutor(ntasks_per_node=launch.ranks_per_node, env_vars=env)
@@ -391,18 +403,70 @@ def run_nemo(
         entrypoint="python",
         m=True,
     )
-    # nemo-run only accepts `add` inside the experiment's context manager.
-    with run.Experiment(
-        launch.job_name, executor=ex, base_dir=str(base_dir), log_level="WARN"
-    ) as exp:
+    # nemo-run only accepts `add` inside the experiment's context manager. Its console log goes
+    # to stderr: stdout is the dry-run script or the experiment id.
+    from nemo_run.core.frontend.console.api import CONSOLE
+
+    with (
+        _swap(CONSOLE, "file", sys.stderr),
+        run.Experiment(
+            launch.job_name, executor=ex, base_dir=str(base_dir), log_level="WARN"
+        ) as exp,
+    ):
         exp.add(script, executor=ex, name=launch.job_name)
         if dry_run:
-            exp.dryrun(delete_exp_dir=True)
+            print(nemo_dry_run(exp))
             return ""
         before_submit()
         # Local: wait for torchrun to finish; Slurm: return once sbatch has accepted the job.
         exp.run(detach=executor == "nemo-run", tail_logs=False)
+        handles = ", ".join(job.handle for job in exp.jobs)
+        print(f"nemo-run experiment {exp._id} ({handles}): {Path(exp._exp_dir)}")
         return exp._id
+
+
+@contextlib.contextmanager
+def _swap(obj: Any, attr: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        setattr(obj, attr, old)
+
+
+def nemo_dry_run(exp: Any) -> str:
+    """The exact sbatch script (or local command) nemo-run would submit, without nemo-run's
+    console wrapping, its log lines sent to stderr. The experiment directory nemo-run prepares
+    for this is removed again, so only the experiment id in the paths differs from a real
+    submission."""
+    leaf = Path(exp._exp_dir).parent  # <log_dir>/nemorun/experiments/<name>
+    existed = {p for p in (leaf, *leaf.parents) if p.exists()}
+    try:
+        exp.dryrun(log=False, delete_exp_dir=True)
+    finally:
+        for p in (leaf, *leaf.parents):  # the directories nemo-run made for the dry run
+            if p in existed or any(p.iterdir()):
+                break
+            p.rmdir()
+    out = []
+    for job in exp.jobs:
+        request = job._dryrun_info.request
+        out.append(request.materialize() if hasattr(request, "materialize") else str(request))
+    return "\n".join(out)
+
+
+def check_nemo_paths(paths: dict[str, Path | str]) -> None:
+    """nemo-run 0.11.1 renders its sbatch script with `/nemo_run` as a placeholder for the job
+    directory and, without a container, replaces every occurrence of that text in the script,
+    also inside our own paths (`/x/nemo_run/logs` and `/x/nemo_runs` included). Refuse them."""
+    for name, path in paths.items():
+        if "/nemo_run" in str(path):
+            raise ConfigError(
+                f"{name}={str(path)!r} contains '/nemo_run', which nemo-run 0.11.1 replaces in "
+                "its sbatch script with the job directory (its container placeholder); the job "
+                "would write and read elsewhere. Use another directory name."
+            )
 
 
 def torchrun_signal_env(launch: LaunchConfig) -> dict[str, str]:

@@ -56,7 +56,7 @@ def _wait(job: str, until: set[str], timeout: float) -> dict[str, str]:
     raise AssertionError(f"job {job} still {info['JobState']} after {timeout}s: {info}")
 
 
-def _launch(tmp: Path, name: str, *overrides: str) -> str:
+def _launch(tmp: Path, name: str, *overrides: str, executor: str = "slurm") -> str:
     out = subprocess.run(
         [
             str(BIN / "rpg-megatron"),
@@ -80,14 +80,17 @@ def _launch(tmp: Path, name: str, *overrides: str) -> str:
             f"launch.job_name={name}",
             *overrides,
             "--executor",
-            "slurm",
+            executor,
         ],
         capture_output=True,
         text=True,
         cwd=tmp,
+        stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, out.stderr
-    return re.search(r"submitted job (\d+)", out.stdout).group(1)
+    if executor == "slurm":
+        return re.search(r"submitted job (\d+)", out.stdout).group(1)
+    return re.search(r"nemo-run experiment \S+ \(\S+/(\d+)\)", out.stdout).group(1)
 
 
 def _log(tmp: Path, name: str, job: str) -> str:
@@ -151,3 +154,18 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tmp: Path) -> None:
     assert progress[0] == stopped_at + 1, progress[:5]
     log = _log(tmp, "rq", job)
     assert "SIGUSR1" in log and "requeueing job" in log
+
+
+def test_nemo_run_slurm_executor_job_completes(tmp: Path) -> None:
+    """The same job through nemo-run's SlurmExecutor and LocalTunnel (the optional extra)."""
+    pytest.importorskip("nemo_run", reason="nemo-run is the optional `nemo` extra")
+    job = _launch(tmp, "nr", "optim.steps=3", "checkpoint.every=0", executor="nemo-run")
+    info = _wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 150)
+    out = Path(info["StdOut"])
+    assert out.is_relative_to(tmp / "logs" / "nemorun" / "experiments" / "nr"), out
+    assert info["JobState"] == "COMPLETED", out.read_text()[-3000:] if out.exists() else info
+    lines = (tmp / "nr" / "metrics.jsonl").read_text().splitlines()
+    assert [int(re.search(r'"step": (\d+)', x).group(1)) for x in lines] == [1, 2, 3]
+    # torchrun ran two ranks under srun: both wrote to the task's log
+    log = next(out.parent.glob("log-*.out")).read_text()
+    assert "[default0]" in log and "[default1]" in log, log[-2000:]

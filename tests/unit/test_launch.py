@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import shlex
 from pathlib import Path
@@ -159,3 +160,71 @@ def test_unknown_placeholder_is_an_error(tmp_path: Path) -> None:
     tpl.write_text("#SBATCH --nodes={{nodes}}\n{{nope}}\n")
     with pytest.raises(ConfigError, match=r"\{\{nope\}\} has no value"):
         launch.render_sbatch(H100, launch.job_files(H100, stamp="S"), template=tpl)
+
+
+# ----------------------------------------------------------------------------- nemo-run
+def _nemo_dry_run(
+    cfg: launch.LaunchConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> str:
+    pytest.importorskip("nemo_run", reason="nemo-run is the optional `nemo` extra")
+    # nemo-run's LocalTunnel runs `mkdir` through invoke, which reads stdin; pytest forbids that.
+    monkeypatch.setattr("sys.stdin", io.StringIO())
+    assert launch.launch(cfg, Config(), executor="nemo-run", dry_run=True) == ""
+    return capsys.readouterr().out
+
+
+def test_nemo_run_dry_run_h100_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = launch.LaunchConfig(
+        **{
+            **{f: getattr(H100, f) for f in ("nodes", "gpus_per_node", "partition", "account")},
+            "time": H100.time,
+            "grace_s": H100.grace_s,
+            "job_name": H100.job_name,
+            "env": H100.env,
+            "venv": ".venv",
+            "workdir": str(tmp_path / "rpg"),
+            "log_dir": str(tmp_path / "logs"),
+        }
+    )
+    script = _nemo_dry_run(cfg, capsys, monkeypatch)
+    assert script.startswith("#!/bin/bash")  # the script itself, nothing of nemo-run's log
+    opts = _sbatch(script)
+    assert opts["--nodes"] == "4"
+    assert opts["--ntasks-per-node"] == "1"  # one torchrun agent per node
+    assert opts["--gpus-per-node"] == "8"
+    assert (opts["--partition"], opts["--account"]) == ("h100", "llm")
+    assert opts["--signal"] == "USR1@600"
+    out_dir = f"{tmp_path}/logs/nemorun/experiments/qwen3-rpg/qwen3-rpg_"
+    assert opts["--output"].startswith(out_dir)  # one job directory, not doubled
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500" in srun
+    assert "--nnodes 4 --nproc-per-node 8 --node-rank $SLURM_NODEID" in srun
+    assert f"--chdir={tmp_path}/rpg torchrun" in srun  # our --chdir comes after nemo-run's
+    assert re.search(
+        r"-m rpg_megatron\.cli train \S+/logs/qwen3-rpg-\d{8}-\d{6}\.yaml --resume$", srun
+    )
+    assert "export NCCL_IB_HCA=mlx5_0,mlx5_3" in script
+    assert "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
+    assert "export PET_SHUTDOWN_TIMEOUT=600" in script
+    assert f"source {tmp_path}/rpg/.venv/bin/activate" in script
+    assert not tmp_path.joinpath("logs").exists()  # a dry run leaves nothing behind
+
+
+@pytest.mark.parametrize("where", ["log_dir", "workdir"])
+def test_nemo_run_refuses_paths_it_would_rewrite(
+    where: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = launch.LaunchConfig(
+        partition="debug",
+        workdir=str(tmp_path / ("nemo_runs" if where == "workdir" else "w")),
+        log_dir=str(tmp_path / "nemo_run" / "logs") if where == "log_dir" else "logs",
+    )
+    with pytest.raises(ConfigError, match=rf"launch\.{where}=.*contains '/nemo_run'"):
+        _nemo_dry_run(cfg, capsys, monkeypatch)
