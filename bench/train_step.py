@@ -135,7 +135,7 @@ def _plain_step(policy: step.Policy, batch: step.TrainBatch, seen: list | None) 
     from megatron.core import parallel_state
 
     ctx = policy.ctx
-    mbs = step._micro_batches(batch, policy.optim_cfg.micro_batch_size, ctx.device)
+    mbs = step._micro_batches(policy, batch)
 
     def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         mb = next(data_iterator)

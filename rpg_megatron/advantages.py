@@ -128,6 +128,8 @@ def aggregate_terms(
     n_seqs: int,
     mode: Aggregation,
     max_response_len: int | None = None,
+    seq_tokens_N: Tensor | None = None,
+    count_sequences: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(numerator, denominator) of the aggregated loss for one slice of the global batch.
 
@@ -137,24 +139,32 @@ def aggregate_terms(
         sequence   num = sum_i sum_t loss_it m_it/|o_i| den = number of sequences with |o_i| > 0
         constant   num = sum_t loss_t m_t               den = n_seqs * max_response_len
     |o_i| is the number of trained tokens of sequence i. The denominator is an int64 scalar.
+
+    Context parallelism splits every sequence over the CP ranks, whose terms are summed too.
+    Then pass `seq_tokens_N` (|o_i| of the whole sequences, counted before the split) and
+    count_sequences=False on every CP rank but one: per-sequence denominators are counted once,
+    token counts (which the split partitions) on every rank.
     """
     m = mask_T.to(loss_T.dtype)
     masked = loss_T * m
+    zero = torch.zeros((), dtype=torch.int64, device=loss_T.device)
     if mode == "token":
         return masked.sum(), mask_T.sum().to(torch.int64)
     if mode == "sequence":
-        len_N = torch.zeros(n_seqs, dtype=loss_T.dtype, device=loss_T.device)
-        len_N = len_N.index_add(0, seq_index_T, m)
+        if seq_tokens_N is None:
+            len_N = torch.zeros(n_seqs, dtype=loss_T.dtype, device=loss_T.device)
+            len_N = len_N.index_add(0, seq_index_T, m)
+        else:
+            len_N = seq_tokens_N.to(device=loss_T.device, dtype=loss_T.dtype)
         num = (masked / len_N.clamp(min=1)[seq_index_T]).sum()
-        return num, (len_N > 0).sum().to(torch.int64)
+        return num, (len_N > 0).sum().to(torch.int64) if count_sequences else zero
     if mode == "constant":
         if max_response_len is None or max_response_len < 1:
             raise ValueError(
                 f"aggregation='constant' needs max_response_len >= 1, got {max_response_len}"
             )
-        return masked.sum(), torch.tensor(
-            n_seqs * max_response_len, dtype=torch.int64, device=loss_T.device
-        )
+        den = torch.tensor(n_seqs * max_response_len, dtype=torch.int64, device=loss_T.device)
+        return masked.sum(), den if count_sequences else zero
     raise ValueError(f"aggregation={mode!r}: must be one of 'token', 'sequence', 'constant'")
 
 

@@ -149,7 +149,11 @@ class OptimConfig:
     update_epochs: int = 1
     """Passes over each rollout batch (K update epochs)."""
     micro_batch_size: int = 1
-    """Sequences per micro-batch in the forward/backward schedule."""
+    """Sequences per micro-batch in the forward/backward schedule (padded layout)."""
+    max_tokens_per_microbatch: int = 0
+    """0: padded micro-batches of `micro_batch_size` sequences. > 0: sequence packing: each
+    DP rank gets a token-balanced share of the batch, packed (THD, no padding) into
+    micro-batches of at most this many tokens (a longer sequence gets one of its own)."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
 
@@ -158,6 +162,11 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")
         for name in ("steps", "minibatches", "update_epochs", "micro_batch_size"):
             _positive(self, name, "optim")
+        if self.max_tokens_per_microbatch < 0:
+            raise ConfigError(
+                f"optim.max_tokens_per_microbatch={self.max_tokens_per_microbatch}: must be >= 0 "
+                "(0 = padded micro-batches of optim.micro_batch_size sequences)"
+            )
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0")
 

@@ -96,6 +96,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             ref_logp_NS=ref_logp,
             max_response_len=cfg.rollout.max_new_tokens,
             weight_NS=_tis(cfg.rollout.tis_cap, old_logp, rollout.sample_logp_NS),
+            lengths_N=batch.lengths_N,
         )
         t_lp = time.perf_counter()
         stats = step.update(policy, batch, objective, objective_cfg=cfg.objective)

@@ -18,8 +18,10 @@ the gradient of
         constant:  w_i = 1,        den = n_seqs * max_response_len
 
 Nothing here multiplies by the number of micro-batches or the DP size. TP ranks compute the same
-(num, den) and Megatron does not reduce den over TP. Context parallelism is not handled yet:
-a CP rank sees part of each sequence, so "sequence" would count |o_i| and den per CP rank.
+(num, den) and Megatron does not reduce den over TP. A CP rank holds part of every sequence:
+its num covers its tokens (the DP x CP gradient all-reduce sums them), |o_i| comes from
+`LossInputs.seq_tokens_N` (counted before the split) and per-sequence denominators from CP
+rank 0 only (`count_sequences`), so the sum over DP x CP is the unsplit batch's.
 
 Shape suffixes: B rows of the micro-batch, S positions per row, T = B * S flattened positions
 (row-major: t = b * S + s), V_tp = the vocab shard this TP rank holds (padded vocab / TP),
@@ -258,6 +260,11 @@ class LossInputs:
     weight_T: Tensor | None = None
     """float [T], optional, no grad: multiplies each token's loss, e.g. the truncated importance
     weight min(pi_old / pi_rollout, cap) that corrects rollout/trainer mismatch."""
+    seq_tokens_N: Tensor | None = None
+    """float [n_seqs], context parallelism only: trained tokens of each whole sequence, counted
+    before the sequences were split over the CP ranks (None: count them in mask_T)."""
+    count_sequences: bool = True
+    """False on CP ranks other than 0, so per-sequence denominators are counted once."""
 
     def __post_init__(self) -> None:
         n = self.target_T.shape
@@ -347,6 +354,8 @@ def make_loss_func(
             n_seqs=inp.n_seqs,
             mode=aggregation,
             max_response_len=inp.max_response_len,
+            seq_tokens_N=inp.seq_tokens_N,
+            count_sequences=inp.count_sequences,
         )
         on_T = inp.mask_T > 0
         count = on_T.sum().to(torch.float64)

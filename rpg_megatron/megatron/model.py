@@ -12,14 +12,18 @@ llama3 scaling, GQA), qwen2 (Qwen2/2.5: + bias on q/k/v), qwen3 (+ RMSNorm on q 
 `head_dim` independent of hidden_size / heads).
 
 Attention mask: pass `attention_mask=None` to the model. The layer spec declares a causal mask,
-and on CPU `parallel.apply_cpu_compat` makes megatron build it on CPU. The local (CPU) spec has
-no packed-sequence (THD) attention and computes RoPE for positions 0..S-1 of each row whatever
-`position_ids` say, so on CPU each row must hold one sequence (right padding is harmless under
-the causal mask).
+and on CPU `parallel.apply_cpu_compat` makes megatron build it on CPU. RoPE ignores
+`position_ids`: a padded row [B, S] holds one sequence at positions 0..S-1 (right padding is
+harmless under the causal mask); a packed batch [1, T] holds several sequences and needs
+`PackedSeqParams` (THD, `cu_seqlens`), which make RoPE restart at every sequence and attention
+stay inside it. TE's attention does that on GPU; on CPU the local spec's core attention is
+`LocalTHDAttention`, which runs Megatron's own local attention once per sequence of the pack.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 from collections.abc import Mapping
@@ -441,6 +445,61 @@ def _layer_spec(arch: HFArch) -> Any:
 
     if use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_norm, normalization="RMSNorm"
     )
+    spec.submodules.self_attention.submodules.core_attention = local_thd_attention()
+    return spec
+
+
+@functools.cache
+def local_thd_attention() -> type:
+    """Megatron's local `DotProductAttention` that also takes packed (THD) batches.
+
+    Without `packed_seq_params` it is Megatron's class unchanged. With them, query/key/value are
+    [T, heads, head_dim] (Megatron's Attention squeezes the dummy batch dimension for THD) and
+    every sequence [cu_seqlens[i], cu_seqlens[i+1]) attends causally to itself only: the
+    parent's forward runs on each sequence as a batch of one, and the outputs [len_i, 1, hidden]
+    are concatenated to [T, 1, hidden], the shape TE's THD attention gives back. A loop, not a
+    block-diagonal [T, T] mask: memory stays per sequence and the arithmetic is the padded
+    path's, which is what makes packed and padded training agree to rounding.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    class LocalTHDAttention(DotProductAttention):
+        def forward(
+            self,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            attention_mask: torch.Tensor | None,
+            attn_mask_type: Any = None,
+            attention_bias: torch.Tensor | None = None,
+            packed_seq_params: Any = None,
+        ) -> torch.Tensor:
+            parent = super().forward
+            if packed_seq_params is None:
+                return parent(query, key, value, attention_mask, attn_mask_type, attention_bias)
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(
+                    f"LocalTHDAttention: qkv_format={packed_seq_params.qkv_format!r}; only "
+                    "'thd' packing is supported"
+                )
+            cu = packed_seq_params.cu_seqlens_q_padded
+            if cu is None:
+                cu = packed_seq_params.cu_seqlens_q
+            bounds = cu.tolist()
+            if bounds[-1] != query.shape[0]:
+                raise ValueError(
+                    f"LocalTHDAttention: cu_seqlens ends at {bounds[-1]} but the pack holds "
+                    f"{query.shape[0]} tokens"
+                )
+            out = []
+            for start, end in itertools.pairwise(bounds):
+                if end > start:
+                    q, k, v = (x[start:end].unsqueeze(1) for x in (query, key, value))
+                    out.append(parent(q, k, v, None, AttnMaskType.causal, attention_bias))
+            return torch.cat(out, dim=0)
+
+    return LocalTHDAttention

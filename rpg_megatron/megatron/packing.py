@@ -1,9 +1,8 @@
 """Who trains which sequence: DP balancing, token-budget micro-batches, the CP chunk layout.
 
 Pure index arithmetic (no torch.distributed, no Megatron import), so every rule is tested on
-CPU with property tests. Part of issue 7 (sequence packing and context parallelism): the
-train step still uses padded micro-batches of `optim.micro_batch_size` sequences; these
-functions are what the packed (THD) path will call.
+CPU with property tests. `step._micro_batches` calls them when `optim.max_tokens_per_microbatch`
+> 0 (the packed THD layout) and for context parallelism's chunk layout.
 
 Legend: N sequences, lengths in tokens; `dp` data-parallel ranks; `cp` context-parallel ranks.
 """

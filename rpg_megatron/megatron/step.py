@@ -11,10 +11,19 @@ Legend: N sequences of the global batch, S padded positions, B sequences of a mi
 Alignment (stated once, here): in a `TrainBatch`, index [n, s] holds quantities of token
 tokens_NS[n, s] given tokens_NS[n, :s]. The model reads positions 0..S-2 and its logits at
 position s predict token s + 1, so `_micro_batches` shifts every per-token tensor by one.
+
+Micro-batches, two layouts with the same loss and gradients (tests/dist/test_packing.py):
+padded rows of `optim.micro_batch_size` sequences, each DP rank a contiguous slice; or, with
+`optim.max_tokens_per_microbatch` > 0, packing: each DP rank a token-balanced share of the
+sequences (`packing.balance`), cut by first-fit decreasing into micro-batches of at most that
+many tokens, each one row [1, T] of sequences end to end with Megatron `PackedSeqParams` (THD).
+Only the real tokens (`TrainBatch.lengths_N`) are computed. Under context parallelism every
+sequence is padded to a multiple of 2 * cp and each CP rank keeps its two chunks of it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -27,6 +36,7 @@ from torch import Tensor
 from rpg_megatron.advantages import Aggregation
 from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import model as model_lib
+from rpg_megatron.megatron import packing
 from rpg_megatron.megatron.loss_hook import LossInputs, make_loss_func, vocab_parallel_logprobs
 from rpg_megatron.megatron.parallel import ParallelContext
 from rpg_megatron.objectives import Objective
@@ -50,6 +60,9 @@ class TrainBatch:
     """Response-length budget, for aggregation='constant'."""
     weight_NS: Tensor | None = None
     """float [N, S], optional: per-token loss weights (truncated importance weights)."""
+    lengths_N: Tensor | None = None
+    """int64 [N], optional: tokens of each sequence (prompt + response); positions from there
+    on are padding. None: every row is S tokens long. Packing trains only the real tokens."""
 
     def __post_init__(self) -> None:
         if self.tokens_NS.dim() != 2 or self.tokens_NS.dtype != torch.int64:
@@ -68,6 +81,17 @@ class TrainBatch:
                 )
         if bool((self.mask_NS[:, 0] != 0).any()):
             raise ValueError("TrainBatch.mask_NS[:, 0] must be 0: the first token has no prefix")
+        if self.lengths_N is not None:
+            N, S = self.tokens_NS.shape
+            n = self.lengths_N
+            if n.shape != (N,) or bool(((n < 2) | (n > S)).any()):
+                raise ValueError(
+                    f"TrainBatch.lengths_N: need {N} lengths in [2, {S}], got "
+                    f"{n.tolist() if n.dim() == 1 else tuple(n.shape)}"
+                )
+            beyond = torch.arange(S) >= n[:, None]
+            if bool((self.mask_NS.cpu()[beyond] != 0).any()):
+                raise ValueError("TrainBatch.mask_NS: trained tokens past lengths_N")
 
     @property
     def n(self) -> int:
@@ -79,9 +103,23 @@ class TrainBatch:
             self, **{k: None if v is None else v[sl] for k, v in _tensor_fields(self).items()}
         )
 
+    def take(self, index_K: Tensor) -> TrainBatch:
+        """The sequences index_K (a copy)."""
+        return replace(
+            self, **{k: None if v is None else v[index_K] for k, v in _tensor_fields(self).items()}
+        )
+
 
 def _tensor_fields(b: TrainBatch) -> dict[str, Tensor | None]:
-    names = ("tokens_NS", "mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS", "weight_NS")
+    names = (
+        "tokens_NS",
+        "mask_NS",
+        "adv_NS",
+        "old_logp_NS",
+        "ref_logp_NS",
+        "weight_NS",
+        "lengths_N",
+    )
     return {k: getattr(b, k) for k in names}
 
 
@@ -252,14 +290,57 @@ def set_weights_mode(policy: Policy, *, train: bool) -> None:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _MicroBatch:
     input_BS: Tensor
-    """int64 [B, S-1]: model input tokens."""
+    """int64 model input: [B, S-1] padded rows, or [1, T] packed sequences (THD)."""
     position_BS: Tensor
-    """int64 [B, S-1]: position ids."""
+    """int64 position ids, same shape (restarting at 0 for every packed sequence)."""
     loss: LossInputs
     """Per-position targets and terms, shifted to the logits' alignment."""
+    rows: list[int]
+    """The sequences (rows of this rank's batch) this micro-batch holds, in order."""
+    packed_seq_params: Any = None
+    """Megatron `PackedSeqParams` for a packed micro-batch; None for padded rows."""
+    scatter: tuple[Tensor, Tensor] | None = None
+    """Packed: (row, position) in this rank's [n, S] batch of every full-pack position whose
+    logits predict a real token, and that position's index in the full pack."""
 
 
-def _micro_batches(batch: TrainBatch, size: int, device: torch.device) -> list[_MicroBatch]:
+def _micro_batches(policy: Policy, batch: TrainBatch) -> list[_MicroBatch]:
+    """This rank's micro-batches: padded rows of `optim.micro_batch_size`, or, with
+    `optim.max_tokens_per_microbatch` > 0, packed sequences of at most that many tokens."""
+    cfg, ctx = policy.optim_cfg, policy.ctx
+    if cfg.max_tokens_per_microbatch == 0:
+        return _padded_micro_batches(batch, cfg.micro_batch_size, ctx.device)
+    lengths = _lengths(batch)
+    groups = packing.token_budget_batches([n - 1 for n in lengths], cfg.max_tokens_per_microbatch)
+    seq_multiple = 2 * ctx.cp if ctx.cp > 1 else 1
+    # Whole-pack multiples: sequence parallelism splits the local tokens over TP, and TE's FP8
+    # GEMMs need their token dimension divisible by 16.
+    per_rank = (ctx.tp if policy.gpt.config.sequence_parallel else 1) * (
+        16 if policy.model_cfg.fp8 is not None else 1
+    )
+    total_multiple = math.lcm(seq_multiple, ctx.cp * per_rank)
+    return [
+        _packed_micro_batch(
+            batch,
+            rows,
+            [lengths[i] for i in rows],
+            ctx.device,
+            seq_multiple=seq_multiple,
+            total_multiple=total_multiple,
+            cp=ctx.cp,
+            cp_rank=ctx.cp_rank,
+        )
+        for rows in groups
+    ]
+
+
+def _lengths(batch: TrainBatch) -> list[int]:
+    if batch.lengths_N is None:
+        return [batch.tokens_NS.shape[1]] * batch.n
+    return [int(n) for n in batch.lengths_N.tolist()]
+
+
+def _padded_micro_batches(batch: TrainBatch, size: int, device: torch.device) -> list[_MicroBatch]:
     out = []
     for start in range(0, batch.n, size):
         b = batch.rows(slice(start, start + size))
@@ -282,23 +363,143 @@ def _micro_batches(batch: TrainBatch, size: int, device: torch.device) -> list[_
             weight_T=shifted(b.weight_NS),
         )
         positions = torch.arange(S - 1, device=device).expand(B, S - 1)
-        out.append(_MicroBatch(input_BS=tokens[:, :-1], position_BS=positions, loss=loss))
+        out.append(
+            _MicroBatch(
+                input_BS=tokens[:, :-1],
+                position_BS=positions,
+                loss=loss,
+                rows=list(range(start, start + B)),
+            )
+        )
     return out
+
+
+def _packed_micro_batch(
+    batch: TrainBatch,
+    rows: list[int],
+    lengths: list[int],
+    device: torch.device,
+    *,
+    seq_multiple: int = 1,
+    total_multiple: int = 1,
+    cp: int = 1,
+    cp_rank: int = 0,
+) -> _MicroBatch:
+    """Sequences `rows` packed end to end (THD): a sequence of L tokens gives L - 1 positions
+    (input tokens 0..L-2 predicting 1..L-1), padded to a multiple of `seq_multiple` (2 * cp for
+    context parallelism's chunk layout); the last sequence's padding also rounds the pack up to
+    `total_multiple`. Padding positions have mask 0. Under CP this rank keeps chunks `cp_rank`
+    and `2 * cp - 1 - cp_rank` of every sequence (`packing.cp_indices`), and the loss gets each
+    whole sequence's trained-token count, so sequence-level normalisers are counted once.
+    """
+    real = [n - 1 for n in lengths]
+    padded = [-(-r // seq_multiple) * seq_multiple for r in real]
+    padded[-1] += -sum(padded) % total_multiple
+    seq_T = torch.arange(len(rows)).repeat_interleave(torch.tensor(padded))
+    starts = torch.tensor([0, *padded]).cumsum(0)
+    pos_T = torch.arange(int(starts[-1])) - starts[seq_T]
+    valid_T = pos_T < torch.tensor(real)[seq_T]
+    row_T = torch.tensor(rows)[seq_T]
+    col_T = torch.where(valid_T, pos_T, 0)  # padding reads position 0 and is masked out
+
+    def at(x: Tensor | None, offset: int) -> Tensor | None:
+        if x is None:
+            return None
+        return torch.where(valid_T, x[row_T, col_T + offset].float(), 0.0)
+
+    full = {
+        "input": batch.tokens_NS[row_T, col_T],
+        "position": pos_T,
+        "target": torch.where(valid_T, batch.tokens_NS[row_T, col_T + 1], 0),
+        "old": at(batch.old_logp_NS, 1),
+        "ref": at(batch.ref_logp_NS, 1),
+        "adv": at(batch.adv_NS, 1),
+        "mask": at(batch.mask_NS, 1),
+        "weight": at(batch.weight_NS, 1),
+        "seq": seq_T,
+    }
+    seq_tokens_N = torch.zeros(len(rows)).index_add(0, seq_T, full["mask"])
+    if cp > 1:
+        keep = torch.cat(
+            [
+                int(start) + torch.tensor(packing.cp_indices(n, cp, cp_rank))
+                for start, n in zip(starts[:-1].tolist(), padded, strict=True)
+            ]
+        )
+        full = {k: None if v is None else v[keep] for k, v in full.items()}
+
+    def dev(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(device)
+
+    zeros = torch.zeros(full["input"].shape[0], device=device)
+    loss = LossInputs(
+        target_T=dev(full["target"]),
+        old_logp_T=_or(dev(full["old"]), zeros),
+        ref_logp_T=dev(full["ref"]),
+        adv_T=_or(dev(full["adv"]), zeros),
+        mask_T=dev(full["mask"]),
+        seq_index_T=dev(full["seq"]),
+        n_seqs=len(rows),
+        max_response_len=batch.max_response_len,
+        weight_T=dev(full["weight"]),
+        seq_tokens_N=dev(seq_tokens_N) if cp > 1 else None,
+        count_sequences=cp_rank == 0,
+    )
+    return _MicroBatch(
+        input_BS=dev(full["input"]).unsqueeze(0),
+        position_BS=dev(full["position"]).unsqueeze(0),
+        loss=loss,
+        rows=rows,
+        packed_seq_params=_packed_seq_params(real, padded, device),
+        scatter=(torch.stack([row_T[valid_T], pos_T[valid_T] + 1]), valid_T.nonzero()[:, 0]),
+    )
+
+
+def _packed_seq_params(real: list[int], padded: list[int], device: torch.device) -> Any:
+    """Megatron's THD metadata: cumulative real lengths, and padded ones when they differ."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    def cu(lengths: list[int]) -> Tensor:
+        return torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+
+    cu_real = cu(real)
+    cu_padded = cu(padded) if padded != real else None
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_real,
+        cu_seqlens_kv=cu_real,
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=max(padded),
+        max_seqlen_kv=max(padded),
+    )
 
 
 def _or(x: Tensor | None, default: Tensor) -> Tensor:
     return default if x is None else x
 
 
-def _dp_shard(batch: TrainBatch, ctx: ParallelContext, micro_batch_size: int) -> TrainBatch:
-    """This data-parallel rank's contiguous slice of the global batch."""
-    if batch.n % (ctx.dp * micro_batch_size):
+def _dp_rows(policy: Policy, batch: TrainBatch, *, dp_rank: int | None = None) -> list[int]:
+    """The sequences a data-parallel rank (default: this one) trains on. Padded: a contiguous
+    slice of whole micro-batches. Packed: a token-balanced share (`packing.balance`)."""
+    ctx, cfg = policy.ctx, policy.optim_cfg
+    rank = ctx.dp_rank if dp_rank is None else dp_rank
+    if cfg.max_tokens_per_microbatch:
+        if batch.n < ctx.dp:
+            raise ValueError(f"batch of {batch.n} sequences has fewer than dp={ctx.dp} ranks")
+        return packing.balance(_lengths(batch), ctx.dp)[rank]
+    if batch.n % (ctx.dp * cfg.micro_batch_size):
         raise ValueError(
             f"batch of {batch.n} sequences does not split into dp={ctx.dp} ranks x whole "
-            f"micro-batches of optim.micro_batch_size={micro_batch_size}"
+            f"micro-batches of optim.micro_batch_size={cfg.micro_batch_size}"
         )
     per = batch.n // ctx.dp
-    return batch.rows(slice(ctx.dp_rank * per, (ctx.dp_rank + 1) * per))
+    return list(range(rank * per, (rank + 1) * per))
+
+
+def _local(policy: Policy, batch: TrainBatch) -> TrainBatch:
+    """This DP rank's sequences (a copy)."""
+    return batch.take(torch.tensor(_dp_rows(policy, batch), dtype=torch.int64))
 
 
 def _run_schedule(
@@ -333,22 +534,28 @@ def _tp_group() -> Any:
 
 
 # ------------------------------------------------------------------------------ log-probs
+def _forward(model: Any, mb: _MicroBatch) -> Tensor:
+    if mb.packed_seq_params is None:
+        return model(mb.input_BS, mb.position_BS, None)
+    return model(mb.input_BS, mb.position_BS, None, packed_seq_params=mb.packed_seq_params)
+
+
 @torch.no_grad()
 def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
-    """log pi(token [n, s] | prefix) for the whole global batch, float32 [N, S] (0 at s = 0),
-    on every rank. Each DP rank computes its slice; slices are all-gathered over DP and the
-    last pipeline stage's result is broadcast over PP."""
+    """log pi(token [n, s] | prefix) for the whole global batch, float32 [N, S] (0 at s = 0
+    and on padding), on every rank. Each DP rank computes its sequences; the last pipeline
+    stage's result is broadcast over PP and the DP ranks' results are all-gathered."""
     from megatron.core import parallel_state
 
-    ctx, mbs_size = policy.ctx, policy.optim_cfg.micro_batch_size
-    local = _dp_shard(batch, ctx, mbs_size)
-    mbs = _micro_batches(local, mbs_size, ctx.device)
+    ctx = policy.ctx
+    local = _local(policy, batch)
+    mbs = _micro_batches(policy, local)
     tp_group, vocab_start = _tp_group(), _vocab_start(policy)
     chunk = policy.model_cfg.logprob_chunk_tokens
 
     def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[Tensor, Any]:
         mb = next(data_iterator)
-        output = model(mb.input_BS, mb.position_BS, None)
+        output = _forward(model, mb)
 
         def loss_func(logits_BSV: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
             logp_T, _ = vocab_parallel_logprobs(
@@ -360,7 +567,7 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
                 chunk_tokens=chunk,
             )
             zero = logp_T.new_zeros(())
-            return zero, torch.zeros((), dtype=torch.int), {"logp": logp_T.view(mb.input_BS.shape)}
+            return zero, torch.zeros((), dtype=torch.int), {"logp": logp_T}
 
         return output, loss_func
 
@@ -370,22 +577,64 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
     for c in policy.chunks:
         c.train()
     S = batch.tokens_NS.shape[1]
+    local_logp = torch.zeros(local.n, S, device=ctx.device)
     if ctx.is_last_stage:
-        body = torch.cat([o["logp"] for o in out]).float()
-        local_logp = torch.cat([body.new_zeros(body.shape[0], 1), body], dim=1)
-    else:
-        local_logp = torch.empty(local.n, S, device=ctx.device)
+        for mb, o in zip(mbs, out, strict=True):
+            _place(local_logp, mb, o["logp"].float(), ctx)
     if ctx.pp > 1:
         dist.broadcast(
             local_logp,
             src=parallel_state.get_pipeline_model_parallel_last_rank(),
             group=parallel_state.get_pipeline_model_parallel_group(),
         )
-    if ctx.dp > 1:
-        parts = [torch.empty_like(local_logp) for _ in range(ctx.dp)]
-        dist.all_gather(parts, local_logp, group=parallel_state.get_data_parallel_group())
-        local_logp = torch.cat(parts)
-    return local_logp.cpu()
+    if ctx.dp == 1:
+        return local_logp.cpu()
+    # Every rank knows every share (the split is deterministic); packing makes them unequal,
+    # so each is padded to the largest for the all-gather.
+    shares = [_dp_rows(policy, batch, dp_rank=r) for r in range(ctx.dp)]
+    padded = torch.zeros(max(map(len, shares)), S, device=ctx.device)
+    padded[: local.n] = local_logp
+    parts = [torch.empty_like(padded) for _ in range(ctx.dp)]
+    dist.all_gather(parts, padded, group=parallel_state.get_data_parallel_group())
+    full = torch.zeros(batch.n, S)
+    for share, part in zip(shares, parts, strict=True):
+        full[share] = part[: len(share)].cpu()
+    return full
+
+
+def _place(out_NS: Tensor, mb: _MicroBatch, logp_T: Tensor, ctx: ParallelContext) -> None:
+    """Write a micro-batch's log-probs into this rank's [n, S] result (0 stays at s = 0)."""
+    if mb.scatter is None:
+        B = len(mb.rows)
+        out_NS[mb.rows[0] : mb.rows[0] + B, 1:] = logp_T.view(B, -1)
+        return
+    if ctx.cp > 1:  # every CP rank holds two chunks of each sequence: gather, then reorder
+        from megatron.core import parallel_state
+
+        parts = [torch.empty_like(logp_T) for _ in range(ctx.cp)]
+        dist.all_gather(parts, logp_T, group=parallel_state.get_context_parallel_group())
+        logp_T = _cp_unchunk_pack(parts, mb)
+    (row, col), t = mb.scatter
+    out_NS[row.to(out_NS.device), col.to(out_NS.device)] = logp_T[t.to(logp_T.device)]
+
+
+def _cp_unchunk_pack(parts: list[Tensor], mb: _MicroBatch) -> Tensor:
+    """Inverse of the per-sequence CP split of `_packed_micro_batch`: the CP ranks' local
+    position lists (rank order) back to the full pack order."""
+    cu = mb.packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = mb.packed_seq_params.cu_seqlens_q
+    bounds = cu.tolist()
+    cp = len(parts)
+    full = parts[0].new_zeros(bounds[-1])
+    offset = 0
+    for start, end in itertools.pairwise(bounds):
+        n = end - start
+        for rank, part in enumerate(parts):
+            idx = torch.tensor(packing.cp_indices(n, cp, rank), device=full.device) + start
+            full[idx] = part[offset : offset + n // cp]
+        offset += n // cp
+    return full
 
 
 # ------------------------------------------------------------------------------- training
@@ -407,13 +656,13 @@ def forward_backward(
         raise ValueError("forward_backward: TrainBatch needs old_logp_NS and adv_NS")
     if objective.needs_ref and batch.ref_logp_NS is None:
         raise ValueError(f"{type(objective).__name__} needs TrainBatch.ref_logp_NS")
-    ctx, size = policy.ctx, policy.optim_cfg.micro_batch_size
-    mbs = _micro_batches(_dp_shard(batch, ctx, size), size, ctx.device)
+    ctx = policy.ctx
+    mbs = _micro_batches(policy, _local(policy, batch))
     tp_group, vocab_start = _tp_group(), _vocab_start(policy)
 
     def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[Tensor, Any]:
         mb = next(data_iterator)
-        output = model(mb.input_BS, mb.position_BS, None)
+        output = _forward(model, mb)
         return output, make_loss_func(
             mb.loss,
             objective,
@@ -433,14 +682,14 @@ def forward_backward(
 
 
 def _reduce_logs(out: list[dict[str, Tensor]], ctx: ParallelContext, ps: Any) -> dict[str, float]:
-    """Sum [total, count] pairs over micro-batches and DP ranks once per step (one host sync),
+    """Sum [total, count] pairs over micro-batches and DP x CP ranks once per step (one sync),
     then hand them from the last pipeline stage to every rank."""
     sums: dict[str, float] = {}
     if ctx.is_last_stage:
         names = sorted(out[0])
         stacked = torch.stack([torch.stack([o[k] for k in names]) for o in out]).sum(0)
-        if ctx.dp > 1:
-            dist.all_reduce(stacked, group=ps.get_data_parallel_group())
+        if ctx.dp * ctx.cp > 1:  # CP ranks hold disjoint tokens of the same sequences
+            dist.all_reduce(stacked, group=ps.get_data_parallel_group(with_context_parallel=True))
         pairs = stacked.cpu().tolist()
         sums = {k: (s / c if c else math.nan) for k, (s, c) in zip(names, pairs, strict=True)}
     if ctx.pp > 1:

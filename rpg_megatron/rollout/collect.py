@@ -118,7 +118,11 @@ def _pad(groups: list, rewards_: list[float], counts: dict[str, float], n: int) 
         **counts,
     }
     return Rollout(
-        batch=step.TrainBatch(tokens_NS=tokens, mask_NS=mask),
+        batch=step.TrainBatch(
+            tokens_NS=tokens,
+            mask_NS=mask,
+            lengths_N=torch.tensor([len(p) + len(c.token_ids) for p, c in rows]),
+        ),
         sample_logp_NS=sample_logp,
         rewards_N=r,
         group_ids_N=torch.arange(len(groups)).repeat_interleave(n),

@@ -1,5 +1,6 @@
 """The RL loop end to end on CPU: engine/trainer log-prob agreement after the weight export,
-and a run killed with SIGKILL then resumed reproduces the uninterrupted run's metrics."""
+and a run killed with SIGKILL then resumed reproduces the uninterrupted run's metrics (with
+sequence packing on)."""
 
 from __future__ import annotations
 
@@ -101,15 +102,24 @@ def _prepare(run: Path) -> None:
     tiny.write_parquet(tiny.arithmetic_rows(64, 0), run / "train.parquet")
 
 
+# The loop with sequence packing (THD micro-batches of <= 100 tokens): rollouts carry their
+# lengths through log-probs, advantages and the update.
+PACKED = ("optim.max_tokens_per_microbatch=100",)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for run in (straight, broken):
         _prepare(run)
-    subprocess.run(_cmd(straight, 6), cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(_cmd(straight, 6, *PACKED), cwd=REPO, env=env, check=True, capture_output=True)
 
     proc = subprocess.Popen(
-        _cmd(broken, 6), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cmd(broken, 6, *PACKED),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while time.time() < deadline:  # kill -9 once step 4 is logged (checkpoint of step 3 exists)
@@ -120,7 +130,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (broken / "ck" / "latest").read_text().strip() == "step_00000003"
-    subprocess.run(_cmd(broken, 6, "--resume"), cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(
+        _cmd(broken, 6, *PACKED, "--resume"), cwd=REPO, env=env, check=True, capture_output=True
+    )
 
     want, got = _records(straight), _records(broken)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]

@@ -77,3 +77,98 @@ def test_bad_arguments():
         packing.token_budget_batches([1], 0)
     with pytest.raises(ValueError, match=r"rank=2: must be in \[0, cp=2\)"):
         packing.cp_indices(8, 2, 2)
+
+
+# ------------------------------------------------- the packed micro-batch under CP (indices)
+def _cp_batch(lengths: list[int], S: int):
+    import torch
+
+    from rpg_megatron.megatron import step
+
+    g = torch.Generator().manual_seed(0)
+    N = len(lengths)
+    mask = torch.zeros(N, S)
+    for n, L in enumerate(lengths):
+        mask[n, 1 + n % 3 : L] = 1.0
+    return step.TrainBatch(
+        tokens_NS=torch.randint(0, 50, (N, S), generator=g),
+        mask_NS=mask,
+        adv_NS=torch.randn(N, S, generator=g) * mask,
+        old_logp_NS=-torch.rand(N, S, generator=g) * mask,
+        lengths_N=torch.tensor(lengths),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=2, max_value=23), min_size=1, max_size=6),
+    cp=st.sampled_from([2, 4]),
+)
+def test_packed_cp_split_partitions_the_pack_and_counts_sequences_once(lengths, cp):
+    """Each CP rank's packed micro-batch is its chunks of every sequence (odd lengths padded to
+    2 * cp); together they hold exactly the unsplit pack's trained positions, the gathered
+    log-probs go back to the right (row, position), and the aggregation terms summed over CP
+    ranks equal the unsplit ones for every mode."""
+    import torch
+
+    from rpg_megatron.advantages import aggregate_terms
+    from rpg_megatron.megatron import step
+
+    S = max(lengths)
+    batch = _cp_batch(lengths, S)
+    rows = list(range(len(lengths)))
+    cpu = torch.device("cpu")
+    whole = step._packed_micro_batch(batch, rows, lengths, cpu)
+    ranks = [
+        step._packed_micro_batch(
+            batch, rows, lengths, cpu, seq_multiple=2 * cp, total_multiple=2 * cp, cp=cp, cp_rank=r
+        )
+        for r in range(cp)
+    ]
+    sizes = {mb.input_BS.shape[1] for mb in ranks}
+    assert len(sizes) == 1  # every CP rank holds the same number of positions
+    psp = ranks[0].packed_seq_params
+    cu = psp.cu_seqlens_q if psp.cu_seqlens_q_padded is None else psp.cu_seqlens_q_padded
+    full_len = int(cu[-1])
+    assert full_len % (2 * cp) == 0 and sizes.pop() * cp == full_len
+
+    # A per-position value known independently: the (row, column) each position predicts.
+    def loss_of(mb: step._MicroBatch) -> torch.Tensor:
+        return mb.loss.target_T.float() * 0.01 + mb.loss.old_logp_T
+
+    for mode in ("token", "sequence", "constant"):
+        num = den = 0.0
+        for mb in ranks:
+            n, d = aggregate_terms(
+                loss_of(mb),
+                mb.loss.mask_T,
+                mb.loss.seq_index_T,
+                n_seqs=mb.loss.n_seqs,
+                mode=mode,
+                max_response_len=S,
+                seq_tokens_N=mb.loss.seq_tokens_N,
+                count_sequences=mb.loss.count_sequences,
+            )
+            num, den = num + float(n), den + int(d)
+        n1, d1 = aggregate_terms(
+            loss_of(whole),
+            whole.loss.mask_T,
+            whole.loss.seq_index_T,
+            n_seqs=whole.loss.n_seqs,
+            mode=mode,
+            max_response_len=S,
+        )
+        assert den == int(d1), mode
+        assert num == pytest.approx(float(n1), rel=1e-5, abs=1e-6), mode
+
+    # log-probs: the CP ranks' pieces, gathered and unchunked, land where the padded layout
+    # puts them: [row, s] for s = 1..L-1. Use the known target ids as the "log-prob".
+    pieces = [mb.loss.target_T.float() for mb in ranks]
+    out = torch.zeros(len(lengths), S)
+    full = step._cp_unchunk_pack(pieces, ranks[0])
+    (row, col), t = ranks[0].scatter
+    out[row, col] = full[t]
+    expect = batch.tokens_NS.float().clone()
+    expect[:, 0] = 0
+    expect[torch.arange(S) >= torch.tensor(lengths)[:, None]] = 0
+    assert torch.equal(out, expect)
