@@ -1,16 +1,27 @@
-"""Who trains which sequence: DP balancing, token-budget micro-batches, the CP chunk layout.
+"""How a batch becomes micro-batches: DP balancing, token budgets, THD packs, the CP split.
 
-Pure index arithmetic (no torch.distributed, no Megatron import), so every rule is tested on
-CPU with property tests. `step._micro_batches` calls them when `optim.max_tokens_per_microbatch`
-> 0 (the packed THD layout) and for context parallelism's chunk layout.
+The rules (`balance`, `token_budget_batches`, `cp_indices`, ...) are pure index arithmetic,
+tested with property tests. The builders below apply them to a `step.TrainBatch`: padded rows,
+or sequences packed end to end with Megatron's `PackedSeqParams` and, under context
+parallelism, each CP rank's two chunks of every sequence. No torch.distributed here: the
+choice of rows for a rank and the collectives live in `step`.
 
-Legend: N sequences, lengths in tokens; `dp` data-parallel ranks; `cp` context-parallel ranks.
+Legend: N sequences, lengths in tokens; `dp` data-parallel ranks; `cp` context-parallel ranks;
+T positions of a micro-batch (logits rows).
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rpg_megatron.megatron.loss_hook import LossInputs
 
 
 def balance(lengths: Sequence[int], parts: int) -> list[list[int]]:
@@ -87,3 +98,185 @@ def cp_unchunk(parts: Sequence[Sequence[object]], length: int) -> list[object]:
         for i, value in zip(idx, piece, strict=True):
             full[i] = value
     return full[:length]
+
+
+# --------------------------------------------------------- micro-batches of a TrainBatch
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MicroBatch:
+    input_BS: Tensor
+    """int64 model input: [B, S-1] padded rows, or [1, T] packed sequences (THD)."""
+    position_BS: Tensor
+    """int64 position ids, same shape (restarting at 0 for every packed sequence)."""
+    loss: LossInputs
+    """Per-position targets and terms, shifted to the logits' alignment."""
+    rows: list[int]
+    """The sequences (rows of this rank's batch) this micro-batch holds, in order."""
+    packed_seq_params: Any = None
+    """Megatron `PackedSeqParams` for a packed micro-batch; None for padded rows."""
+    scatter: tuple[Tensor, Tensor] | None = None
+    """Packed: (row, position) in this rank's [n, S] batch of every full-pack position whose
+    logits predict a real token, and that position's index in the full pack."""
+
+
+def sequence_lengths(batch: Any) -> list[int]:
+    if batch.lengths_N is None:
+        return [batch.tokens_NS.shape[1]] * batch.n
+    return [int(n) for n in batch.lengths_N.tolist()]
+
+
+def padded_micro_batches(batch: Any, size: int, device: torch.device) -> list[MicroBatch]:
+    out = []
+    for start in range(0, batch.n, size):
+        b = batch.rows(slice(start, start + size))
+        tokens = b.tokens_NS.to(device)
+        B, S = tokens.shape
+
+        def shifted(x: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
+            return None if x is None else x[:, 1:].to(device=device, dtype=dtype).reshape(-1)
+
+        zeros = torch.zeros(B * (S - 1), device=device)
+        loss = LossInputs(
+            target_T=tokens[:, 1:].reshape(-1),
+            old_logp_T=_or(shifted(b.old_logp_NS), zeros),
+            ref_logp_T=shifted(b.ref_logp_NS),
+            adv_T=_or(shifted(b.adv_NS), zeros),
+            mask_T=shifted(b.mask_NS),
+            seq_index_T=torch.arange(B, device=device).repeat_interleave(S - 1),
+            n_seqs=B,
+            max_response_len=b.max_response_len,
+            weight_T=shifted(b.weight_NS),
+        )
+        positions = torch.arange(S - 1, device=device).expand(B, S - 1)
+        out.append(
+            MicroBatch(
+                input_BS=tokens[:, :-1],
+                position_BS=positions,
+                loss=loss,
+                rows=list(range(start, start + B)),
+            )
+        )
+    return out
+
+
+def packed_micro_batch(
+    batch: Any,
+    rows: list[int],
+    lengths: list[int],
+    device: torch.device,
+    *,
+    seq_multiple: int = 1,
+    total_multiple: int = 1,
+    cp: int = 1,
+    cp_rank: int = 0,
+) -> MicroBatch:
+    """Sequences `rows` packed end to end (THD): a sequence of L tokens gives L - 1 positions
+    (input tokens 0..L-2 predicting 1..L-1), padded to a multiple of `seq_multiple` (2 * cp for
+    context parallelism's chunk layout); the last sequence's padding also rounds the pack up to
+    `total_multiple`. Padding positions have mask 0. Under CP this rank keeps chunks `cp_rank`
+    and `2 * cp - 1 - cp_rank` of every sequence (`cp_indices`), and the loss gets each
+    whole sequence's trained-token count, so sequence-level normalisers are counted once.
+    """
+    real = [n - 1 for n in lengths]
+    padded = [-(-r // seq_multiple) * seq_multiple for r in real]
+    padded[-1] += -sum(padded) % total_multiple
+    seq_T = torch.arange(len(rows)).repeat_interleave(torch.tensor(padded))
+    starts = torch.tensor([0, *padded]).cumsum(0)
+    pos_T = torch.arange(int(starts[-1])) - starts[seq_T]
+    valid_T = pos_T < torch.tensor(real)[seq_T]
+    row_T = torch.tensor(rows)[seq_T]
+    col_T = torch.where(valid_T, pos_T, 0)  # padding reads position 0 and is masked out
+
+    def at(x: Tensor | None, offset: int) -> Tensor | None:
+        if x is None:
+            return None
+        return torch.where(valid_T, x[row_T, col_T + offset].float(), 0.0)
+
+    full = {
+        "input": batch.tokens_NS[row_T, col_T],
+        "position": pos_T,
+        "target": torch.where(valid_T, batch.tokens_NS[row_T, col_T + 1], 0),
+        "old": at(batch.old_logp_NS, 1),
+        "ref": at(batch.ref_logp_NS, 1),
+        "adv": at(batch.adv_NS, 1),
+        "mask": at(batch.mask_NS, 1),
+        "weight": at(batch.weight_NS, 1),
+        "seq": seq_T,
+    }
+    seq_tokens_N = torch.zeros(len(rows)).index_add(0, seq_T, full["mask"])
+    if cp > 1:
+        keep = torch.cat(
+            [
+                int(start) + torch.tensor(cp_indices(n, cp, cp_rank))
+                for start, n in zip(starts[:-1].tolist(), padded, strict=True)
+            ]
+        )
+        full = {k: None if v is None else v[keep] for k, v in full.items()}
+
+    def dev(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(device)
+
+    zeros = torch.zeros(full["input"].shape[0], device=device)
+    loss = LossInputs(
+        target_T=dev(full["target"]),
+        old_logp_T=_or(dev(full["old"]), zeros),
+        ref_logp_T=dev(full["ref"]),
+        adv_T=_or(dev(full["adv"]), zeros),
+        mask_T=dev(full["mask"]),
+        seq_index_T=dev(full["seq"]),
+        n_seqs=len(rows),
+        max_response_len=batch.max_response_len,
+        weight_T=dev(full["weight"]),
+        seq_tokens_N=dev(seq_tokens_N) if cp > 1 else None,
+        count_sequences=cp_rank == 0,
+    )
+    return MicroBatch(
+        input_BS=dev(full["input"]).unsqueeze(0),
+        position_BS=dev(full["position"]).unsqueeze(0),
+        loss=loss,
+        rows=rows,
+        packed_seq_params=packed_seq_params(real, padded, device),
+        scatter=(torch.stack([row_T[valid_T], pos_T[valid_T] + 1]), valid_T.nonzero()[:, 0]),
+    )
+
+
+def packed_seq_params(real: list[int], padded: list[int], device: torch.device) -> Any:
+    """Megatron's THD metadata: cumulative real lengths, and padded ones when they differ."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    def cu(lengths: list[int]) -> Tensor:
+        return torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+
+    cu_real = cu(real)
+    cu_padded = cu(padded) if padded != real else None
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_real,
+        cu_seqlens_kv=cu_real,
+        cu_seqlens_q_padded=cu_padded,
+        cu_seqlens_kv_padded=cu_padded,
+        max_seqlen_q=max(padded),
+        max_seqlen_kv=max(padded),
+    )
+
+
+def _or(x: Tensor | None, default: Tensor) -> Tensor:
+    return default if x is None else x
+
+
+def cp_unchunk_pack(parts: list[Tensor], mb: MicroBatch) -> Tensor:
+    """Inverse of the per-sequence CP split of `packed_micro_batch`: the CP ranks' local
+    position lists (rank order) back to the full pack order."""
+    cu = mb.packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = mb.packed_seq_params.cu_seqlens_q
+    bounds = cu.tolist()
+    cp = len(parts)
+    full = parts[0].new_zeros(bounds[-1])
+    offset = 0
+    for start, end in itertools.pairwise(bounds):
+        n = end - start
+        for rank, part in enumerate(parts):
+            idx = torch.tensor(cp_indices(n, cp, rank), device=full.device) + start
+            full[idx] = part[offset : offset + n // cp]
+        offset += n // cp
+    return full

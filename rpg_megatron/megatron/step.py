@@ -23,7 +23,6 @@ sequence is padded to a multiple of 2 * cp and each CP rank keeps its two chunks
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,7 @@ from rpg_megatron.advantages import Aggregation
 from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import model as model_lib
 from rpg_megatron.megatron import packing
-from rpg_megatron.megatron.loss_hook import LossInputs, make_loss_func, vocab_parallel_logprobs
+from rpg_megatron.megatron.loss_hook import make_loss_func, vocab_parallel_logprobs
 from rpg_megatron.megatron.parallel import ParallelContext
 from rpg_megatron.objectives import Objective
 
@@ -287,30 +286,13 @@ def set_weights_mode(policy: Policy, *, train: bool) -> None:
 
 
 # ------------------------------------------------------------------------- micro-batches
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _MicroBatch:
-    input_BS: Tensor
-    """int64 model input: [B, S-1] padded rows, or [1, T] packed sequences (THD)."""
-    position_BS: Tensor
-    """int64 position ids, same shape (restarting at 0 for every packed sequence)."""
-    loss: LossInputs
-    """Per-position targets and terms, shifted to the logits' alignment."""
-    rows: list[int]
-    """The sequences (rows of this rank's batch) this micro-batch holds, in order."""
-    packed_seq_params: Any = None
-    """Megatron `PackedSeqParams` for a packed micro-batch; None for padded rows."""
-    scatter: tuple[Tensor, Tensor] | None = None
-    """Packed: (row, position) in this rank's [n, S] batch of every full-pack position whose
-    logits predict a real token, and that position's index in the full pack."""
-
-
-def _micro_batches(policy: Policy, batch: TrainBatch) -> list[_MicroBatch]:
+def _micro_batches(policy: Policy, batch: TrainBatch) -> list[packing.MicroBatch]:
     """This rank's micro-batches: padded rows of `optim.micro_batch_size`, or, with
     `optim.max_tokens_per_microbatch` > 0, packed sequences of at most that many tokens."""
     cfg, ctx = policy.optim_cfg, policy.ctx
     if cfg.max_tokens_per_microbatch == 0:
-        return _padded_micro_batches(batch, cfg.micro_batch_size, ctx.device)
-    lengths = _lengths(batch)
+        return packing.padded_micro_batches(batch, cfg.micro_batch_size, ctx.device)
+    lengths = packing.sequence_lengths(batch)
     groups = packing.token_budget_batches([n - 1 for n in lengths], cfg.max_tokens_per_microbatch)
     seq_multiple = 2 * ctx.cp if ctx.cp > 1 else 1
     # Whole-pack multiples: sequence parallelism splits the local tokens over TP, and TE's FP8
@@ -320,7 +302,7 @@ def _micro_batches(policy: Policy, batch: TrainBatch) -> list[_MicroBatch]:
     )
     total_multiple = math.lcm(seq_multiple, ctx.cp * per_rank)
     return [
-        _packed_micro_batch(
+        packing.packed_micro_batch(
             batch,
             rows,
             [lengths[i] for i in rows],
@@ -334,151 +316,6 @@ def _micro_batches(policy: Policy, batch: TrainBatch) -> list[_MicroBatch]:
     ]
 
 
-def _lengths(batch: TrainBatch) -> list[int]:
-    if batch.lengths_N is None:
-        return [batch.tokens_NS.shape[1]] * batch.n
-    return [int(n) for n in batch.lengths_N.tolist()]
-
-
-def _padded_micro_batches(batch: TrainBatch, size: int, device: torch.device) -> list[_MicroBatch]:
-    out = []
-    for start in range(0, batch.n, size):
-        b = batch.rows(slice(start, start + size))
-        tokens = b.tokens_NS.to(device)
-        B, S = tokens.shape
-
-        def shifted(x: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
-            return None if x is None else x[:, 1:].to(device=device, dtype=dtype).reshape(-1)
-
-        zeros = torch.zeros(B * (S - 1), device=device)
-        loss = LossInputs(
-            target_T=tokens[:, 1:].reshape(-1),
-            old_logp_T=_or(shifted(b.old_logp_NS), zeros),
-            ref_logp_T=shifted(b.ref_logp_NS),
-            adv_T=_or(shifted(b.adv_NS), zeros),
-            mask_T=shifted(b.mask_NS),
-            seq_index_T=torch.arange(B, device=device).repeat_interleave(S - 1),
-            n_seqs=B,
-            max_response_len=b.max_response_len,
-            weight_T=shifted(b.weight_NS),
-        )
-        positions = torch.arange(S - 1, device=device).expand(B, S - 1)
-        out.append(
-            _MicroBatch(
-                input_BS=tokens[:, :-1],
-                position_BS=positions,
-                loss=loss,
-                rows=list(range(start, start + B)),
-            )
-        )
-    return out
-
-
-def _packed_micro_batch(
-    batch: TrainBatch,
-    rows: list[int],
-    lengths: list[int],
-    device: torch.device,
-    *,
-    seq_multiple: int = 1,
-    total_multiple: int = 1,
-    cp: int = 1,
-    cp_rank: int = 0,
-) -> _MicroBatch:
-    """Sequences `rows` packed end to end (THD): a sequence of L tokens gives L - 1 positions
-    (input tokens 0..L-2 predicting 1..L-1), padded to a multiple of `seq_multiple` (2 * cp for
-    context parallelism's chunk layout); the last sequence's padding also rounds the pack up to
-    `total_multiple`. Padding positions have mask 0. Under CP this rank keeps chunks `cp_rank`
-    and `2 * cp - 1 - cp_rank` of every sequence (`packing.cp_indices`), and the loss gets each
-    whole sequence's trained-token count, so sequence-level normalisers are counted once.
-    """
-    real = [n - 1 for n in lengths]
-    padded = [-(-r // seq_multiple) * seq_multiple for r in real]
-    padded[-1] += -sum(padded) % total_multiple
-    seq_T = torch.arange(len(rows)).repeat_interleave(torch.tensor(padded))
-    starts = torch.tensor([0, *padded]).cumsum(0)
-    pos_T = torch.arange(int(starts[-1])) - starts[seq_T]
-    valid_T = pos_T < torch.tensor(real)[seq_T]
-    row_T = torch.tensor(rows)[seq_T]
-    col_T = torch.where(valid_T, pos_T, 0)  # padding reads position 0 and is masked out
-
-    def at(x: Tensor | None, offset: int) -> Tensor | None:
-        if x is None:
-            return None
-        return torch.where(valid_T, x[row_T, col_T + offset].float(), 0.0)
-
-    full = {
-        "input": batch.tokens_NS[row_T, col_T],
-        "position": pos_T,
-        "target": torch.where(valid_T, batch.tokens_NS[row_T, col_T + 1], 0),
-        "old": at(batch.old_logp_NS, 1),
-        "ref": at(batch.ref_logp_NS, 1),
-        "adv": at(batch.adv_NS, 1),
-        "mask": at(batch.mask_NS, 1),
-        "weight": at(batch.weight_NS, 1),
-        "seq": seq_T,
-    }
-    seq_tokens_N = torch.zeros(len(rows)).index_add(0, seq_T, full["mask"])
-    if cp > 1:
-        keep = torch.cat(
-            [
-                int(start) + torch.tensor(packing.cp_indices(n, cp, cp_rank))
-                for start, n in zip(starts[:-1].tolist(), padded, strict=True)
-            ]
-        )
-        full = {k: None if v is None else v[keep] for k, v in full.items()}
-
-    def dev(x: Tensor | None) -> Tensor | None:
-        return None if x is None else x.to(device)
-
-    zeros = torch.zeros(full["input"].shape[0], device=device)
-    loss = LossInputs(
-        target_T=dev(full["target"]),
-        old_logp_T=_or(dev(full["old"]), zeros),
-        ref_logp_T=dev(full["ref"]),
-        adv_T=_or(dev(full["adv"]), zeros),
-        mask_T=dev(full["mask"]),
-        seq_index_T=dev(full["seq"]),
-        n_seqs=len(rows),
-        max_response_len=batch.max_response_len,
-        weight_T=dev(full["weight"]),
-        seq_tokens_N=dev(seq_tokens_N) if cp > 1 else None,
-        count_sequences=cp_rank == 0,
-    )
-    return _MicroBatch(
-        input_BS=dev(full["input"]).unsqueeze(0),
-        position_BS=dev(full["position"]).unsqueeze(0),
-        loss=loss,
-        rows=rows,
-        packed_seq_params=_packed_seq_params(real, padded, device),
-        scatter=(torch.stack([row_T[valid_T], pos_T[valid_T] + 1]), valid_T.nonzero()[:, 0]),
-    )
-
-
-def _packed_seq_params(real: list[int], padded: list[int], device: torch.device) -> Any:
-    """Megatron's THD metadata: cumulative real lengths, and padded ones when they differ."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    def cu(lengths: list[int]) -> Tensor:
-        return torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
-
-    cu_real = cu(real)
-    cu_padded = cu(padded) if padded != real else None
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu_real,
-        cu_seqlens_kv=cu_real,
-        cu_seqlens_q_padded=cu_padded,
-        cu_seqlens_kv_padded=cu_padded,
-        max_seqlen_q=max(padded),
-        max_seqlen_kv=max(padded),
-    )
-
-
-def _or(x: Tensor | None, default: Tensor) -> Tensor:
-    return default if x is None else x
-
-
 def _dp_rows(policy: Policy, batch: TrainBatch, *, dp_rank: int | None = None) -> list[int]:
     """The sequences a data-parallel rank (default: this one) trains on. Padded: a contiguous
     slice of whole micro-batches. Packed: a token-balanced share (`packing.balance`)."""
@@ -487,7 +324,7 @@ def _dp_rows(policy: Policy, batch: TrainBatch, *, dp_rank: int | None = None) -
     if cfg.max_tokens_per_microbatch:
         if batch.n < ctx.dp:
             raise ValueError(f"batch of {batch.n} sequences has fewer than dp={ctx.dp} ranks")
-        return packing.balance(_lengths(batch), ctx.dp)[rank]
+        return packing.balance(packing.sequence_lengths(batch), ctx.dp)[rank]
     if batch.n % (ctx.dp * cfg.micro_batch_size):
         raise ValueError(
             f"batch of {batch.n} sequences does not split into dp={ctx.dp} ranks x whole "
@@ -503,7 +340,7 @@ def _local(policy: Policy, batch: TrainBatch) -> TrainBatch:
 
 
 def _run_schedule(
-    policy: Policy, mbs: list[_MicroBatch], forward_step: Any, *, forward_only: bool
+    policy: Policy, mbs: list[packing.MicroBatch], forward_step: Any, *, forward_only: bool
 ) -> list:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -534,7 +371,7 @@ def _tp_group() -> Any:
 
 
 # ------------------------------------------------------------------------------ log-probs
-def _forward(model: Any, mb: _MicroBatch) -> Tensor:
+def _forward(model: Any, mb: packing.MicroBatch) -> Tensor:
     if mb.packed_seq_params is None:
         return model(mb.input_BS, mb.position_BS, None)
     return model(mb.input_BS, mb.position_BS, None, packed_seq_params=mb.packed_seq_params)
@@ -553,7 +390,7 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
     tp_group, vocab_start = _tp_group(), _vocab_start(policy)
     chunk = policy.model_cfg.logprob_chunk_tokens
 
-    def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[Tensor, Any]:
+    def forward_step(data_iterator: Iterator[packing.MicroBatch], model: Any) -> tuple[Tensor, Any]:
         mb = next(data_iterator)
         output = _forward(model, mb)
 
@@ -602,7 +439,7 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
     return full
 
 
-def _place(out_NS: Tensor, mb: _MicroBatch, logp_T: Tensor, ctx: ParallelContext) -> None:
+def _place(out_NS: Tensor, mb: packing.MicroBatch, logp_T: Tensor, ctx: ParallelContext) -> None:
     """Write a micro-batch's log-probs into this rank's [n, S] result (0 stays at s = 0)."""
     if mb.scatter is None:
         B = len(mb.rows)
@@ -613,28 +450,9 @@ def _place(out_NS: Tensor, mb: _MicroBatch, logp_T: Tensor, ctx: ParallelContext
 
         parts = [torch.empty_like(logp_T) for _ in range(ctx.cp)]
         dist.all_gather(parts, logp_T, group=parallel_state.get_context_parallel_group())
-        logp_T = _cp_unchunk_pack(parts, mb)
+        logp_T = packing.cp_unchunk_pack(parts, mb)
     (row, col), t = mb.scatter
     out_NS[row.to(out_NS.device), col.to(out_NS.device)] = logp_T[t.to(logp_T.device)]
-
-
-def _cp_unchunk_pack(parts: list[Tensor], mb: _MicroBatch) -> Tensor:
-    """Inverse of the per-sequence CP split of `_packed_micro_batch`: the CP ranks' local
-    position lists (rank order) back to the full pack order."""
-    cu = mb.packed_seq_params.cu_seqlens_q_padded
-    if cu is None:
-        cu = mb.packed_seq_params.cu_seqlens_q
-    bounds = cu.tolist()
-    cp = len(parts)
-    full = parts[0].new_zeros(bounds[-1])
-    offset = 0
-    for start, end in itertools.pairwise(bounds):
-        n = end - start
-        for rank, part in enumerate(parts):
-            idx = torch.tensor(packing.cp_indices(n, cp, rank), device=full.device) + start
-            full[idx] = part[offset : offset + n // cp]
-        offset += n // cp
-    return full
 
 
 # ------------------------------------------------------------------------------- training
@@ -660,7 +478,7 @@ def forward_backward(
     mbs = _micro_batches(policy, _local(policy, batch))
     tp_group, vocab_start = _tp_group(), _vocab_start(policy)
 
-    def forward_step(data_iterator: Iterator[_MicroBatch], model: Any) -> tuple[Tensor, Any]:
+    def forward_step(data_iterator: Iterator[packing.MicroBatch], model: Any) -> tuple[Tensor, Any]:
         mb = next(data_iterator)
         output = _forward(model, mb)
         return output, make_loss_func(

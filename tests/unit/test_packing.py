@@ -112,15 +112,14 @@ def test_packed_cp_split_partitions_the_pack_and_counts_sequences_once(lengths, 
     import torch
 
     from rpg_megatron.advantages import aggregate_terms
-    from rpg_megatron.megatron import step
 
     S = max(lengths)
     batch = _cp_batch(lengths, S)
     rows = list(range(len(lengths)))
     cpu = torch.device("cpu")
-    whole = step._packed_micro_batch(batch, rows, lengths, cpu)
+    whole = packing.packed_micro_batch(batch, rows, lengths, cpu)
     ranks = [
-        step._packed_micro_batch(
+        packing.packed_micro_batch(
             batch, rows, lengths, cpu, seq_multiple=2 * cp, total_multiple=2 * cp, cp=cp, cp_rank=r
         )
         for r in range(cp)
@@ -133,7 +132,7 @@ def test_packed_cp_split_partitions_the_pack_and_counts_sequences_once(lengths, 
     assert full_len % (2 * cp) == 0 and sizes.pop() * cp == full_len
 
     # A per-position value known independently: the (row, column) each position predicts.
-    def loss_of(mb: step._MicroBatch) -> torch.Tensor:
+    def loss_of(mb: packing.MicroBatch) -> torch.Tensor:
         return mb.loss.target_T.float() * 0.01 + mb.loss.old_logp_T
 
     for mode in ("token", "sequence", "constant"):
@@ -165,7 +164,7 @@ def test_packed_cp_split_partitions_the_pack_and_counts_sequences_once(lengths, 
     # puts them: [row, s] for s = 1..L-1. Use the known target ids as the "log-prob".
     pieces = [mb.loss.target_T.float() for mb in ranks]
     out = torch.zeros(len(lengths), S)
-    full = step._cp_unchunk_pack(pieces, ranks[0])
+    full = packing.cp_unchunk_pack(pieces, ranks[0])
     (row, col), t = ranks[0].scatter
     out[row, col] = full[t]
     expect = batch.tokens_NS.float().clone()
