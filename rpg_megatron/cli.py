@@ -95,6 +95,24 @@ def _launch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    # Imported here: plan reads config.json through megatron/model.py, which imports torch
+    # and megatron-core. megatron-core warns at import that Transformer Engine and Apex are
+    # missing, true on a login node and beside the point: the plan models the GPU job.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from rpg_megatron import plan
+
+    result = plan.plan_recipe(args.config, args.overrides, gpu_gb=args.gpu_gb)
+    print(result.format())
+    if result.fits:
+        return 0
+    print(f"rpg-megatron plan: {result.advice()}", file=sys.stderr)
+    return 2
+
+
 def _convert_errors() -> tuple[type[BaseException], ...]:
     from rpg_megatron.convert import ConvertError
     from rpg_megatron.megatron.hf_map import HFMapError
@@ -193,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the exact script or plan; submit nothing"
     )
     la.set_defaults(run=_launch)
+
+    pl = sub.add_parser(
+        "plan", help="per-GPU memory of a recipe (params, grads, optimizer, activations, ...)"
+    )
+    pl.add_argument("config", help="YAML recipe; model.hf_path must hold config.json")
+    pl.add_argument(
+        "overrides", nargs="*", help="key.sub=value overrides; launch.* ones set the world size"
+    )
+    pl.add_argument(
+        "--gpu-gb",
+        type=float,
+        default=80.0,
+        help="nominal GPU memory in GB (80: H100 80GB, counted as the 79.1 GiB torch reports)",
+    )
+    pl.set_defaults(run=_plan)
     return parser
 
 
