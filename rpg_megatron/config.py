@@ -520,6 +520,65 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchConfig:
+    """Where and how big a job runs (`rpg-megatron launch`); the trainer ignores it."""
+
+    nodes: int = 1
+    """Number of nodes; one srun task (one torchrun agent) per node."""
+    gpus_per_node: int = 8
+    """GPUs per node, one rank each. 0 runs on CPU (gloo) with `procs_per_node` ranks."""
+    procs_per_node: int = 0
+    """Ranks per node on CPU (gpus_per_node=0); must be 0 or equal gpus_per_node otherwise."""
+    cpus_per_node: int = 0
+    """`--cpus-per-task` of the per-node task; 0 = procs_per_node on CPU, Slurm's default on GPU."""
+    partition: str = ""
+    """Slurm partition (`sinfo` lists them). Required by the slurm and nemo-run executors."""
+    account: str = ""
+    """Slurm account to charge; empty = the user's default account."""
+    time: str = "04:00:00"
+    """Wall-clock limit in Slurm syntax: MM, HH:MM:SS or D-HH:MM:SS."""
+    grace_s: int = 300
+    """Seconds before the limit at which SIGUSR1 asks the trainer to checkpoint and requeue;
+    also torchrun's --shutdown-timeout. Must exceed one training step plus one checkpoint save."""
+    job_name: str = "rpg-megatron"
+    """Slurm job name; also the stem of the rendered script and resolved config."""
+    log_dir: str = "runs/slurm"
+    """Job stdout (`<job>-<id>.out`), per-rank torchrun logs (`<id>/restart_<n>/node_<k>/`),
+    the rendered script and the resolved config. Relative paths are under `workdir`."""
+    workdir: str = ""
+    """Directory the job runs in (relative recipe paths resolve here); empty = where
+    `rpg-megatron launch` was run."""
+    container_image: str = ""
+    """Container for the srun step (pyxis/enroot `--container-image`); empty = run on the host."""
+    mounts: tuple[str, ...] = ()
+    """Container mounts `SRC:DST` (pyxis `--container-mounts`); needs `container_image`."""
+    venv: str = ""
+    """Virtual environment activated on every node; empty = the submitting shell's PATH."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for every rank (NCCL knobs, HF_HOME, ...)."""
+    master_port: int = 29500
+    """TCP port of torchrun's c10d rendezvous on the first node."""
+    exclusive: bool = True
+    """Request whole nodes (`--exclusive`)."""
+    sbatch_args: tuple[str, ...] = ()
+    """Extra `#SBATCH` options verbatim, e.g. `--qos=high`, `--mem=0`."""
+    tunnel: Literal["local", "ssh"] = "local"
+    """nemo-run: submit from this machine (`LocalTunnel`) or over SSH (`SSHTunnel`)."""
+    ssh_host: str = ""
+    """nemo-run SSH tunnel host (the cluster's login node)."""
+    ssh_user: str = ""
+    """nemo-run SSH tunnel user; empty = the local user name."""
+    remote_job_dir: str = ""
+    """nemo-run: where experiment files go on the cluster; empty =
+    `<log_dir>/nemorun/experiments`."""
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Processes torchrun starts on each node."""
+        return self.gpus_per_node or self.procs_per_node
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -531,6 +590,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def _positive(section: Any, name: str, prefix: str) -> None:
