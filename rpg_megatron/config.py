@@ -29,6 +29,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     hf_path: str = ""
     """Directory holding the Hugging Face `config.json` (and tokenizer files) of the policy."""
+    init_from: str = "auto"
+    """Weights a run starts from when there is no checkpoint to resume. "auto": the HF
+    safetensors in `hf_path` when it has any, else Megatron's seeded random init (logged);
+    "hf": those safetensors, an error when there are none; "random": the random init (the CPU
+    demo); any other value: a directory written by `rpg-megatron convert hf-to-mcore` (any
+    TP/PP, resharded on load)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter and activation dtype. Master weights stay float32 under the optimizer."""
     fp8: Literal["hybrid", "e4m3"] | None = None
@@ -44,6 +50,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "logprob_chunk_tokens", "model")
+        if not self.init_from:
+            raise ConfigError(
+                "model.init_from is empty: use auto, hf, random or a Megatron checkpoint path"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

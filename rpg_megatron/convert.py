@@ -255,7 +255,7 @@ def _hf_to_mcore_rank(hf_dir: str, weights_dir: str, tp: int, pp: int, dtype: st
     """One rank: build its GPTModel shard, fill it from the safetensors, save its part."""
     from megatron.core import dist_checkpointing
 
-    from rpg_megatron.megatron import export, hf_map, model, parallel
+    from rpg_megatron.megatron import model, parallel
 
     arch = model.read_hf_config(hf_dir)
     reader = SafetensorsReader(Path(hf_dir))
@@ -273,18 +273,39 @@ def _hf_to_mcore_rank(hf_dir: str, weights_dir: str, tp: int, pp: int, dtype: st
         # The local spec builds norms in float32 whatever params_dtype says (Megatron casts
         # the whole model in Float16Module); store every tensor in the checkpoint's dtype.
         gpt.to(getattr(torch, dtype))
-        padded = model.padded_vocab_size(arch.vocab_size, tp)
-        with torch.no_grad():
-            for name, param in export.global_params([gpt]):
-                # With tied embeddings the last stage's output_layer is a copy of the embedding.
-                tied_copy = arch.tie_word_embeddings and name == hf_map.OUTPUT_LAYER
-                src = "embedding.word_embeddings.weight" if tied_copy else name
-                full = hf_map.to_mcore(src, reader.get, arch, padded_vocab=padded)
-                param.copy_(hf_map.shard(src, full, tp_rank=ctx.tp_rank, tp_size=tp))
+        _fill_from_hf(gpt, reader, arch, tp_rank=ctx.tp_rank, tp=tp)
         with _plain_results_queue():
             dist_checkpointing.save(gpt.sharded_state_dict(), weights_dir)
     finally:
         parallel.destroy()
+
+
+def _fill_from_hf(gpt: Any, reader: SafetensorsReader, arch: Any, *, tp_rank: int, tp: int) -> None:
+    """Copy every parameter of this rank's GPTModel shard from the HF tensors (cast to the
+    parameter's dtype)."""
+    from rpg_megatron.megatron import export, hf_map, model
+
+    padded = model.padded_vocab_size(arch.vocab_size, tp)
+    with torch.no_grad():
+        for name, param in export.global_params([gpt]):
+            # With tied embeddings the last stage's output_layer is a copy of the embedding.
+            tied_copy = arch.tie_word_embeddings and name == hf_map.OUTPUT_LAYER
+            src = "embedding.word_embeddings.weight" if tied_copy else name
+            full = hf_map.to_mcore(src, reader.get, arch, padded_vocab=padded)
+            param.copy_(hf_map.shard(src, full, tp_rank=tp_rank, tp_size=tp))
+
+
+def load_hf(model_chunk: Any, hf_dir: str | os.PathLike[str], *, tp_rank: int, tp: int) -> None:
+    """Load an HF safetensors checkpoint straight into this rank's GPTModel shard (any TP/PP;
+    every rank reads only the tensors of its own parameters). The model must have been built
+    from the same config.json; every tensor is checked against it first."""
+    from rpg_megatron.megatron import export, hf_map, model
+
+    hf = Path(hf_dir)
+    arch = model.read_hf_config(hf)
+    reader = SafetensorsReader(hf)
+    hf_map.validate_hf(reader.shapes, arch)
+    _fill_from_hf(export.unwrap(model_chunk), reader, arch, tp_rank=tp_rank, tp=tp)
 
 
 @contextlib.contextmanager
@@ -319,12 +340,22 @@ def load_mcore(model_chunk: Any, mcore_dir: str | os.PathLike[str]) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    from rpg_megatron.megatron import export
+    from rpg_megatron.megatron import export, model
 
     weights = Path(mcore_dir) / WEIGHTS
     if not (weights / "metadata.json").is_file():
         raise ConvertError(f"{weights / 'metadata.json'}: missing; not a Megatron checkpoint")
     gpt = export.unwrap(model_chunk)
+    if (Path(mcore_dir) / "config.json").is_file():
+        saved = model.read_hf_config(mcore_dir)
+        built = gpt.config
+        have = (built.num_layers, built.hidden_size, built.num_attention_heads)
+        want = (saved.num_layers, saved.hidden_size, saved.num_attention_heads)
+        if have != want:
+            raise ConvertError(
+                f"{mcore_dir}: checkpoint of a model with (layers, hidden, heads) = {want}, but "
+                f"the model was built with {have}; check model.hf_path"
+            )
     state = dist_checkpointing.load(gpt.sharded_state_dict(), str(weights))
     gpt.load_state_dict(state, strict=True)
 

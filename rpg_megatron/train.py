@@ -12,6 +12,7 @@ Legend: N samples of the global batch (prompts_per_step * n_samples), S padded p
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -30,6 +31,8 @@ from rpg_megatron.metrics import MetricsSink, plot, read_metrics
 from rpg_megatron.objectives import build_objective
 from rpg_megatron.rollout import make_engine
 from rpg_megatron.rollout.collect import Rollout, collect
+
+_log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, *, resume: bool = False) -> Path:
@@ -65,6 +68,8 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     )
 
     start = _resume(cfg, policy, sampler) if resume else None
+    if start is None:
+        _initial_weights(cfg, policy)
     ref = Reference(policy, cfg.objective) if objective.needs_ref else None
     if ref is not None and start is not None:
         ref.load_state_dict(start["reference"])
@@ -270,6 +275,28 @@ def _save(
         extra={"steps_done": policy.steps_done, "data": sampler.state_dict()},
         run_config=cfg,
     )
+
+
+def _initial_weights(cfg: Config, policy: step.Policy) -> None:
+    """Load `model.init_from` into the freshly built policy (see ModelConfig.init_from)."""
+    from rpg_megatron import convert
+
+    source, hf_dir = cfg.model.init_from, Path(cfg.model.hf_path)
+    has_hf = any(hf_dir.glob("*.safetensors"))
+    if source == "random" or (source == "auto" and not has_hf):
+        _log.info(
+            "initial weights: Megatron's random init (seed %d)%s",
+            cfg.parallel.seed,
+            "" if source == "random" else f"; {hf_dir} has no *.safetensors",
+        )
+        return
+    if source in ("auto", "hf"):
+        convert.load_hf(policy.chunks[0], hf_dir, tp_rank=policy.ctx.tp_rank, tp=policy.ctx.tp)
+    else:
+        convert.load_mcore(policy.chunks[0], source)
+    # Mixed precision keeps float32 main copies of the weights: refresh them from the model.
+    policy.optimizer.reload_model_params()
+    _log.info("initial weights: %s", hf_dir if source in ("auto", "hf") else source)
 
 
 def _resume(cfg: Config, policy: step.Policy, sampler: Any) -> dict[str, Any] | None:

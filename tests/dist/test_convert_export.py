@@ -121,3 +121,49 @@ def test_checkpoint_saved_at_tp2_converts_back_bit_exact(tmp_path: Path) -> None
     assert got.keys() == want.keys()
     for name, t in want.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+# ------------------------------------------------------- a training run's initial weights
+def _initial_logprobs(rank: int, world: int, hf_dir: str, init_from: str) -> torch.Tensor:
+    from rpg_megatron.config import Config, OptimConfig
+    from rpg_megatron.megatron import step
+    from rpg_megatron.train import _initial_weights
+
+    cfg = Config(model=ModelConfig(hf_path=hf_dir, dtype="float32", init_from=init_from))
+    par = ParallelConfig(tp=world)
+    ctx = parallel.init(par)
+    try:
+        policy = step.build_policy(
+            arch=model.read_hf_config(hf_dir),
+            model_cfg=cfg.model,
+            par=par,
+            optim_cfg=OptimConfig(),
+            ctx=ctx,
+        )
+        _initial_weights(cfg, policy)
+        ids = tiny_hf.prompt()
+        return step.logprobs(policy, step.TrainBatch(tokens_NS=ids, mask_NS=torch.zeros(ids.shape)))
+    finally:
+        parallel.destroy()
+
+
+def test_training_starts_from_the_hf_or_converted_weights(tmp_path: Path) -> None:
+    """`model.init_from`: a TP = 2 policy loaded from the HF safetensors ("auto") or from a
+    checkpoint converted at TP = 1 gives the HF model's own log-probs of the prompt; "random"
+    does not; "hf" without safetensors names the directory."""
+    hf = tmp_path / "hf"
+    logits = tiny_hf.write(hf, "qwen3")
+    ids = tiny_hf.prompt()
+    want = torch.log_softmax(logits, -1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+    mc = convert.hf_to_mcore(hf, tmp_path / "mc", tp=1)
+    for init_from in ("auto", str(mc)):
+        got = spawn(2, _initial_logprobs, str(hf), init_from)
+        for logp in got:
+            torch.testing.assert_close(logp[0, 1:], want, atol=1e-4, rtol=0, msg=init_from)
+    (rand,) = spawn(1, _initial_logprobs, str(hf), "random")
+    assert float((rand[0, 1:] - want).abs().max()) > 0.1
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((hf / "config.json").read_text())
+    with pytest.raises(Exception, match=r"bare: no \*\.safetensors"):
+        spawn(1, _initial_logprobs, str(bare), "hf")
