@@ -83,6 +83,10 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
 
     for it in range(first, iterations):
         t0 = time.perf_counter()
+        if cfg.rollout.mode == "colocated" and ctx.device.type == "cuda":
+            # Colocated engines share these GPUs: hand back the trainer's cached activation
+            # blocks before they wake (weights, grads and optimizer state stay resident).
+            torch.cuda.empty_cache()
         rollout = _broadcast(
             collect(engine, scorer, tokenizer, sampler, cfg, seed=cfg.parallel.seed + it)
             if is_main
