@@ -86,12 +86,16 @@ def _real(x: torch.Tensor) -> torch.Tensor:
     return x[keep]
 
 
-@pytest.fixture(scope="module", params=["sequence", "token"])
-def reference(request: pytest.FixtureRequest) -> dict[str, Any]:
-    out = spawn(1, _case, ParallelConfig(), 0, None, request.param)[0]
-    out["full"]["__logp__"] = out["logp"]
-    out["agg"] = request.param
-    return out
+_REFERENCES: dict[str, dict[str, Any]] = {}
+
+
+def _reference(agg: str) -> dict[str, Any]:
+    """The padded one-process run for aggregation `agg` (computed once per module)."""
+    if agg not in _REFERENCES:
+        out = spawn(1, _case, ParallelConfig(), 0, None, agg)[0]
+        out["full"]["__logp__"] = out["logp"]
+        _REFERENCES[agg] = out
+    return _REFERENCES[agg]
 
 
 def _budget(micro_batches: int) -> int:
@@ -103,23 +107,25 @@ def _budget(micro_batches: int) -> int:
     raise AssertionError(f"no budget gives {micro_batches} micro-batches")
 
 
-@pytest.mark.parametrize(
-    ("world", "par", "micro_batches"),
-    [
-        (1, ParallelConfig(), 1),
-        (1, ParallelConfig(), 2),
-        (1, ParallelConfig(), 5),
-        (2, ParallelConfig(), 2),
-        (2, ParallelConfig(tp=2), 2),
-        (2, ParallelConfig(pp=2), 2),
-    ],
-    ids=["packed1", "packed2", "packed5", "dp2", "tp2", "pp2"],
-)
-def test_packed_equals_padded(reference, world, par, micro_batches):
-    if reference["agg"] == "token" and world > 1:
-        pytest.skip("the layouts are covered with aggregation='sequence'")
+LAYOUTS = {
+    "packed1": (1, ParallelConfig(), 1),
+    "packed2": (1, ParallelConfig(), 2),
+    "packed5": (1, ParallelConfig(), 5),
+    "dp2": (2, ParallelConfig(), 2),
+    "tp2": (2, ParallelConfig(tp=2), 2),
+    "pp2": (2, ParallelConfig(pp=2), 2),
+}
+CASES = [("sequence", name) for name in LAYOUTS] + [
+    ("token", name) for name in ("packed1", "packed2", "packed5")
+]
+
+
+@pytest.mark.parametrize(("agg", "layout"), CASES, ids=[f"{a}-{n}" for a, n in CASES])
+def test_packed_equals_padded(agg, layout):
+    world, par, micro_batches = LAYOUTS[layout]
+    reference = _reference(agg)
     budget = _budget(micro_batches)
-    results = spawn(world, _case, par, budget, reference["full"], reference["agg"])
+    results = spawn(world, _case, par, budget, reference["full"], agg)
     ref_grads = reference["grads"]
     for res in results:
         # log-probs on real tokens equal the padded run's; padding positions are 0, not computed
@@ -139,7 +145,7 @@ def test_packed_equals_padded(reference, world, par, micro_batches):
 
 
 @pytest.mark.gpu
-def test_context_parallel_2_equals_padded(reference):
+def test_context_parallel_2_equals_padded():
     """CP = 2 with Transformer Engine's THD attention (each sequence split into 2 * cp chunks,
     rank r holding chunks r and 3 - r) against the CPU padded reference. Needs two GPUs (one
     rank each). TE's attention kernels sum in another order than the local attention, hence
@@ -147,7 +153,8 @@ def test_context_parallel_2_equals_padded(reference):
     if torch.cuda.device_count() < 2:
         pytest.skip("context parallelism = 2 needs two GPUs, one rank each")
     pytest.importorskip("transformer_engine")
-    results = spawn(2, _case, ParallelConfig(cp=2), _budget(2), reference["full"], reference["agg"])
+    reference = _reference("sequence")
+    results = spawn(2, _case, ParallelConfig(cp=2), _budget(2), reference["full"], "sequence")
     for res in results:
         torch.testing.assert_close(
             _real(res["logp"]), _real(reference["logp"]), rtol=1e-3, atol=1e-3
