@@ -58,12 +58,13 @@ def _run(rank: int, world: int, port: int, dtype: str, repeat: int, out: str) ->
 
     from rpg_megatron.config import ModelConfig, ParallelConfig
     from rpg_megatron.megatron import export, model, parallel
+    from rpg_megatron.megatron.arch import read_hf_config
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    arch = model.read_hf_config(CONFIG)
+    arch = read_hf_config(CONFIG)
     par = ParallelConfig(tp=world)
     parallel.init(par)
     fp32 = ModelConfig(dtype="float32")

@@ -9,7 +9,7 @@ Both run through the same `get_forward_backward_func` schedule, Megatron DDP and
 zeroing, with the same micro-batching, precision and recompute; warm-up steps are excluded,
 then steps alternate plain/ours and ours/plain, and the median step time is reported. One
 sequence of `--seq` tokens per step (the layout of the reference numbers in
-../shared/gpu/README.md; the CPU layer spec has no packed attention).
+../shared/gpu/README.md); bench/packing.py measures packed against padded batches.
 
     python bench/train_step.py --preset tiny-cpu            # CPU, gloo, TP=1 and TP=2
     python bench/train_step.py --preset qwen3-4b-8k         # GPU, bf16
@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.record import record  # noqa: E402
 from rpg_megatron.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
-from rpg_megatron.megatron import model as model_lib  # noqa: E402
 from rpg_megatron.megatron import parallel, step  # noqa: E402
+from rpg_megatron.megatron.arch import read_hf_config  # noqa: E402
 from rpg_megatron.objectives import RPG  # noqa: E402
 
 OBJECTIVE = RPG(
@@ -179,7 +179,7 @@ def run_layout(
             fp8_recipe=fp8 or "delayed",
             logprob_chunk_tokens=512,
         )
-        arch = model_lib.read_hf_config(preset.hf)
+        arch = read_hf_config(preset.hf)
         policy = step.build_policy(
             arch=arch, model_cfg=model_cfg, par=par, optim_cfg=OptimConfig(), ctx=ctx
         )

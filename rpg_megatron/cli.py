@@ -96,14 +96,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    # Imported here: plan reads config.json through megatron/model.py, which imports torch
-    # and megatron-core. megatron-core warns at import that Transformer Engine and Apex are
-    # missing, true on a login node and beside the point: the plan models the GPU job.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        from rpg_megatron import plan
+    from rpg_megatron import plan
 
     result = plan.plan_recipe(args.config, args.overrides, gpu_gb=args.gpu_gb)
     print(result.format())

@@ -6,7 +6,7 @@
 A Megatron checkpoint written here is a directory:
 
     config.json        the HF config.json, copied byte for byte (the architecture source:
-                       `model.read_hf_config` reads it, training and export use it)
+                       `arch.read_hf_config` reads it, training and export use it)
     conversion.json    the resolved conversion: source, family, dtype, tp/pp it was written
                        with, padded vocab, megatron-core and rpg_megatron versions
     weights/           `megatron.core.dist_checkpointing` (torch_dist) of
@@ -45,6 +45,7 @@ import torch
 
 from rpg_megatron import __version__
 from rpg_megatron.config import ModelConfig, ParallelConfig
+from rpg_megatron.megatron.arch import padded_vocab_size, read_hf_config
 
 WEIGHTS = "weights"
 """Subdirectory of a Megatron checkpoint holding the dist_checkpointing files."""
@@ -160,7 +161,7 @@ def _validate_hf(hf_dir: Path, tp: int, pp: int) -> tuple[Any, SafetensorsReader
 
     if not hf_dir.is_dir():
         raise ConvertError(f"--hf {hf_dir}: not a directory")
-    arch = model.read_hf_config(hf_dir)
+    arch = read_hf_config(hf_dir)
     reader = SafetensorsReader(hf_dir)
     hf_map.validate_hf(reader.shapes, arch)
     float_dtypes = {d for n, d in reader.dtypes.items() if n not in hf_map.IGNORED_HF}
@@ -226,8 +227,6 @@ def hf_to_mcore(
     """Convert an HF safetensors checkpoint to a Megatron checkpoint directory; returns it."""
     from megatron.core.package_info import __version__ as mcore_version
 
-    from rpg_megatron.megatron import model
-
     hf = Path(hf_dir).absolute()
     arch, _, dtype = _validate_hf(hf, tp, pp)
     with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
@@ -243,7 +242,7 @@ def hf_to_mcore(
             dtype=dtype,
             tp=tp,
             pp=pp,
-            padded_vocab_size=model.padded_vocab_size(arch.vocab_size, tp),
+            padded_vocab_size=padded_vocab_size(arch.vocab_size, tp),
             megatron_core=mcore_version,
             rpg_megatron=__version__,
         )
@@ -257,7 +256,7 @@ def _hf_to_mcore_rank(hf_dir: str, weights_dir: str, tp: int, pp: int, dtype: st
 
     from rpg_megatron.megatron import model, parallel
 
-    arch = model.read_hf_config(hf_dir)
+    arch = read_hf_config(hf_dir)
     reader = SafetensorsReader(Path(hf_dir))
     par = ParallelConfig(tp=tp, pp=pp, backend="gloo")
     ctx = parallel.init(par)
@@ -283,9 +282,9 @@ def _hf_to_mcore_rank(hf_dir: str, weights_dir: str, tp: int, pp: int, dtype: st
 def _fill_from_hf(gpt: Any, reader: SafetensorsReader, arch: Any, *, tp_rank: int, tp: int) -> None:
     """Copy every parameter of this rank's GPTModel shard from the HF tensors (cast to the
     parameter's dtype)."""
-    from rpg_megatron.megatron import export, hf_map, model
+    from rpg_megatron.megatron import export, hf_map
 
-    padded = model.padded_vocab_size(arch.vocab_size, tp)
+    padded = padded_vocab_size(arch.vocab_size, tp)
     with torch.no_grad():
         for name, param in export.global_params([gpt]):
             # With tied embeddings the last stage's output_layer is a copy of the embedding.
@@ -299,10 +298,10 @@ def load_hf(model_chunk: Any, hf_dir: str | os.PathLike[str], *, tp_rank: int, t
     """Load an HF safetensors checkpoint straight into this rank's GPTModel shard (any TP/PP;
     every rank reads only the tensors of its own parameters). The model must have been built
     from the same config.json; every tensor is checked against it first."""
-    from rpg_megatron.megatron import export, hf_map, model
+    from rpg_megatron.megatron import export, hf_map
 
     hf = Path(hf_dir)
-    arch = model.read_hf_config(hf)
+    arch = read_hf_config(hf)
     reader = SafetensorsReader(hf)
     hf_map.validate_hf(reader.shapes, arch)
     _fill_from_hf(export.unwrap(model_chunk), reader, arch, tp_rank=tp_rank, tp=tp)
@@ -340,14 +339,14 @@ def load_mcore(model_chunk: Any, mcore_dir: str | os.PathLike[str]) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    from rpg_megatron.megatron import export, model
+    from rpg_megatron.megatron import export
 
     weights = Path(mcore_dir) / WEIGHTS
     if not (weights / "metadata.json").is_file():
         raise ConvertError(f"{weights / 'metadata.json'}: missing; not a Megatron checkpoint")
     gpt = export.unwrap(model_chunk)
     if (Path(mcore_dir) / "config.json").is_file():
-        saved = model.read_hf_config(mcore_dir)
+        saved = read_hf_config(mcore_dir)
         built = gpt.config
         have = (built.num_layers, built.hidden_size, built.num_attention_heads)
         want = (saved.num_layers, saved.hidden_size, saved.num_attention_heads)
@@ -368,10 +367,8 @@ def mcore_to_hf(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Convert a Megatron checkpoint directory (any saved TP/PP) to HF safetensors + config."""
-    from rpg_megatron.megatron import model
-
     src = Path(mcore_dir).absolute()
-    model.read_hf_config(src)  # validates config.json before anything is written
+    read_hf_config(src)  # validates config.json before anything is written
     _conversion_dtype(src)  # before any output exists
     if not (src / WEIGHTS / "metadata.json").is_file():
         raise ConvertError(f"{src / WEIGHTS / 'metadata.json'}: missing; not a Megatron checkpoint")
@@ -403,7 +400,7 @@ def _load_full_hf(mcore_dir: str, dtype: str) -> dict[str, torch.Tensor]:
     """HF state of a Megatron checkpoint, loaded at TP = PP = 1 in this process."""
     from rpg_megatron.megatron import hf_map, model, parallel
 
-    arch = model.read_hf_config(mcore_dir)
+    arch = read_hf_config(mcore_dir)
     par = ParallelConfig(backend="gloo")
     parallel.init(par)
     try:

@@ -36,6 +36,7 @@ from rpg_megatron import __version__
 from rpg_megatron.batch import SamplingParams
 from rpg_megatron.config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
 from rpg_megatron.data import DataError, Prompt, PromptDataset, load_prompts
+from rpg_megatron.megatron.arch import load_config_json
 from rpg_megatron.rewards import RewardResult
 from rpg_megatron.rollout.engine import RolloutEngine
 
@@ -487,13 +488,9 @@ def _read_model_dir(model_dir: str | Path, flag: str) -> tuple[dict[str, Any], A
     from transformers import AutoTokenizer
 
     path = Path(model_dir)
-    config_json = path / "config.json"
-    try:
-        hf_config = json.loads(config_json.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{flag} {path}: no config.json there") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_json}: not valid JSON: {e}") from None
+    # The raw dict, not read_hf_config's HFArch: the embedded engine builds any transformers
+    # model_type, and make_engine takes the whole config.json.
+    hf_config = load_config_json(path, field=flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

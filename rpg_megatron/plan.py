@@ -77,7 +77,7 @@ import yaml
 
 from rpg_megatron import launch
 from rpg_megatron.config import Config, ConfigError
-from rpg_megatron.megatron.model import HFArch, padded_vocab_size, read_hf_config
+from rpg_megatron.megatron.arch import HFArch, padded_vocab_size, read_hf_config
 
 GIB = 2**30
 USABLE_GIB_PER_GB = 79.1 / 80

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from rpg_megatron import advantages, checkpoint, data, evaluate, rewards
 from rpg_megatron.config import Config, save_config
 from rpg_megatron.megatron import export, parallel, step
-from rpg_megatron.megatron import model as model_lib
+from rpg_megatron.megatron.arch import load_config_json, read_hf_config
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.metrics import MetricsSink, plot, read_metrics
 from rpg_megatron.objectives import build_objective
@@ -49,8 +49,8 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
 
     run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
     hf_dir = Path(cfg.model.hf_path)
-    hf_config = model_lib.load_config_json(hf_dir)
-    arch = model_lib.read_hf_config(hf_config)
+    hf_config = load_config_json(hf_dir)
+    arch = read_hf_config(hf_config)
     policy = step.build_policy(
         arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx
     )

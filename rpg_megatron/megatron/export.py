@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rpg_megatron.megatron import hf_map
-from rpg_megatron.megatron.model import HFArch
+from rpg_megatron.megatron.arch import HFArch
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 """Default bucket bound: 512 MiB of exported tensor bytes."""
@@ -170,7 +170,7 @@ def iter_hf_buckets(
     """Yield lists of (HF name, full tensor) covering the whole model, on every rank.
 
     model_chunks: this rank's GPTModel chunk(s) (one per virtual pipeline stage), bare or
-    wrapped in Megatron's DDP / Float16Module. arch: `model.read_hf_config` of the model.
+    wrapped in Megatron's DDP / Float16Module. arch: `arch.read_hf_config` of the model.
     dtype: cast exported tensors (e.g. torch.bfloat16 for an engine); None keeps the
     parameters' dtype. Collective over the model-parallel group; see the module docstring for
     the bucket bound and memory. The tensors are fresh (never views of parameters) and CPU or

@@ -13,7 +13,7 @@ transforms change layout on the way:
 Everything else is a rename. The same table drives offline conversion (`hf_to_mcore`,
 `to_mcore`, `mcore_to_hf`), the streaming export of live weights (`to_hf`, `hf_outputs`,
 `iter_mcore_to_hf`) and the tensor-parallel (TP) split of full tensors (`shard`, `unshard`), so
-they cannot drift. Sizes and family come from `model.HFArch`, which `model.read_hf_config` (the
+they cannot drift. Sizes and family come from `arch.HFArch`, which `arch.read_hf_config` (the
 only parser of config.json, and the place that refuses configs this table cannot express)
 returns; nothing here reads config.json.
 
@@ -39,13 +39,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: hf_map stays importable without megatron
-    from rpg_megatron.megatron.model import HFArch
+from rpg_megatron.megatron.arch import HFArch
 
 Transform = Literal["copy", "qkv", "gate_up", "vocab_pad"]
 Split = Literal["replicated", "column", "row", "vocab", "gate_up"]

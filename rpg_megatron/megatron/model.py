@@ -1,15 +1,10 @@
-"""Hugging Face `config.json` -> Megatron `TransformerConfig`, layer spec and `GPTModel`.
+"""`HFArch` (see `arch.py`) -> Megatron `TransformerConfig`, layer spec and `GPTModel`.
 
-Architecture is never restated in our YAML: `read_hf_config` reads the few HF keys we use into
-a frozen `HFArch`, `transformer_config` maps it plus `ModelConfig` / `ParallelConfig` onto
-Megatron's `TransformerConfig`, and `build_gpt` instantiates the `GPTModel` (local layer spec on
-CPU, the Transformer Engine spec on GPU when `transformer_engine` imports). `validate` checks
-every combination Megatron would reject, or that cannot run here, before any process group
-exists, so a bad config fails in milliseconds with a message naming the field.
-
-Families (exact match on `model_type`): llama (Llama 3: RMSNorm, SwiGLU, RoPE with optional
-llama3 scaling, GQA), qwen2 (Qwen2/2.5: + bias on q/k/v), qwen3 (+ RMSNorm on q and k per head,
-`head_dim` independent of hidden_size / heads).
+`transformer_config` maps an `HFArch` plus `ModelConfig` / `ParallelConfig` onto Megatron's
+`TransformerConfig`, and `build_gpt` instantiates the `GPTModel` (local layer spec on CPU, the
+Transformer Engine spec on GPU when `transformer_engine` imports). `validate` checks every
+combination Megatron would reject, or that cannot run here, before any process group exists, so
+a bad config fails in milliseconds with a message naming the field.
 
 Attention mask: pass `attention_mask=None` to the model. The layer spec declares a causal mask,
 and on CPU `parallel.apply_cpu_compat` makes megatron build it on CPU. RoPE ignores
@@ -24,224 +19,16 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from rpg_megatron.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import parallel
-
-Family = Literal["llama", "qwen2", "qwen3"]
-FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
-"""Supported values of `model_type` in config.json (exact match, never a substring)."""
+from rpg_megatron.megatron.arch import FAMILIES, HFArch, padded_vocab_size
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# megatron-core 0.16.1 GPTModel.__init__ passes only `rope_scaling_factor` to
-# RotaryEmbedding._apply_scaling, whose other llama3 parameters are fixed to these values.
-_MEGATRON_LLAMA3_ROPE = {
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HFArch:
-    """The architecture facts we read from a Hugging Face config.json."""
-
-    family: Family
-    """`model_type`: llama, qwen2 or qwen3."""
-    vocab_size: int
-    """Tokenizer/embedding rows in the HF checkpoint (before Megatron's TP padding)."""
-    hidden_size: int
-    """Residual stream width."""
-    intermediate_size: int
-    """SwiGLU inner width (each of gate and up projections)."""
-    num_layers: int
-    """`num_hidden_layers`."""
-    num_attention_heads: int
-    """Query heads."""
-    num_key_value_heads: int
-    """Key/value heads (GQA query groups); equals num_attention_heads for plain MHA."""
-    head_dim: int
-    """Per-head width; `head_dim` key if present, else hidden_size // num_attention_heads."""
-    rms_norm_eps: float
-    """RMSNorm epsilon for every norm (layer, final and qwen3's q/k norms)."""
-    rope_theta: float
-    """RoPE base period."""
-    rope_scaling_factor: float | None
-    """llama3-type RoPE scaling factor; None for unscaled RoPE."""
-    max_position_embeddings: int
-    """Longest sequence the checkpoint was trained for (Megatron's max_sequence_length)."""
-    tie_word_embeddings: bool
-    """Output layer shares the embedding matrix."""
-    qkv_bias: bool
-    """Bias on the q/k/v projections (Qwen2); never on the output projection or MLP."""
-    qk_norm: bool
-    """RMSNorm over head_dim on queries and keys before RoPE (Qwen3)."""
-    initializer_range: float
-    """Std of the normal init (only matters for freshly initialised weights)."""
-
-
-def _config_json_path(path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    return path / "config.json" if path.is_dir() else path
-
-
-def load_config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """config.json (or the one inside directory `path`) as a dict; a missing or malformed file
-    is a ConfigError naming it (model.hf_path)."""
-    path = _config_json_path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"model.hf_path: {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-
-
-def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> HFArch:
-    """Read a config.json (a file, the directory holding it, or its parsed dict) into `HFArch`.
-
-    The only parser of config.json: model building, `hf_map`, export and conversion all take
-    the `HFArch` it returns. Raises ConfigError (naming the file and key) for an unknown
-    `model_type`, a missing or non-integer size, num_key_value_heads not dividing
-    num_attention_heads, and every feature Megatron's GPTModel or the weight map would silently
-    get wrong: a non-SiLU activation, bias on o_proj or the MLP (llama/qwen3 `attention_bias`,
-    any `mlp_bias`), sliding-window attention, and RoPE scaling other than llama3's on llama
-    (qwen2/qwen3: unscaled RoPE only).
-
-    Defaults follow transformers' LlamaConfig / Qwen2Config / Qwen3Config for keys a
-    config.json may omit (rope_theta 10000, rms_norm_eps 1e-6, untied embeddings), so the HF
-    model and the Megatron model built from one file agree.
-    """
-    if isinstance(path_or_dict, Mapping):
-        d, src = dict(path_or_dict), "<config dict>"
-    else:
-        d = load_config_json(path_or_dict)
-        src = str(_config_json_path(path_or_dict))
-
-    family = d.get("model_type")
-    if family not in FAMILIES:
-        raise ConfigError(
-            f"{src}: model_type={family!r} is not supported; valid families: {', '.join(FAMILIES)}"
-        )
-
-    def need(key: str) -> int:
-        if d.get(key) is None:
-            raise ConfigError(f"{src}: required key {key!r} is missing (model_type={family})")
-        return size(key)
-
-    def size(key: str) -> int:
-        value = d[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{src}: {key}={value!r}: need a positive integer")
-        return value
-
-    def off(key: str, why: str) -> None:
-        if d.get(key):
-            raise ConfigError(f"{src}: {key}={d[key]!r} for {family} is not supported: {why}")
-
-    if d.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{src}: hidden_act={d['hidden_act']!r}: only 'silu' (SwiGLU) is built")
-    # qwen2 always has q/k/v biases and nothing else (Megatron's add_qkv_bias); llama/qwen3
-    # `attention_bias` also adds an o_proj bias, which neither the model nor the map has.
-    if family in ("llama", "qwen3"):
-        off("attention_bias", "the Megatron model has no bias on the attention output projection")
-    off("mlp_bias", "the Megatron model is built without MLP biases")
-    off("use_sliding_window", "sliding-window attention is not built; set it false")
-
-    heads = need("num_attention_heads")
-    hidden = need("hidden_size")
-    kv_heads = size("num_key_value_heads") if d.get("num_key_value_heads") else heads
-    if heads % kv_heads:
-        raise ConfigError(
-            f"{src}: num_key_value_heads={kv_heads} must divide num_attention_heads={heads}"
-        )
-    theta, factor = _read_rope(d, src, family)
-    return HFArch(
-        family=family,
-        vocab_size=need("vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=need("intermediate_size"),
-        num_layers=need("num_hidden_layers"),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=size("head_dim") if d.get("head_dim") else hidden // heads,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling_factor=factor,
-        max_position_embeddings=need("max_position_embeddings"),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
-        initializer_range=float(d.get("initializer_range", 0.02)),
-    )
-
-
-# RoPE scaling each family may use. Megatron could apply llama3 scaling to any family, but no
-# released Qwen2/Qwen3 checkpoint uses it and their HF configs are not validated for it.
-_ROPE_TYPES: dict[str, tuple[str, ...]] = {
-    "llama": ("default", "llama3"),
-    "qwen2": ("default",),
-    "qwen3": ("default",),
-}
-
-
-def _read_rope(d: Mapping[str, Any], src: str, family: str) -> tuple[float, float | None]:
-    """(rope_theta, llama3 factor or None) from either config layout.
-
-    transformers < 5 (and most config.json files on the Hub) write `rope_theta` and
-    `rope_scaling` at top level; transformers >= 5 writes one `rope_parameters` dict holding
-    `rope_theta` and the scaling keys. A missing rope_theta is 10000, transformers' default
-    for all three families.
-    """
-    params = d.get("rope_parameters")
-    if params is not None:
-        if any(isinstance(v, Mapping) for v in params.values()):
-            raise ConfigError(
-                f"{src}: rope_parameters per layer type is not supported (one RoPE for all layers)"
-            )
-        theta, scaling = params.get("rope_theta", d.get("rope_theta", 10000.0)), params
-    else:
-        theta, scaling = d.get("rope_theta", 10000.0), d.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or "default"
-    if rope_type not in _ROPE_TYPES[family]:
-        raise ConfigError(
-            f"{src}: rope scaling type {rope_type!r} is not supported for {family}; "
-            f"supported: {', '.join(_ROPE_TYPES[family])} (default = no scaling)"
-        )
-    if rope_type == "default":
-        return float(theta), None
-    for key, fixed in _MEGATRON_LLAMA3_ROPE.items():
-        if float(scaling.get(key, fixed)) != fixed:
-            raise ConfigError(
-                f"{src}: llama3 rope scaling {key}={scaling[key]!r}: megatron-core 0.16.1 "
-                f"GPTModel supports only {key}={fixed} (RotaryEmbedding._apply_scaling fixes it)"
-            )
-    return float(theta), float(scaling["factor"])
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Embedding/output rows after padding `vocab_size` so each TP rank holds an equal shard.
-
-    Rule: round up to a multiple of `unit * tp`, with unit = 128 (Megatron-LM's
-    `--make-vocab-size-divisible-by` default, GEMM-friendly) for vocabularies of 16384 or more,
-    and unit = 8 below that (toy tokenizers in tests, where 128 * tp would dwarf the vocab).
-    Llama 3 (128256) and Qwen2/3 (151936) vocabularies are already multiples of 128, so at
-    tp=1 they are not padded. Rows >= vocab_size are padding: their logits must be masked out.
-    """
-    if vocab_size < 1 or tp < 1:
-        raise ValueError(f"padded_vocab_size: vocab_size={vocab_size}, tp={tp}: both must be >= 1")
-    multiple = (128 if vocab_size >= 16384 else 8) * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def use_transformer_engine() -> bool:

@@ -36,6 +36,7 @@ from rpg_megatron.advantages import Aggregation
 from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import model as model_lib
 from rpg_megatron.megatron import packing
+from rpg_megatron.megatron.arch import HFArch, padded_vocab_size
 from rpg_megatron.megatron.loss_hook import make_loss_func, vocab_parallel_logprobs
 from rpg_megatron.megatron.parallel import ParallelContext
 from rpg_megatron.objectives import Objective
@@ -126,7 +127,7 @@ def _tensor_fields(b: TrainBatch) -> dict[str, Tensor | None]:
 class Policy:
     """One rank's part of the trained model and its optimizer state."""
 
-    arch: model_lib.HFArch
+    arch: HFArch
     """Architecture read from the HF config.json."""
     model_cfg: ModelConfig
     """model section of the config (dtype, chunking of the log-prob pass)."""
@@ -146,7 +147,7 @@ class Policy:
     """Vocabulary rows of the embedding/output layer after TP padding."""
 
     def __post_init__(self) -> None:
-        self.padded_vocab = model_lib.padded_vocab_size(self.arch.vocab_size, self.ctx.tp)
+        self.padded_vocab = padded_vocab_size(self.arch.vocab_size, self.ctx.tp)
 
     @property
     def gpt(self) -> Any:
@@ -157,7 +158,7 @@ class Policy:
 # ----------------------------------------------------------------------------- building
 def build_policy(
     *,
-    arch: model_lib.HFArch,
+    arch: HFArch,
     model_cfg: ModelConfig,
     par: ParallelConfig,
     optim_cfg: OptimConfig,

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from rpg_megatron import convert
 from rpg_megatron.config import ModelConfig, ParallelConfig
 from rpg_megatron.megatron import export, model, parallel
+from rpg_megatron.megatron.arch import read_hf_config
 from tests import tiny_hf
 from tests.distributed import spawn
 
@@ -68,7 +69,7 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, dict, torch.Tenso
 
     fp32 = ModelConfig(dtype="float32")
     for family, mc_dir, hf_state, hf_logits in cases:
-        arch = model.read_hf_config(mc_dir)
+        arch = read_hf_config(mc_dir)
         par = ParallelConfig(tp=2)
         parallel.init(par)
         try:
@@ -134,7 +135,7 @@ def _initial_logprobs(rank: int, world: int, hf_dir: str, init_from: str) -> tor
     ctx = parallel.init(par)
     try:
         policy = step.build_policy(
-            arch=model.read_hf_config(hf_dir),
+            arch=read_hf_config(hf_dir),
             model_cfg=cfg.model,
             par=par,
             optim_cfg=OptimConfig(),

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from rpg_megatron.config import ModelConfig, ParallelConfig
 from rpg_megatron.megatron import model, parallel
+from rpg_megatron.megatron.arch import HFArch, padded_vocab_size, read_hf_config
 from tests.distributed import spawn
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def _inputs(lengths: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]
     ]
 
 
-def _reference(arch: model.HFArch, batches: list) -> tuple[dict, list, dict, int]:
+def _reference(arch: HFArch, batches: list) -> tuple[dict, list, dict, int]:
     """TP = 1 model: (params, logits per micro-batch, summed grads, token count)."""
     par = ParallelConfig()
     parallel.init(par)
@@ -96,7 +97,7 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
 def _tp_shard(name: str, full: torch.Tensor, tp: int, r: int) -> torch.Tensor:
     """Rank r's shard of a TP = 1 tensor, by Megatron's layouts (module docstring)."""
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        padded = torch.zeros(model.padded_vocab_size(V, tp), full.shape[1])
+        padded = torch.zeros(padded_vocab_size(V, tp), full.shape[1])
         padded[:V] = full[:V]
         return padded.chunk(tp)[r]
     if "linear_qkv" in name:
@@ -124,7 +125,7 @@ def _tp2_worker(rank: int, world: int, configs: dict[str, dict[str, Any]]) -> No
 
     batches = _inputs((8,))
     for family, d in configs.items():
-        arch = model.read_hf_config(d)
+        arch = read_hf_config(d)
         ref_params, ref_logits, ref_grads, _ = _reference(arch, batches)
         par = ParallelConfig(tp=2)
         ctx = parallel.init(par)
@@ -142,7 +143,7 @@ def _tp2_worker(rank: int, world: int, configs: dict[str, dict[str, Any]]) -> No
             ddp.zero_grad_buffer()
             tokens, w = batches[0]
             logits_tp = ddp(tokens, _positions(tokens), None)  # [2, S, V_padded / 2]
-            w_padded = torch.zeros(*w.shape[:2], model.padded_vocab_size(V, 2))
+            w_padded = torch.zeros(*w.shape[:2], padded_vocab_size(V, 2))
             w_padded[..., :V] = w
             (logits_tp * w_padded.chunk(2, dim=-1)[ctx.tp_rank]).sum().backward()
             finalize_model_grads([ddp])
@@ -163,7 +164,7 @@ def test_tp2_logits_and_grads_equal_tp1() -> None:
     spawn(2, _tp2_worker, _configs())
 
 
-def _pp_name(name: str, stage: int, arch: model.HFArch) -> str:
+def _pp_name(name: str, stage: int, arch: HFArch) -> str:
     """Stage-local parameter name -> the TP = 1 model's name (layer index made global)."""
     if name.startswith("decoder.layers."):
         local, rest = name.removeprefix("decoder.layers.").split(".", 1)
@@ -182,7 +183,7 @@ def _pp2_worker(rank: int, world: int, d: dict[str, Any]) -> None:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    arch = model.read_hf_config(d)
+    arch = read_hf_config(d)
     batches = _inputs((8, 6))  # different lengths: exercises variable_seq_lengths p2p
     ref_params, ref_logits, ref_grads, n_tokens = _reference(arch, batches)
     par = ParallelConfig(pp=2)

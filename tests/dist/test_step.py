@@ -19,6 +19,7 @@ import torch.distributed as dist
 from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import hf_map, parallel, step
 from rpg_megatron.megatron import model as model_lib
+from rpg_megatron.megatron.arch import read_hf_config
 from rpg_megatron.objectives import RPG
 from tests.distributed import spawn
 
@@ -74,7 +75,7 @@ def _with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
 
 def _build(par: ParallelConfig, optim: OptimConfig) -> step.Policy:
     ctx = parallel.init(par)
-    arch = model_lib.read_hf_config(HF)
+    arch = read_hf_config(HF)
     return step.build_policy(arch=arch, model_cfg=FP32, par=par, optim_cfg=optim, ctx=ctx)
 
 

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _engine_vs_trainer(rank, world, model_dir):
-    from rpg_megatron.megatron import model as model_lib
     from rpg_megatron.megatron import parallel, step
+    from rpg_megatron.megatron.arch import read_hf_config
     from rpg_megatron.rollout import make_engine
     from rpg_megatron.train import _sync_weights
 
@@ -34,7 +34,7 @@ def _engine_vs_trainer(rank, world, model_dir):
     ctx = parallel.init(par)
     try:
         hf_config = json.loads((Path(model_dir) / "config.json").read_text())
-        arch = model_lib.read_hf_config(hf_config)
+        arch = read_hf_config(hf_config)
         policy = step.build_policy(
             arch=arch,
             model_cfg=ModelConfig(dtype="float32"),

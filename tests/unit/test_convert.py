@@ -19,6 +19,7 @@ import torch
 from rpg_megatron import cli, convert
 from rpg_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from rpg_megatron.megatron import hf_map, model, parallel
+from rpg_megatron.megatron.arch import read_hf_config
 from tests import tiny_hf
 
 LOGITS_ATOL = 1e-4
@@ -57,7 +58,7 @@ def test_hf_mcore_hf_is_bit_exact_and_logits_match(hf_dirs, tmp_path, family):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary directory left behind
     if hf_logits is None:
         return
-    arch = model.read_hf_config(mc)
+    arch = read_hf_config(mc)
     parallel.init(ParallelConfig())
     try:
         gpt = model.build_gpt(

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from rpg_megatron.megatron import hf_map
+from rpg_megatron.megatron.arch import HFArch, read_hf_config
 from rpg_megatron.megatron.hf_map import (
     MissingTensorError,
     ShapeMismatchError,
     UnexpectedTensorError,
 )
-from rpg_megatron.megatron.model import HFArch, read_hf_config
 from tests import tiny_hf
 
 transformers = pytest.importorskip("transformers")

@@ -17,6 +17,7 @@ import transformers
 
 from rpg_megatron.config import ConfigError, ModelConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import model, parallel
+from rpg_megatron.megatron.arch import HFArch, padded_vocab_size, read_hf_config
 
 VOCAB = 300
 TINY = dict(
@@ -52,7 +53,7 @@ def single_rank() -> Iterator[parallel.ParallelContext]:
 @pytest.mark.parametrize("family", list(HF_CLASSES))
 def test_read_hf_config_matches_transformers_object(family: str) -> None:
     c = hf_config(family, rms_norm_eps=1e-5, tie_word_embeddings=True)
-    arch = model.read_hf_config(c.to_dict())
+    arch = read_hf_config(c.to_dict())
     assert arch.family == family
     assert (arch.vocab_size, arch.hidden_size, arch.intermediate_size) == (VOCAB, 64, 128)
     assert (arch.num_layers, arch.num_attention_heads, arch.num_key_value_heads) == (2, 4, 2)
@@ -85,7 +86,7 @@ def test_read_hf_config_from_hub_style_file(tmp_path) -> None:
         "tie_word_embeddings": True,
     }
     (tmp_path / "config.json").write_text(json.dumps(d))
-    arch = model.read_hf_config(tmp_path)
+    arch = read_hf_config(tmp_path)
     assert (arch.rope_theta, arch.rope_scaling_factor) == (500000.0, 32.0)
     assert arch.head_dim == 16 and arch.tie_word_embeddings
 
@@ -101,20 +102,20 @@ def _hf_param_count(c: transformers.PretrainedConfig) -> int:
 )
 def test_gpt_parameter_count_equals_transformers(single_rank, family: str, tied: bool) -> None:
     c = hf_config(family, tie_word_embeddings=tied)
-    arch = model.read_hf_config(c.to_dict())
+    arch = read_hf_config(c.to_dict())
     gpt = model.build_gpt(arch, FP32, ParallelConfig(), pre_process=True, post_process=True)
-    padding_rows = model.padded_vocab_size(VOCAB, 1) - VOCAB
+    padding_rows = padded_vocab_size(VOCAB, 1) - VOCAB
     vocab_matrices = 1 if tied else 2
     megatron_count = sum(p.numel() for p in gpt.parameters())
     assert megatron_count - padding_rows * 64 * vocab_matrices == _hf_param_count(c)
 
 
 def test_gpt_forward_backward_without_attention_mask(single_rank) -> None:
-    arch = model.read_hf_config(hf_config("qwen3", head_dim=32).to_dict())
+    arch = read_hf_config(hf_config("qwen3", head_dim=32).to_dict())
     gpt = model.build_gpt(arch, FP32, ParallelConfig(), pre_process=True, post_process=True)
     tokens = torch.randint(0, VOCAB, (2, 8))
     logits = gpt(tokens, torch.arange(8).expand(2, 8), None)
-    assert logits.shape == (2, 8, model.padded_vocab_size(VOCAB, 1))
+    assert logits.shape == (2, 8, padded_vocab_size(VOCAB, 1))
     logits.sum().backward()
     assert all(p.grad is not None for p in gpt.parameters())
     # Causality: changing the last token leaves every earlier position's logits unchanged.
@@ -135,7 +136,7 @@ def test_llama3_rope_scaling_matches_transformers(single_rank) -> None:
         "rope_theta": 500000.0,
     }
     c = hf_config("llama", max_position_embeddings=16384, rope_parameters=scaling)
-    arch = model.read_hf_config(c.to_dict())
+    arch = read_hf_config(c.to_dict())
     assert arch.rope_scaling_factor == 8.0
     gpt = model.build_gpt(arch, FP32, ParallelConfig(), pre_process=True, post_process=True)
     hf = transformers.AutoModelForCausalLM.from_config(c)
@@ -148,11 +149,11 @@ def test_llama3_rope_scaling_matches_transformers(single_rank) -> None:
      (151936, 2, 152064), (32000, 8, 32768)],
 )  # fmt: skip
 def test_padded_vocab_size(vocab: int, tp: int, expected: int) -> None:
-    assert model.padded_vocab_size(vocab, tp) == expected
+    assert padded_vocab_size(vocab, tp) == expected
 
 
 def test_transformer_config_fields() -> None:
-    arch = model.read_hf_config(hf_config("qwen3", head_dim=32).to_dict())
+    arch = read_hf_config(hf_config("qwen3", head_dim=32).to_dict())
     cfg = model.transformer_config(arch, ModelConfig(recompute="full"), ParallelConfig(pp=2))
     assert cfg.calculate_per_token_loss  # the loss hook relies on it
     assert (cfg.kv_channels, cfg.num_query_groups, cfg.ffn_hidden_size) == (32, 2, 128)
@@ -165,8 +166,8 @@ def test_transformer_config_fields() -> None:
 
 
 # ------------------------------------------------------------------ errors before any group
-def _tiny_arch(family: str = "qwen3", **overrides: Any) -> model.HFArch:
-    return model.read_hf_config(hf_config(family, **overrides).to_dict())
+def _tiny_arch(family: str = "qwen3", **overrides: Any) -> HFArch:
+    return read_hf_config(hf_config(family, **overrides).to_dict())
 
 
 @pytest.fixture
@@ -252,13 +253,13 @@ def test_read_hf_config_errors(patch: dict[str, Any], match: str) -> None:
     d = hf_config("qwen3").to_dict()
     d.update(patch)
     with pytest.raises(ConfigError, match=match):
-        model.read_hf_config(d)
+        read_hf_config(d)
     assert not dist.is_initialized()
 
 
 def test_read_hf_config_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        model.read_hf_config(tmp_path)
+        read_hf_config(tmp_path)
 
 
 def test_recompute_gives_the_same_gradients(single_rank) -> None:

@@ -26,6 +26,7 @@ import torch
 from rpg_megatron import cli, launch, plan
 from rpg_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from rpg_megatron.megatron import model, parallel
+from rpg_megatron.megatron.arch import read_hf_config
 from tests.distributed import spawn
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -119,7 +120,7 @@ def test_parameter_count_equals_transformers(family: str, tied: bool, extra: dic
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(c)
     want = sum(p.numel() for p in hf.parameters())  # a tied matrix is one parameter
-    arch = model.read_hf_config(c.to_dict())
+    arch = read_hf_config(c.to_dict())
     assert plan.parameter_count(arch) == want
     # 256 rows need no TP = 1 padding, so the one stage holds exactly the HF parameters.
     assert plan.stage_parameters(arch, tp=1, pp=1, stage=0) == want
@@ -147,7 +148,7 @@ def test_published_model_sizes(
 ) -> None:
     import transformers
 
-    arch = model.read_hf_config(_write(tmp_path, shape))  # the reader accepts the real files
+    arch = read_hf_config(_write(tmp_path, shape))  # the reader accepts the real files
     count = plan.parameter_count(arch)
     vocab_matrices = 1 if arch.tie_word_embeddings else 2
     assert abs(count - total) <= total_tol, count
@@ -173,9 +174,7 @@ def single_rank() -> Iterator[parallel.ParallelContext]:
 @pytest.mark.parametrize(("family", "tied"), [("qwen3", False), ("qwen2", True)])
 def test_stage_parameters_equal_megatron_tp1(single_rank, family: str, tied: bool) -> None:
     # vocab 300 -> 304 rows in Megatron: the count must include the TP padding.
-    arch = model.read_hf_config(
-        _hf_config(family, vocab_size=300, tie_word_embeddings=tied).to_dict()
-    )
+    arch = read_hf_config(_hf_config(family, vocab_size=300, tie_word_embeddings=tied).to_dict())
     gpt = model.build_gpt(arch, FP32, ParallelConfig(), pre_process=True, post_process=True)
     assert plan.stage_parameters(arch, tp=1, pp=1, stage=0) == sum(
         p.numel() for p in gpt.parameters()
@@ -186,7 +185,7 @@ def _split_counts(rank: int, world: int, configs: dict[str, dict]) -> dict[str, 
     """This rank's parameter count of each model at TP = 2 and at PP = 2 (stage = rank)."""
     out = {}
     for name, d in configs.items():
-        arch = model.read_hf_config(d)
+        arch = read_hf_config(d)
         for layout, par in (("tp2", ParallelConfig(tp=2)), ("pp2", ParallelConfig(pp=2))):
             ctx = parallel.init(par)
             try:
@@ -208,7 +207,7 @@ def test_stage_parameters_equal_megatron_tp2_and_pp2() -> None:
     }
     counts = spawn(2, _split_counts, configs)
     for name, d in configs.items():
-        arch = model.read_hf_config(d)
+        arch = read_hf_config(d)
         for rank in (0, 1):
             assert counts[rank][f"{name}/tp2"] == plan.stage_parameters(
                 arch, tp=2, pp=1, stage=0
@@ -316,7 +315,6 @@ def test_missing_config_json_names_the_path(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ CLI
-@pytest.mark.slow  # the console script imports torch and megatron-core afresh: ~7 s
 def test_cli_plan_prints_the_table(tmp_path: Path) -> None:
     hf = _write(tmp_path, QWEN3_4B)
     exe = Path(sys.executable).parent / "rpg-megatron"
