@@ -1,6 +1,7 @@
-"""Against a real Slurm (tools/slurm_local.sh starts one here): `rpg-megatron launch --executor
-slurm` runs the tiny config on 2 CPU ranks through srun to COMPLETED, and a job sent SIGUSR1
-checkpoints, is requeued and resumes from that checkpoint. About 1 minute."""
+"""Against a real Slurm (tools/slurm_local.sh starts one here): `rpg-megatron launch` runs the
+tiny config on 2 CPU ranks through srun to COMPLETED, and a job sent SIGUSR1 checkpoints, is
+requeued and resumes from that checkpoint; both with `--executor slurm` (our sbatch template)
+and `--executor nemo-run` (nemo-run's SlurmExecutor and LocalTunnel). About 2.5 minutes."""
 
 from __future__ import annotations
 
@@ -169,3 +170,35 @@ def test_nemo_run_slurm_executor_job_completes(tmp: Path) -> None:
     # torchrun ran two ranks under srun: both wrote to the task's log
     log = next(out.parent.glob("log-*.out")).read_text()
     assert "[default0]" in log and "[default1]" in log, log[-2000:]
+
+
+def test_nemo_run_job_sent_sigusr1_checkpoints_requeues_and_resumes(tmp: Path) -> None:
+    """nemo-run's script: Slurm's USR1 reaches torchrun (PET_SIGNALS_TO_HANDLE), the ranks
+    checkpoint and stop, torchrun exits non-zero and the script requeues while restarts <
+    retries; the requeued job resumes after the checkpoint."""
+    pytest.importorskip("nemo_run", reason="nemo-run is the optional `nemo` extra")
+    steps = 30
+    job = _launch(tmp, "nrq", f"optim.steps={steps}", "checkpoint.every=0", executor="nemo-run")
+    metrics = tmp / "nrq" / "metrics.jsonl"
+    end = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < end and _job(job)["JobState"] in {"PENDING", "RUNNING"}
+        time.sleep(0.3)
+    # What Slurm does `grace_s` before the time limit (--signal=USR1@..., every job step), now.
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    info = _wait(job, {"PENDING", "COMPLETED", "FAILED"}, 60)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", info
+    stopped_at = int((tmp / "nrq" / "ckpt" / "latest").read_text().strip().removeprefix("step_"))
+    assert 3 <= stopped_at < steps
+    assert len(metrics.read_text().splitlines()) == stopped_at
+
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    info = _wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 120)
+    assert info["JobState"] == "COMPLETED", info
+    steps_seen = [
+        int(re.search(r'"step": (\d+)', x).group(1)) for x in metrics.read_text().splitlines()
+    ]
+    assert steps_seen == list(range(1, steps + 1))
+    second = next(Path(info["StdOut"]).parent.glob("log-*_1.out")).read_text()
+    progress = [int(n) for n in re.findall(rf"\] (\d+)/{steps} ", second)]
+    assert progress[0] == stopped_at + 1, progress[:5]
