@@ -19,8 +19,8 @@ imports torchvision through transformers.)
 Writes, per request class, every field's name, annotation, JSON type (a small grammar the unit
 test understands: "int", "number", "bool", "str", "null", "object", "any", {"list": T},
 {"anyOf": [...]}, {"enum": [...]}), default and whether it is required. `--check-payloads` also
-feeds the payloads `rpg_megatron.rollout.sglang` builds through sglang's own validators: the
-generated JSON contract of /generate (`sglang.api.v1.api_types`), the pydantic schema FastAPI
+feeds the payloads `rpg_megatron.rollout.sglang_protocol` builds through sglang's own validators:
+the generated JSON contract of /generate (`sglang.api.v1.api_types`), the pydantic schema FastAPI
 builds for the msgspec request structs, the server's argparse parser for our launch command, and
 a MultiprocessingSerializer round trip of a weight bucket through the base64 HTTP encoding.
 """
@@ -128,7 +128,8 @@ def check_payloads() -> None:
     from sglang.srt.utils import MultiprocessingSerializer
 
     from rpg_megatron.batch import SamplingParams
-    from rpg_megatron.rollout import sglang as ours
+    from rpg_megatron.config import SGLangConfig
+    from rpg_megatron.rollout import sglang_protocol as ours
 
     for params in (
         SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20, seed=3),
@@ -168,7 +169,7 @@ def check_payloads() -> None:
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
-    cfg = ours.SGLangConfig(model_path="/m", num_engines=2, tp_size=2, deterministic=True)
+    cfg = SGLangConfig(model_path="/m", num_engines=2, tp_size=2, deterministic=True)
     argv = ours.server_argv(cfg, 1, python=sys.executable)
     assert argv[1:3] == ["-m", "sglang.launch_server"], argv
     parser.parse_args(argv[3:])

@@ -4,7 +4,9 @@ One SGLang server per engine (each may span `tp_size` GPUs), with `sglang-router
 there are several. This module talks HTTP only; the `sglang` package is needed in THIS process
 solely for the colocated weight transport (its `MultiprocessingSerializer`) and is imported
 there, lazily, so the module imports on any CPU box. The servers run `python -m
-sglang.launch_server` in their own processes.
+sglang.launch_server` in their own processes. What goes over the wire (request bodies, command
+lines, the sglang version pin, log-prob semantics, seeds, finish reasons) is sglang_protocol.py;
+this module decides when and where to send it.
 
 Decisions:
 - HTTP client: the standard library (`urllib.request`, JSON bodies, proxies disabled for these
@@ -13,20 +15,12 @@ Decisions:
   timeout, and idempotent calls (generate, health, flush, sleep/wake) retry a refused or reset
   connection `retries` times with exponential backoff. An HTTP error answer is never retried.
 - Batching: `generate` splits the prompts into chunks of `prompts_per_request`, sends each chunk
-  as ONE batched `/generate` (`input_ids` a list of lists, one `sampling_params` dict per prompt)
-  and keeps up to `max_concurrency` chunks in flight from a thread pool. Batched requests keep
-  the HTTP overhead of 2048 samples small; several chunks in flight let the router spread them
-  over engines and let each server's continuous batching stay full.
-- Log-probs: `Completion.logprobs` must be raw-model log-probs at temperature 1. SGLang returns
-  log_softmax(logits / temperature) unless the server runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1
-  (sglang/srt/layers/sampler.py), so launched servers get that variable; attached servers must
-  have been started with it for temperature != 1 (`attached_original_logprobs`).
-- Seeds: prompt i gets `sampling_seed` derived from (seed, i), as the embedded engine derives its
-  streams; SGLang honours it only with --enable-deterministic-inference (`deterministic`), and
-  otherwise samples from its own generator.
-- Finish reasons: meta_info.finish_reason {"type": "stop"|"length"|"abort", ...} maps one to one.
-  Token ids come from meta_info.output_token_logprobs ([logprob, token_id, text] per token), which
-  include the EOS / stop token, so the policy learns to stop.
+  as ONE batched `/generate` and keeps up to `max_concurrency` chunks in flight from a thread
+  pool. Batched requests keep the HTTP overhead of 2048 samples small; several chunks in flight
+  let the router spread them over engines and let each server's continuous batching stay full.
+- Log-probs: launched servers get SGLANG_RETURN_ORIGINAL_LOGPROB=1 in their environment, so they
+  return temperature-1 log-probs; `generate` refuses temperature != 1 on attached servers unless
+  `attached_original_logprobs` says they were started so (why: sglang_protocol.py).
 - Weights, colocated: each bucket goes through sglang's MultiprocessingSerializer (CUDA tensors
   become IPC handles, CPU tensors shared-memory handles), base64 for JSON, one copy per TP rank
   of the server (every rank deserialises only its own entry), `flush_cache` on the last bucket
@@ -60,19 +54,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import Tensor
 
-from rpg_megatron.batch import Completion, FinishReason, SamplingParams
+from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import RolloutConfig, SGLangConfig
 from rpg_megatron.rollout.engine import Detokenizer
-
-SGLANG_VERSIONS = ">=0.5,<0.6"
-"""sglang releases whose HTTP schemas this client was checked against (0.5.23, see
-tools/check_sglang_schemas.py); checked when launching a server."""
-
-
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+from rpg_megatron.rollout.sglang_protocol import (
+    SGLANG_VERSIONS,
+    check_sglang_version,
+    generate_payload,
+    init_group_payload,
+    parse_generate_response,
+    router_argv,
+    server_argv,
+    update_distributed_payload,
+    update_tensor_payload,
+)
 
 
 class SGLangHTTPError(RuntimeError):
@@ -503,7 +500,7 @@ class SGLangEngine:
     def _start(self, s: _Server) -> None:
         assert s.log_path is not None
         env = dict(os.environ)
-        # Raw (temperature-1) log-probs, the Completion.logprobs contract; see module docstring.
+        # Raw (temperature-1) log-probs, the Completion.logprobs contract; see sglang_protocol.
         env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
         with open(s.log_path, "ab") as log:
             # Own session: shutdown signals the whole group (the server forks scheduler and
@@ -567,201 +564,6 @@ class SGLangEngine:
                 f"SGLangEngine.{what}: no weights loaded; the servers hold no policy weights "
                 "until a complete update_weights(buckets, version) succeeds (export.sync does it)"
             )
-
-
-# ---------------------------------------------------------------------------------- payloads
-def generate_payload(
-    prompts: Sequence[list[int]], params: SamplingParams, first_index: int, seed: int | None
-) -> dict[str, Any]:
-    """Body of one batched /generate request (sglang GenerateReqInput, batch form).
-
-    Prompt j of the chunk is prompt `first_index + j` of the generate call; its sampling seed
-    depends on that global index only, so chunking does not change the samples.
-    """
-    base: dict[str, Any] = {
-        "max_new_tokens": params.max_new_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": -1 if params.top_k is None else params.top_k,  # -1: sglang's "off"
-        "ignore_eos": params.ignore_eos,
-    }
-    if params.stop:
-        base["stop"] = list(params.stop)
-    if params.stop_token_ids:
-        base["stop_token_ids"] = list(params.stop_token_ids)
-    per_prompt = []
-    for j in range(len(prompts)):
-        sp = dict(base)
-        if seed is not None:
-            sp["sampling_seed"] = stream_seed(seed, first_index + j)
-        per_prompt.append(sp)
-    return {
-        "input_ids": [list(map(int, p)) for p in prompts],
-        "sampling_params": per_prompt,
-        "return_logprob": True,
-        "stream": False,
-    }
-
-
-def parse_generate_response(out: Any, first_index: int, n: int, version: int) -> list[Completion]:
-    """Batched /generate answer -> Completions (prompt_index = first_index + position)."""
-    if isinstance(out, dict):  # a batch of one may come back unwrapped
-        out = [out]
-    if not isinstance(out, list) or len(out) != n:
-        got = len(out) if isinstance(out, list) else type(out).__name__
-        raise RuntimeError(f"SGLang /generate: expected a list of {n} results, got {got}")
-    completions = []
-    for j, item in enumerate(out):
-        meta = item.get("meta_info") or {}
-        entries = meta.get("output_token_logprobs")
-        if entries is None:
-            raise RuntimeError(
-                f"SGLang /generate result {first_index + j}: no meta_info.output_token_logprobs "
-                "although return_logprob was set; is this an sglang >= 0.5 server?"
-            )
-        token_ids = [int(e[1]) for e in entries]
-        logprobs = [float(e[0]) for e in entries]
-        if "output_ids" in item and list(item["output_ids"]) != token_ids:
-            raise RuntimeError(
-                f"SGLang /generate result {first_index + j}: output_ids and the token ids of "
-                "output_token_logprobs differ"
-            )
-        served = meta.get("weight_version")
-        if served is not None and served != str(version):
-            raise RuntimeError(
-                f"SGLang /generate result {first_index + j}: served by weight_version "
-                f"{served!r}, expected {str(version)!r}; a server missed an update_weights"
-            )
-        reason = meta.get("finish_reason")
-        kind = reason.get("type") if isinstance(reason, dict) else reason
-        if kind not in _FINISH:
-            raise RuntimeError(
-                f"SGLang /generate result {first_index + j}: finish_reason={reason!r}; expected "
-                "type stop, length or abort"
-            )
-        completions.append(
-            Completion(
-                prompt_index=first_index + j,
-                token_ids=token_ids,
-                logprobs=logprobs,
-                finish_reason=_FINISH[kind],
-                weight_version=version,
-            )
-        )
-    return completions
-
-
-def update_tensor_payload(
-    serialized_per_rank: list[str], version: int, *, flush_cache: bool
-) -> dict[str, Any]:
-    """Body of /update_weights_from_tensor (UpdateWeightsFromTensorReqInput)."""
-    return {
-        "serialized_named_tensors": serialized_per_rank,
-        "load_format": None,  # a plain list of (name, tensor), not a flattened bucket
-        "flush_cache": flush_cache,
-        "weight_version": str(version),
-    }
-
-
-def init_group_payload(
-    address: str, port: int, *, rank_offset: int, world_size: int, group_name: str
-) -> dict[str, Any]:
-    """Body of /init_weights_update_group (InitWeightsUpdateGroupReqInput)."""
-    return {
-        "master_address": address,
-        "master_port": port,
-        "rank_offset": rank_offset,
-        "world_size": world_size,
-        "group_name": group_name,
-        "backend": "nccl",
-    }
-
-
-def update_distributed_payload(
-    bucket: list[tuple[str, Tensor]], version: int, *, group_name: str, flush_cache: bool
-) -> dict[str, Any]:
-    """Body of /update_weights_from_distributed: what the servers allocate before the broadcast.
-
-    dtypes are torch attribute names ("bfloat16"), which the server resolves with getattr(torch).
-    """
-    return {
-        "names": [n for n, _ in bucket],
-        "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-        "shapes": [list(t.shape) for _, t in bucket],
-        "group_name": group_name,
-        "flush_cache": flush_cache,
-        "weight_version": str(version),
-    }
-
-
-def server_argv(cfg: SGLangConfig, index: int, *, python: str) -> list[str]:
-    """`python -m sglang.launch_server ...` for server `index`."""
-    argv = [
-        python, "-m", "sglang.launch_server",
-        "--model-path", cfg.model_path,
-        "--host", cfg.host,
-        "--port", str(cfg.base_port + index),
-        "--tp-size", str(cfg.tp_size),
-        "--base-gpu-id", str(index * cfg.tp_size),
-        "--mem-fraction-static", str(cfg.mem_fraction_static),
-        "--load-format", cfg.load_format,
-    ]  # fmt: skip
-    if cfg.weight_sync == "colocated":
-        argv.append("--enable-memory-saver")  # release/resume_memory_occupation need it
-    if cfg.deterministic:
-        argv.append("--enable-deterministic-inference")
-    return argv + list(cfg.extra_server_args)
-
-
-def router_argv(cfg: SGLangConfig, worker_urls: list[str], *, python: str) -> list[str]:
-    """`python -m sglang_router.launch_router ...` in front of the launched servers."""
-    return [
-        python, "-m", "sglang_router.launch_router",
-        "--worker-urls", *worker_urls,
-        "--host", cfg.host,
-        "--port", str(cfg.router_port),
-    ]  # fmt: skip
-
-
-def stream_seed(base_seed: int, index: int) -> int:
-    """sampling_seed of prompt `index`: hashed from (base_seed, index) like the embedded engine's
-    streams, kept below 2**63 for sglang's int64 seed tensor."""
-    state = np.random.SeedSequence([base_seed, index]).generate_state(1, np.uint64)[0]
-    return int(state) >> 1
-
-
-def check_sglang_version(python: str) -> str:
-    """The sglang version `python` would run; RuntimeError unless it is in SGLANG_VERSIONS."""
-    probe = "import importlib.metadata as m; print(m.version('sglang'))"
-    try:
-        res = subprocess.run(
-            [python, "-c", probe], capture_output=True, text=True, timeout=120, check=False
-        )
-    except OSError as e:
-        raise RuntimeError(f"sglang.python={python!r} cannot be run ({e})") from e
-    version = res.stdout.strip()
-    if res.returncode != 0 or not version:
-        raise ImportError(
-            f"rollout.engine='sglang' launches servers with {python}, which has no sglang "
-            f"package; install it there with `pip install 'sglang[srt]{SGLANG_VERSIONS}'`, or "
-            "attach to running servers with sglang.server_urls"
-        )
-    if not _version_in(version, SGLANG_VERSIONS):
-        raise RuntimeError(
-            f"sglang {version} (from {python}) is outside the supported range {SGLANG_VERSIONS}; "
-            f"install `pip install 'sglang[srt]{SGLANG_VERSIONS}'`"
-        )
-    return version
-
-
-def _version_in(version: str, spec: str) -> bool:
-    try:
-        from packaging.specifiers import SpecifierSet
-    except ImportError:  # pragma: no cover - packaging comes with pip/transformers
-        lo, hi = (s.strip().lstrip("<>=") for s in spec.split(","))
-        as_tuple = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
-        return as_tuple(lo) <= as_tuple(version) < as_tuple(hi)
-    return SpecifierSet(spec).contains(version, prereleases=True)
 
 
 # ---------------------------------------------------------------------------------- helpers
