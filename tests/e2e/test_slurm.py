@@ -94,6 +94,25 @@ def _launch(tmp: Path, name: str, *overrides: str, executor: str = "slurm") -> s
     return re.search(r"nemo-run experiment \S+ \(\S+/(\d+)\)", out.stdout).group(1)
 
 
+def _release(job: str) -> None:
+    """Start a requeued job now instead of after Slurm's ~2 minute hold (Reason=BeginTime).
+
+    The hold is there for a reason: slurmd refuses a batch launch whose credential is not newer
+    (1 s resolution) than the revocation of the job's previous run ("Job credential revoked",
+    then FAILED). So wait until the node has finished cleaning up and is idle, and 2 s more."""
+    end = time.monotonic() + 60
+    while True:
+        state = subprocess.run(
+            ["sinfo", "-h", "-p", "debug", "-o", "%T"], capture_output=True, text=True
+        ).stdout.strip()
+        if state == "idle":
+            break
+        assert time.monotonic() < end, f"node still {state!r} after the requeue"
+        time.sleep(0.5)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
 def _log(tmp: Path, name: str, job: str) -> str:
     return (tmp / "logs" / f"{name}-{job}.out").read_text()
 
@@ -142,7 +161,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes(tmp: Path) -> None:
     assert len(before) == stopped_at
 
     # Slurm holds a requeued job for ~2 minutes (Reason=BeginTime); release it now.
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    _release(job)
     info = _wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 120)
     assert info["JobState"] == "COMPLETED", _log(tmp, "rq", job)[-3000:]
     after = metrics.read_text().splitlines()
@@ -192,7 +211,7 @@ def test_nemo_run_job_sent_sigusr1_checkpoints_requeues_and_resumes(tmp: Path) -
     assert 3 <= stopped_at < steps
     assert len(metrics.read_text().splitlines()) == stopped_at
 
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    _release(job)
     info = _wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 120)
     assert info["JobState"] == "COMPLETED", info
     steps_seen = [
