@@ -113,3 +113,13 @@ class Completion:
                 f"Completion.finish_reason={self.finish_reason!r}: must be one of "
                 f"{', '.join(FINISH_REASONS)}"
             )
+
+
+def stream_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of prompt `index`'s random stream under base `SamplingParams.seed`, the
+    same for every engine. SeedSequence hashes (seed, index), so neighbouring seeds or indices
+    give unrelated streams (seed + index would make seed s prompt 1 equal seed s+1 prompt 0).
+    An engine whose seeds are signed 64-bit integers takes the top 63 bits (`>> 1`)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])

@@ -25,12 +25,11 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from rpg_megatron.batch import Completion, FinishReason, SamplingParams
+from rpg_megatron.batch import Completion, FinishReason, SamplingParams, stream_seed
 from rpg_megatron.config import RolloutConfig
 from rpg_megatron.rollout.engine import Detokenizer
 
@@ -198,8 +197,7 @@ class EmbeddedEngine:
         # float results, and absolute or length-dependent position schemes, identical.
         pos_BL = (mask_BS.cumsum(-1) - 1).clamp(min=0)
         gens = [
-            torch.Generator().manual_seed(_stream_seed(base_seed, first_index + b))
-            for b in range(B)
+            torch.Generator().manual_seed(stream_seed(base_seed, first_index + b)) for b in range(B)
         ]
         out = model(
             input_ids=ids_BL,
@@ -343,13 +341,6 @@ def _choose(logits_BV: Tensor, params: SamplingParams, gens: list[torch.Generato
     # First index whose CDF exceeds x: a token with zero mass never has CDF > x first.
     tok_B = torch.searchsorted(cdf_BV, x_B1, right=True)[:, 0]
     return tok_B.clamp(max=V - 1)
-
-
-def _stream_seed(base_seed: int, index: int) -> int:
-    """Seed of row `index`'s generator. SeedSequence hashes (base, index), so neighbouring
-    seeds or indices give unrelated streams (base + index would make seed s row 1 equal seed
-    s+1 row 0)."""
-    return int(np.random.SeedSequence([base_seed, index]).generate_state(1, np.uint64)[0])
 
 
 def _build_hf_config(hf_config: Mapping[str, Any]) -> Any:

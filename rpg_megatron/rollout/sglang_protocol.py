@@ -36,9 +36,9 @@ import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from torch import Tensor
 
+from rpg_megatron import batch
 from rpg_megatron.batch import Completion, FinishReason, SamplingParams
 from rpg_megatron.config import SGLangConfig
 
@@ -204,10 +204,9 @@ def router_argv(cfg: SGLangConfig, worker_urls: list[str], *, python: str) -> li
 
 
 def stream_seed(base_seed: int, index: int) -> int:
-    """sampling_seed of prompt `index`: hashed from (base_seed, index) like the embedded engine's
+    """sampling_seed of prompt `index`: `batch.stream_seed`, as the embedded engine seeds its
     streams, kept below 2**63 for sglang's int64 seed tensor."""
-    state = np.random.SeedSequence([base_seed, index]).generate_state(1, np.uint64)[0]
-    return int(state) >> 1
+    return batch.stream_seed(base_seed, index) >> 1
 
 
 def check_sglang_version(python: str) -> str:
