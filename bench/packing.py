@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.record import record  # noqa: E402
-from bench.train_step import OBJECTIVE, PRESETS  # noqa: E402
+from bench.train_step import OBJECTIVE, PRESETS, with_logps  # noqa: E402
 from rpg_megatron.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
 from rpg_megatron.megatron import packing, parallel, step  # noqa: E402
 from rpg_megatron.megatron.arch import read_hf_config  # noqa: E402
@@ -53,19 +53,6 @@ def make_batch(vocab: int, n: int, max_len: int, mean_response: float) -> step.T
     adv = torch.randn(n, 1, generator=g).expand(n, max_len) * mask
     return step.TrainBatch(
         tokens_NS=tokens, mask_NS=mask.float(), adv_NS=adv.contiguous(), lengths_N=lengths
-    )
-
-
-def _with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
-    g = torch.Generator().manual_seed(1)
-    noise = 0.2 * torch.randn(logp.shape, generator=g)
-    return step.TrainBatch(
-        tokens_NS=batch.tokens_NS,
-        mask_NS=batch.mask_NS,
-        adv_NS=batch.adv_NS,
-        old_logp_NS=(logp + noise) * batch.mask_NS,
-        ref_logp_NS=(logp - noise) * batch.mask_NS,
-        lengths_N=batch.lengths_N,
     )
 
 
@@ -92,7 +79,7 @@ def run(_rank: int, _world: int, args: argparse.Namespace) -> dict[str, list[flo
                 ctx=ctx,
             )
         base = make_batch(arch.vocab_size, args.n, args.max_len, args.mean_response)
-        batch = _with_logps(base, step.logprobs(policies["padded"], base))
+        batch = with_logps(base, step.logprobs(policies["padded"], base))
         out: dict[str, list[float] | float | int] = {"padded": [], "packed": []}
         for name, policy in policies.items():
             out[f"{name}_loss"] = step.forward_backward(

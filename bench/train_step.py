@@ -23,6 +23,7 @@ Last line, exactly: step_ratio=<ours/plain tokens per second> mem_ratio=<ours/pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -118,13 +119,11 @@ def make_batch(vocab: int, seq: int, seed: int = 0) -> step.TrainBatch:
     return step.TrainBatch(tokens_NS=tokens, mask_NS=mask, adv_NS=adv * mask)
 
 
-def _with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
+def with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
     g = torch.Generator().manual_seed(1)
     noise = 0.2 * torch.randn(logp.shape, generator=g)
-    return step.TrainBatch(
-        tokens_NS=batch.tokens_NS,
-        mask_NS=batch.mask_NS,
-        adv_NS=batch.adv_NS,
+    return dataclasses.replace(
+        batch,
         old_logp_NS=(logp + noise) * batch.mask_NS,
         ref_logp_NS=(logp - noise) * batch.mask_NS,
     )
@@ -184,7 +183,7 @@ def run_layout(
             arch=arch, model_cfg=model_cfg, par=par, optim_cfg=OptimConfig(), ctx=ctx
         )
         base = make_batch(arch.vocab_size, preset.seq)
-        batch = _with_logps(base, step.logprobs(policy, base))
+        batch = with_logps(base, step.logprobs(policy, base))
         m = Measured(tp=world)
         if probe:  # the test's reduced form: record inputs and d loss / d logits of ours
             m.seen = {"plain": [], "ours": []}

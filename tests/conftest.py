@@ -1,6 +1,10 @@
-"""Shared pytest setup: tests marked `gpu` are skipped cleanly when CUDA is not available."""
+"""Shared pytest setup: tests marked `gpu` are skipped cleanly when CUDA is not available, and
+the `single_rank` fixture (a one-process gloo group for building Megatron models in-process)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -13,3 +17,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def single_rank() -> Iterator[Any]:
+    """parallel.init for one process (TP = PP = DP = 1), destroyed after the test."""
+    from rpg_megatron.config import ParallelConfig
+    from rpg_megatron.megatron import parallel
+
+    ctx = parallel.init(ParallelConfig())
+    try:
+        yield ctx
+    finally:
+        parallel.destroy()

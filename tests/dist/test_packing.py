@@ -12,6 +12,7 @@ atol 1e-6 x max(1, max |g|) per tensor; loss 1e-6 relative.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 from rpg_megatron.config import OptimConfig, ParallelConfig
 from rpg_megatron.megatron import packing, parallel, step
 from tests.dist.test_step import OBJ, V, _build, _full_grads, _load
+from tests.dist.test_step import _with_logps as _step_with_logps
 from tests.distributed import spawn
 
 pytestmark = pytest.mark.slow
@@ -46,18 +48,8 @@ def _batch() -> step.TrainBatch:
 
 
 def _with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
-    g = torch.Generator().manual_seed(1)
-    old = (logp + 0.3 * torch.randn(logp.shape, generator=g)) * batch.mask_NS
-    ref = (logp + 0.2 * torch.randn(logp.shape, generator=g)) * batch.mask_NS
-    return step.TrainBatch(
-        tokens_NS=batch.tokens_NS,
-        mask_NS=batch.mask_NS,
-        adv_NS=batch.adv_NS,
-        old_logp_NS=old,
-        ref_logp_NS=ref,
-        lengths_N=batch.lengths_N,
-        max_response_len=S,
-    )
+    """test_step's old/ref log-probs; lengths kept, and the budget for aggregation='constant'."""
+    return dataclasses.replace(_step_with_logps(batch, logp), max_response_len=S)
 
 
 def _case(

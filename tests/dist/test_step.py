@@ -9,6 +9,7 @@ order differs): rtol 1e-5, atol 1e-6 x max(1, max |g|) per tensor; loss to 1e-6 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -64,13 +65,7 @@ def _with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
     g = torch.Generator().manual_seed(1)
     old = (logp + 0.3 * torch.randn(logp.shape, generator=g)) * batch.mask_NS
     ref = (logp + 0.2 * torch.randn(logp.shape, generator=g)) * batch.mask_NS
-    return step.TrainBatch(
-        tokens_NS=batch.tokens_NS,
-        mask_NS=batch.mask_NS,
-        adv_NS=batch.adv_NS,
-        old_logp_NS=old,
-        ref_logp_NS=ref,
-    )
+    return dataclasses.replace(batch, old_logp_NS=old, ref_logp_NS=ref)
 
 
 def _build(par: ParallelConfig, optim: OptimConfig) -> step.Policy:

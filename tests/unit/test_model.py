@@ -7,7 +7,6 @@ Tiny models: 2 layers, hidden 64, 4 heads, 2 KV heads, vocab 300.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,15 +37,6 @@ FP32 = ModelConfig(dtype="float32")
 
 def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
     return HF_CLASSES[family](**{**TINY, **overrides})
-
-
-@pytest.fixture
-def single_rank() -> Iterator[parallel.ParallelContext]:
-    ctx = parallel.init(ParallelConfig())
-    try:
-        yield ctx
-    finally:
-        parallel.destroy()
 
 
 # ------------------------------------------------------------------------- read_hf_config

@@ -16,7 +16,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,15 +159,6 @@ def test_published_model_sizes(
             transformers.AutoConfig.for_model(**shape)
         )
     assert count == sum(p.numel() for p in hf.parameters())
-
-
-@pytest.fixture
-def single_rank() -> Iterator[parallel.ParallelContext]:
-    ctx = parallel.init(ParallelConfig())
-    try:
-        yield ctx
-    finally:
-        parallel.destroy()
 
 
 @pytest.mark.parametrize(("family", "tied"), [("qwen3", False), ("qwen2", True)])
