@@ -317,27 +317,26 @@ def _micro_batches(policy: Policy, batch: TrainBatch) -> list[packing.MicroBatch
     ]
 
 
-def _dp_rows(policy: Policy, batch: TrainBatch, *, dp_rank: int | None = None) -> list[int]:
-    """The sequences a data-parallel rank (default: this one) trains on. Padded: a contiguous
-    slice of whole micro-batches. Packed: a token-balanced share (`packing.balance`)."""
+def _dp_shares(policy: Policy, batch: TrainBatch) -> list[list[int]]:
+    """The sequences each data-parallel rank trains on, in DP rank order (the same on every
+    rank). Padded: contiguous slices of whole micro-batches. Packed: token-balanced shares
+    (`packing.balance`)."""
     ctx, cfg = policy.ctx, policy.optim_cfg
-    rank = ctx.dp_rank if dp_rank is None else dp_rank
     if cfg.max_tokens_per_microbatch:
         if batch.n < ctx.dp:
             raise ValueError(f"batch of {batch.n} sequences has fewer than dp={ctx.dp} ranks")
-        return packing.balance(packing.sequence_lengths(batch), ctx.dp)[rank]
+        return packing.balance(packing.sequence_lengths(batch), ctx.dp)
     if batch.n % (ctx.dp * cfg.micro_batch_size):
         raise ValueError(
             f"batch of {batch.n} sequences does not split into dp={ctx.dp} ranks x whole "
             f"micro-batches of optim.micro_batch_size={cfg.micro_batch_size}"
         )
     per = batch.n // ctx.dp
-    return list(range(rank * per, (rank + 1) * per))
+    return [list(range(r * per, (r + 1) * per)) for r in range(ctx.dp)]
 
 
-def _local(policy: Policy, batch: TrainBatch) -> TrainBatch:
-    """This DP rank's sequences (a copy)."""
-    return batch.take(torch.tensor(_dp_rows(policy, batch), dtype=torch.int64))
+def _take(batch: TrainBatch, rows: list[int]) -> TrainBatch:
+    return batch.take(torch.tensor(rows, dtype=torch.int64))
 
 
 def _run_schedule(
@@ -386,7 +385,8 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
     from megatron.core import parallel_state
 
     ctx = policy.ctx
-    local = _local(policy, batch)
+    shares = _dp_shares(policy, batch)
+    local = _take(batch, shares[ctx.dp_rank])
     mbs = _micro_batches(policy, local)
     tp_group, vocab_start = _tp_group(), _vocab_start(policy)
     chunk = policy.model_cfg.logprob_chunk_tokens
@@ -429,7 +429,6 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
         return local_logp.cpu()
     # Every rank knows every share (the split is deterministic); packing makes them unequal,
     # so each is padded to the largest for the all-gather.
-    shares = [_dp_rows(policy, batch, dp_rank=r) for r in range(ctx.dp)]
     padded = torch.zeros(max(map(len, shares)), S, device=ctx.device)
     padded[: local.n] = local_logp
     parts = [torch.empty_like(padded) for _ in range(ctx.dp)]
@@ -476,7 +475,7 @@ def forward_backward(
     if objective.needs_ref and batch.ref_logp_NS is None:
         raise ValueError(f"{type(objective).__name__} needs TrainBatch.ref_logp_NS")
     ctx = policy.ctx
-    mbs = _micro_batches(policy, _local(policy, batch))
+    mbs = _micro_batches(policy, _take(batch, _dp_shares(policy, batch)[ctx.dp_rank]))
     tp_group, vocab_start = _tp_group(), _vocab_start(policy)
 
     def forward_step(data_iterator: Iterator[packing.MicroBatch], model: Any) -> tuple[Tensor, Any]:
