@@ -7,14 +7,22 @@
     hook, backward; random advantages and old/ref log-probs near the policy's own.
 Both run through the same `get_forward_backward_func` schedule, Megatron DDP and grad-buffer
 zeroing, with the same micro-batching, precision and recompute; warm-up steps are excluded,
-then steps alternate plain/ours and ours/plain, and the median step time is reported. One
+then the order of the paths rotates every step, and the median step time is reported. One
 sequence of `--seq` tokens per step (the layout of the reference numbers in
-../shared/gpu/README.md); bench/packing.py measures packed against padded batches.
+../shared/gpu/README.md); bench/packing.py measures packed against padded batches. On GPU the
+peaks include what both paths share (weights, the fp32 DDP grad buffer, the optimizer's fp32
+main copy), printed as "resident" in the table's first line.
 
     python bench/train_step.py --preset tiny-cpu            # CPU, gloo, TP=1 and TP=2
     python bench/train_step.py --preset qwen3-4b-8k         # GPU, bf16
     python bench/train_step.py --preset qwen3-4b-8k --fp8 delayed
     python bench/train_step.py --preset tiny-cpu --record   # append the table to docs
+    python bench/train_step.py --preset tiny-cpu --levers   # + ours with each lever undone
+    bash bench/gpu.sh bench                                 # the GPU presets on a lent H100
+
+--levers also times our update with one optimisation at a time put back the way a naive RL
+step does it (LEVERS below), in the same rotation, so each row's "vs ours" is what that lever
+buys on this machine.
 
 Last line, exactly: step_ratio=<ours/plain tokens per second> mem_ratio=<ours/plain peak or nan>
 (over the last layout measured; the table has every layout).
@@ -23,11 +31,13 @@ Last line, exactly: step_ratio=<ours/plain tokens per second> mem_ratio=<ours/pl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.record import record  # noqa: E402
 from rpg_megatron.config import ModelConfig, OptimConfig, ParallelConfig  # noqa: E402
-from rpg_megatron.megatron import parallel, step  # noqa: E402
+from rpg_megatron.megatron import loss_hook, parallel, step  # noqa: E402
 from rpg_megatron.megatron.arch import read_hf_config  # noqa: E402
 from rpg_megatron.objectives import RPG  # noqa: E402
 
@@ -99,10 +109,13 @@ class Measured:
     """One layout's result (returned from every rank; rank 0's is reported)."""
 
     tp: int
-    plain_s: list[float] = field(default_factory=list)
-    ours_s: list[float] = field(default_factory=list)
-    plain_peak: float = float("nan")
-    ours_peak: float = float("nan")
+    s: dict[str, list[float]] = field(default_factory=dict)
+    """Seconds per step of each path ("plain", "ours", then each lever's name)."""
+    peak: dict[str, float] = field(default_factory=dict)
+    """Peak GiB allocated during each path's steps (GPU only; NaN on CPU)."""
+    resident: float = float("nan")
+    """GiB allocated before the measured steps: weights, DDP grad buffers, the optimizer's
+    fp32 main copy (both paths use the same policy, so every peak includes it)."""
     seen: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     logits_grad: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -160,15 +173,105 @@ def _ours_step(policy: step.Policy, batch: step.TrainBatch, objective: RPG) -> d
     return step.forward_backward(policy, batch, objective, aggregation="token")
 
 
+# ------------------------------------------------------------------------------------ levers
+# Each lever undoes one optimisation of our update by swapping the log-prob function the loss
+# hook calls (loss_hook.vocab_parallel_logprobs, looked up at call time) or by adding the work
+# it avoids; everything else stays ours. Same signature as vocab_parallel_logprobs.
+Logprobs = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+_OURS: Logprobs = loss_hook.vocab_parallel_logprobs
+
+
+def _grad_in_new_tensor(logits_TV: torch.Tensor, target_T: torch.Tensor, **kw: Any) -> Any:
+    return _OURS(logits_TV, target_T, **{**kw, "grad_into_logits": False})
+
+
+def _entropy_second_pass(logits_TV: torch.Tensor, target_T: torch.Tensor, **kw: Any) -> Any:
+    logp_T, _ = _OURS(logits_TV, target_T, **{**kw, "with_entropy": False})
+    if not kw.get("with_entropy"):
+        return logp_T, None
+    _, ent_T = _OURS(logits_TV.detach(), target_T, **{**kw, "grad_into_logits": False})
+    return logp_T, ent_T
+
+
+def _gathered(logits_TV: torch.Tensor, tp_group: Any) -> torch.Tensor:
+    """The full padded vocab on every TP rank (backward keeps each rank's slice)."""
+    if tp_group is None:
+        return logits_TV
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits_TV)
+
+
+def _tp_gather_then_ours(logits_TV: torch.Tensor, target_T: torch.Tensor, **kw: Any) -> Any:
+    full_TV = _gathered(logits_TV, kw["tp_group"])
+    return _OURS(full_TV, target_T, **{**kw, "tp_group": None, "vocab_start": 0})
+
+
+def _fp32_log_softmax(
+    logits_TV: torch.Tensor,
+    target_T: torch.Tensor,
+    *,
+    vocab_size: int,
+    tp_group: Any,
+    with_entropy: bool = False,
+    **_: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The textbook way: gather the vocab over TP, one float32 [T, V] log_softmax copy,
+    entropy from its probabilities."""
+    logsm_TV = torch.log_softmax(_gathered(logits_TV, tp_group)[:, :vocab_size].float(), dim=-1)
+    logp_T = logsm_TV.gather(1, target_T[:, None]).squeeze(1)
+    ent_T = None
+    if with_entropy:
+        with torch.no_grad():
+            ent_T = -(logsm_TV.exp() * logsm_TV).sum(dim=1)
+    return logp_T, ent_T
+
+
+@contextlib.contextmanager
+def _swap_logprobs(fn: Logprobs) -> Iterator[None]:
+    loss_hook.vocab_parallel_logprobs = fn
+    try:
+        yield
+    finally:
+        loss_hook.vocab_parallel_logprobs = _OURS
+
+
+LEVERS: dict[str, tuple[str, Logprobs | None, bool]] = {
+    # name: (what is undone, log-prob function or None for ours, recompute old/ref log-probs)
+    "grad-new-tensor": ("logits' gradient in a new [T, V_tp] tensor", _grad_in_new_tensor, False),
+    "entropy-2nd-pass": ("entropy in a second pass over the logits", _entropy_second_pass, False),
+    "tp-gather": ("logits gathered over TP, then our kernel", _tp_gather_then_ours, False),
+    "fp32-log-softmax": ("float32 log_softmax over the gathered vocab", _fp32_log_softmax, False),
+    "recompute-old-ref": ("old and ref log-probs recomputed (+2 forward passes)", None, True),
+}
+
+
+def _lever_step(
+    name: str, policy: step.Policy, batch: step.TrainBatch, objective: RPG
+) -> dict[str, float]:
+    _what, fn, recompute = LEVERS[name]
+    if recompute:
+        for _ in ("old", "ref"):
+            step.logprobs(policy, batch)
+    with _swap_logprobs(fn) if fn is not None else contextlib.nullcontext():
+        return _ours_step(policy, batch, objective)
+
+
 def _sync(ctx: parallel.ParallelContext) -> None:
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
 
 
 def run_layout(
-    rank: int, world: int, preset: Preset, fp8: str | None, probe: bool, objective: RPG = OBJECTIVE
+    rank: int,
+    world: int,
+    preset: Preset,
+    fp8: str | None,
+    probe: bool,
+    objective: RPG = OBJECTIVE,
+    levers: tuple[str, ...] = (),
 ) -> Measured:
-    """Build the policy at TP=world, then time both paths (called on every rank)."""
+    """Build the policy at TP=world, then time plain, ours and each lever (on every rank)."""
     par = ParallelConfig(tp=world)
     ctx = parallel.init(par)
     try:
@@ -190,26 +293,33 @@ def run_layout(
             _probe(policy, batch, m, objective)
             _plain_step(policy, batch, m.seen["plain"])
             return m
-        for _ in range(preset.warmup):
-            _plain_step(policy, batch, None)
-            _ours_step(policy, batch, objective)
+        runs: dict[str, Callable[[], object]] = {
+            "plain": lambda: _plain_step(policy, batch, None),
+            "ours": lambda: _ours_step(policy, batch, objective),
+        }
+        for name in levers:
+            if name != "tp-gather" or world > 1:  # at TP=1 there is nothing to gather
+                runs[name] = lambda name=name: _lever_step(name, policy, batch, objective)
+        for run in runs.values():
+            for _ in range(preset.warmup):
+                run()
+        names = list(runs)
+        if ctx.device.type == "cuda":
+            m.resident = torch.cuda.memory_allocated() / 2**30
         for i in range(preset.steps):
-            order = ("plain", "ours") if i % 2 == 0 else ("ours", "plain")
-            for which in order:
+            # rotate the order every step, so no path always runs first or after the same one
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 if ctx.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 _sync(ctx)
                 t0 = time.perf_counter()
-                if which == "plain":
-                    _plain_step(policy, batch, None)
-                else:
-                    _ours_step(policy, batch, objective)
+                runs[name]()
                 _sync(ctx)
-                dt_s = time.perf_counter() - t0
-                getattr(m, f"{which}_s").append(dt_s)
+                m.s.setdefault(name, []).append(time.perf_counter() - t0)
+                peak = float("nan")
                 if ctx.device.type == "cuda":
                     peak = torch.cuda.max_memory_allocated() / 2**30
-                    setattr(m, f"{which}_peak", max(peak, getattr(m, f"{which}_peak") or 0.0))
+                m.peak[name] = max(peak, m.peak.get(name, peak))
         return m
     finally:
         parallel.destroy()
@@ -243,24 +353,32 @@ def _table(preset_name: str, preset: Preset, rows: list[Measured], fp8: str | No
         f"preset {preset_name}: {preset.hf['num_hidden_layers']}L h{preset.hf['hidden_size']} "
         f"V{preset.hf['vocab_size']}, {preset.seq} tokens/step, {preset.dtype}"
         f"{', fp8 ' + fp8 if fp8 else ''}; median of {preset.steps} steps after "
-        f"{preset.warmup} warm-up, orders alternated",
+        f"{preset.warmup} warm-up, order rotated every step"
+        + "".join(
+            f"; TP={m.tp}: {m.resident:.1f} GiB resident before each step"
+            for m in rows
+            if m.resident == m.resident
+        ),
         "",
-        "| TP | path | s/step | tokens/s | peak GiB |",
-        "|---|---|---:|---:|---:|",
+        "| TP | path | s/step | tokens/s | peak GiB | s/step vs ours |",
+        "|---|---|---:|---:|---:|---:|",
     ]
+    labels = {"plain": "plain Megatron (labels, CE)", "ours": "ours (RPG loss hook)"}
     for m in rows:
-        for name in ("plain", "ours"):
-            s = statistics.median(getattr(m, f"{name}_s"))
-            peak = getattr(m, f"{name}_peak")
-            label = "plain Megatron (labels, CE)" if name == "plain" else "ours (RPG loss hook)"
-            lines.append(f"| {m.tp} | {label} | {s:.4f} | {preset.seq / s:,.0f} | {peak:.1f} |")
+        ours = statistics.median(m.s["ours"])
+        for name, times in m.s.items():
+            s = statistics.median(times)
+            label = labels.get(name) or f"ours, undone: {LEVERS[name][0]}"
+            lines.append(
+                f"| {m.tp} | {label} | {s:.4f} | {preset.seq / s:,.0f} | {m.peak[name]:.1f} "
+                f"| {s / ours - 1:+.1%} |"
+            )
     return lines
 
 
 def ratios(m: Measured) -> tuple[float, float]:
-    step_ratio = statistics.median(m.plain_s) / statistics.median(m.ours_s)  # tokens/s ratio
-    mem_ratio = m.ours_peak / m.plain_peak if m.plain_peak == m.plain_peak else float("nan")
-    return step_ratio, mem_ratio
+    step_ratio = statistics.median(m.s["plain"]) / statistics.median(m.s["ours"])  # tokens/s
+    return step_ratio, m.peak["ours"] / m.peak["plain"]  # NaN / NaN = NaN on CPU
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=None, help="override tokens per step")
     ap.add_argument("--steps", type=int, default=None, help="override measured steps")
     ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
+    ap.add_argument(
+        "--levers",
+        nargs="*",
+        choices=sorted(LEVERS),
+        default=None,
+        help="also time ours with each named optimisation undone (no names: all of them)",
+    )
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     if args.seq or args.steps:
@@ -284,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if preset.dtype != "float32" and not torch.cuda.is_available():
         print(f"preset {args.preset} needs a GPU (model.dtype={preset.dtype})", file=sys.stderr)
         return 2
+    levers = tuple(LEVERS if args.levers == [] else args.levers or ())
     rows = []
     for tp in preset.tps:
         if tp == 1 and torch.cuda.is_available():
@@ -291,9 +417,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29511")
-            rows.append(run_layout(0, 1, preset, args.fp8, False))
+            rows.append(run_layout(0, 1, preset, args.fp8, False, OBJECTIVE, levers))
         else:
-            rows.append(parallel.spawn_local(tp, run_layout, preset, args.fp8, False)[0])
+            args_ = (preset, args.fp8, False, OBJECTIVE, levers)
+            rows.append(parallel.spawn_local(tp, run_layout, *args_)[0])
     lines = _table(args.preset, preset, rows, args.fp8)
     step_ratio, mem_ratio = ratios(rows[-1])
     print("\n".join(lines))

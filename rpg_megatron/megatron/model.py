@@ -86,6 +86,16 @@ def validate(
             f"parallel.cp={par.cp}: context parallelism needs a GPU with Transformer Engine "
             "(its attention splits the sequence); set parallel.cp=1"
         )
+    packs = optim is not None and optim.max_tokens_per_microbatch > 0
+    if te and model_cfg.dtype == "float32" and (packs or par.cp > 1):
+        # TE 2.x get_attention_backend disables UnfusedDotProductAttention for qkv_format
+        # "thd", and its flash and fused backends take only fp16/bf16: no backend would run.
+        what = f"parallel.cp={par.cp}" if par.cp > 1 else "sequence packing"
+        raise ConfigError(
+            f"model.dtype='float32' with {what}: Transformer Engine's attention for packed (THD) "
+            "or context-parallel sequences runs only in bfloat16 or float16; set "
+            "model.dtype=bfloat16, or optim.max_tokens_per_microbatch=0 and parallel.cp=1"
+        )
     if par.sequence_parallel and not te:
         # megatron-core 0.16.1 WrappedTorchNorm.__new__ asserts sequence_parallel is off when
         # neither TE nor Apex provides the norm, which is always the case on CPU.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from rpg_megatron.megatron.loss_hook import LossInputs
@@ -104,7 +105,8 @@ def cp_unchunk(parts: Sequence[Sequence[object]], length: int) -> list[object]:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MicroBatch:
     input_BS: Tensor
-    """int64 model input: [B, S-1] padded rows, or [1, T] packed sequences (THD)."""
+    """int64 model input: [B, S-1] padded rows (right-padded to the token multiple), or
+    [1, T] packed sequences (THD)."""
     position_BS: Tensor
     """int64 position ids, same shape (restarting at 0 for every packed sequence)."""
     loss: LossInputs
@@ -124,33 +126,45 @@ def sequence_lengths(batch: Any) -> list[int]:
     return [int(n) for n in batch.lengths_N.tolist()]
 
 
-def padded_micro_batches(batch: Any, size: int, device: torch.device) -> list[MicroBatch]:
+def _aligned(
+    x: Tensor | None, extra: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> Tensor | None:
+    """[B, S] per-token values -> the logits' alignment (positions 1..S-1), right-padded with
+    `extra` zeros per row, flattened to [B * (S - 1 + extra)]."""
+    if x is None:
+        return None
+    return F.pad(x[:, 1:].to(device=device, dtype=dtype), (0, extra)).reshape(-1)
+
+
+def padded_micro_batches(
+    batch: Any, size: int, device: torch.device, *, multiple: int = 1
+) -> list[MicroBatch]:
+    """Rows of `size` sequences, inputs [B, S-1] right-padded to a multiple of `multiple`
+    positions (sequence parallelism and FP8 need it; the causal mask makes right padding
+    harmless). Padding positions predict token 0 with mask 0."""
     out = []
     for start in range(0, batch.n, size):
         b = batch.rows(slice(start, start + size))
         tokens = b.tokens_NS.to(device)
         B, S = tokens.shape
-
-        def shifted(x: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
-            return None if x is None else x[:, 1:].to(device=device, dtype=dtype).reshape(-1)
-
-        zeros = torch.zeros(B * (S - 1), device=device)
+        extra = -(S - 1) % multiple
+        P = S - 1 + extra
+        zeros = torch.zeros(B * P, device=device)
         loss = LossInputs(
-            target_T=tokens[:, 1:].reshape(-1),
-            old_logp_T=_or(shifted(b.old_logp_NS), zeros),
-            ref_logp_T=shifted(b.ref_logp_NS),
-            adv_T=_or(shifted(b.adv_NS), zeros),
-            mask_T=shifted(b.mask_NS),
-            seq_index_T=torch.arange(B, device=device).repeat_interleave(S - 1),
+            target_T=_aligned(tokens, extra, device, torch.int64),
+            old_logp_T=_or(_aligned(b.old_logp_NS, extra, device), zeros),
+            ref_logp_T=_aligned(b.ref_logp_NS, extra, device),
+            adv_T=_or(_aligned(b.adv_NS, extra, device), zeros),
+            mask_T=_aligned(b.mask_NS, extra, device),
+            seq_index_T=torch.arange(B, device=device).repeat_interleave(P),
             n_seqs=B,
             max_response_len=b.max_response_len,
-            weight_T=shifted(b.weight_NS),
+            weight_T=_aligned(b.weight_NS, extra, device),
         )
-        positions = torch.arange(S - 1, device=device).expand(B, S - 1)
         out.append(
             MicroBatch(
-                input_BS=tokens[:, :-1],
-                position_BS=positions,
+                input_BS=F.pad(tokens[:, :-1], (0, extra)),
+                position_BS=torch.arange(P, device=device).expand(B, P),
                 loss=loss,
                 rows=list(range(start, start + B)),
             )

@@ -542,9 +542,10 @@ class RankFailed(RuntimeError):
 def spawn_local(
     world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 3600.0
 ) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` fresh local gloo processes, the way
+    """Run `fn(rank, world_size, *args)` on `world_size` fresh local processes, the way
     torchrun would start them (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* set, default group
-    initialised from a file store), and return the results by rank.
+    initialised from a file store: gloo on CPU; NCCL with one GPU per rank where CUDA is
+    present), and return the results by rank.
 
     For CPU tools and tests that need several ranks without a launcher (conversion at TP > 1,
     bench/train_step.py at TP = 2, tests/dist). `fn` and its arguments must be picklable
@@ -606,7 +607,11 @@ def _spawned_rank(
     )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        backend = "gloo"
+        if torch.cuda.is_available():  # TE's context parallelism needs NCCL's GPU send/recv
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            backend = "nccl"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
         result = fn(rank, world, *args)
         # Plain bytes, not tensors: multiprocessing queues pass tensors as shared-memory handles
         # that die with this process, which can exit before the parent has read them.

@@ -292,16 +292,13 @@ def _micro_batches(policy: Policy, batch: TrainBatch) -> list[packing.MicroBatch
     `optim.max_tokens_per_microbatch` > 0, packed sequences of at most that many tokens."""
     cfg, ctx = policy.optim_cfg, policy.ctx
     if cfg.max_tokens_per_microbatch == 0:
-        return packing.padded_micro_batches(batch, cfg.micro_batch_size, ctx.device)
+        return packing.padded_micro_batches(
+            batch, cfg.micro_batch_size, ctx.device, multiple=_token_multiple(policy)
+        )
     lengths = packing.sequence_lengths(batch)
     groups = packing.token_budget_batches([n - 1 for n in lengths], cfg.max_tokens_per_microbatch)
     seq_multiple = 2 * ctx.cp if ctx.cp > 1 else 1
-    # Whole-pack multiples: sequence parallelism splits the local tokens over TP, and TE's FP8
-    # GEMMs need their token dimension divisible by 16.
-    per_rank = (ctx.tp if policy.gpt.config.sequence_parallel else 1) * (
-        16 if policy.model_cfg.fp8 is not None else 1
-    )
-    total_multiple = math.lcm(seq_multiple, ctx.cp * per_rank)
+    total_multiple = math.lcm(seq_multiple, ctx.cp * _token_multiple(policy))
     return [
         packing.packed_micro_batch(
             batch,
@@ -315,6 +312,13 @@ def _micro_batches(policy: Policy, batch: TrainBatch) -> list[packing.MicroBatch
         )
         for rows in groups
     ]
+
+
+def _token_multiple(policy: Policy) -> int:
+    """What each rank's tokens per micro-batch row must be a multiple of: sequence parallelism
+    splits them over TP, and TE's FP8 GEMMs need their token dimension divisible by 16."""
+    sp = policy.gpt.config.sequence_parallel
+    return (policy.ctx.tp if sp else 1) * (16 if policy.model_cfg.fp8 is not None else 1)
 
 
 def _dp_shares(policy: Policy, batch: TrainBatch) -> list[list[int]]:
@@ -442,8 +446,8 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
 def _place(out_NS: Tensor, mb: packing.MicroBatch, logp_T: Tensor, ctx: ParallelContext) -> None:
     """Write a micro-batch's log-probs into this rank's [n, S] result (0 stays at s = 0)."""
     if mb.scatter is None:
-        B = len(mb.rows)
-        out_NS[mb.rows[0] : mb.rows[0] + B, 1:] = logp_T.view(B, -1)
+        B, S = len(mb.rows), out_NS.shape[1]
+        out_NS[mb.rows[0] : mb.rows[0] + B, 1:] = logp_T.view(B, -1)[:, : S - 1]
         return
     if ctx.cp > 1:  # every CP rank holds two chunks of each sequence: gather, then reorder
         from megatron.core import parallel_state

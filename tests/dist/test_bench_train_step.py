@@ -76,8 +76,49 @@ def test_fast_path_gradient_and_same_tokens():
 
 
 def test_bench_prints_both_rows_and_the_ratio_line(capsys):
-    assert train_step.main(["--preset", "tiny-cpu", "--seq", "64", "--steps", "1"]) == 0
+    argv = ["--preset", "tiny-cpu", "--seq", "64", "--steps", "1"]
+    assert train_step.main([*argv, "--levers", "grad-new-tensor", "tp-gather"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"step_ratio=\d+\.\d{3} mem_ratio=nan", out[-1])
-    rows = [line for line in out if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(rows) == 4  # plain and ours at TP=1 and TP=2
+    rows = {tp: [line for line in out if line.startswith(f"| {tp} |")] for tp in (1, 2)}
+    # plain and ours at both TP sizes, then the levers: nothing to gather over TP at TP=1
+    assert [len(rows[1]), len(rows[2])] == [3, 4]
+    assert "plain Megatron" in rows[2][0] and "ours (RPG" in rows[2][1]
+    assert "new [T, V_tp] tensor" in rows[2][2] and "gathered over TP" in rows[2][3]
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_levers_compute_the_same_log_probs_and_gradients(with_entropy):
+    """Each lever changes how log p is computed, not what: a lever that computed something
+    else would time a different loss. Checked against torch.log_softmax in float64."""
+    g = torch.Generator().manual_seed(0)
+    V, padded = 50, 64  # columns past V are vocabulary padding holding garbage
+    logits = torch.randn(37, padded, generator=g)
+    logits[:, V:] = 1e4
+    target = torch.randint(0, V, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    ref_logsm = torch.log_softmax(logits[:, :V].double(), dim=-1)
+    ref_logp = ref_logsm.gather(1, target[:, None]).squeeze(1)
+    ref_ent = -(ref_logsm.exp() * ref_logsm).sum(dim=1)
+    x = logits.double().requires_grad_()
+    (
+        torch.log_softmax(x[:, :V], dim=-1).gather(1, target[:, None]).squeeze(1)
+        @ upstream.double()
+    ).backward()
+    kw = dict(vocab_start=0, vocab_size=V, tp_group=None, chunk_tokens=8, with_entropy=with_entropy)
+    fns = {"ours": train_step._OURS} | {
+        name: fn for name, (_, fn, _) in train_step.LEVERS.items() if fn is not None
+    }
+    assert len(fns) == 5
+    for name, fn in fns.items():
+        y = logits.clone().requires_grad_()
+        logp, ent = fn(
+            y * 1.0, target, grad_into_logits=True, **kw
+        )  # y * 1: a non-leaf, as in the model
+        (logp @ upstream).backward()
+        torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(y.grad.double(), x.grad, rtol=1e-5, atol=1e-6, msg=name)
+        if with_entropy:
+            torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert ent is None, name

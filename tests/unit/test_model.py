@@ -211,6 +211,23 @@ def test_mxfp8_needs_blackwell(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not dist.is_initialized()
 
 
+def test_float32_packing_on_transformer_engine_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TE has no float32 attention for THD (packed) or context-parallel sequences."""
+    monkeypatch.setattr(parallel, "_cuda_available", lambda: True)
+    monkeypatch.setattr(parallel, "_importable", lambda name: True)
+    packed = OptimConfig(max_tokens_per_microbatch=4096)
+    with pytest.raises(ConfigError, match=r"float32.*sequence packing.*bfloat16"):
+        model.validate(_tiny_arch(), FP32, ParallelConfig(), optim=packed)
+    with pytest.raises(ConfigError, match=r"float32.*parallel\.cp=2"):
+        model.validate(_tiny_arch(), FP32, ParallelConfig(cp=2))
+    bf16 = ModelConfig(dtype="bfloat16")
+    model.validate(_tiny_arch(), bf16, ParallelConfig(cp=2), optim=packed)
+    model.validate(_tiny_arch(), FP32, ParallelConfig(), optim=OptimConfig())  # padded rows
+    monkeypatch.setattr(parallel, "_importable", lambda name: False)  # CPU-style local spec
+    monkeypatch.setattr(parallel, "_cuda_available", lambda: False)
+    model.validate(_tiny_arch(), FP32, ParallelConfig(), optim=packed)
+
+
 BAD_HF = [
     ("unknown_family", {"model_type": "gpt2"}, "model_type='gpt2'.*llama, qwen2, qwen3"),
     ("substring_family", {"model_type": "qwen2_moe"}, "model_type='qwen2_moe'"),
