@@ -30,6 +30,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}, torch {torch.__version__}"
 
 
+# Taken when a benchmark imports this module, i.e. as it starts: the load its own processes
+# add by the end would otherwise be reported as the machine's.
+_LOAD_AT_START = os.getloadavg()[0]
+
+
 def record(title: str, command: str, body: str, *, notes: tuple[str, ...] = ()) -> Path:
     """Append `## title (date)`, machine, command, notes and `body` to docs/benchmarks.md:
     under an exclusive lock on the folder, read, write a temporary sibling, os.replace."""
@@ -40,7 +45,7 @@ def record(title: str, command: str, body: str, *, notes: tuple[str, ...] = ()) 
         f"- machine: {machine()}",
         f"- command: `{command}`",
         *(f"- {n}" for n in notes),
-        f"- 1-minute load average at start: {os.getloadavg()[0]:.1f}",
+        f"- 1-minute load average at start: {_LOAD_AT_START:.1f}",
         "",
         body.rstrip("\n"),
         "",
