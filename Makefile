@@ -31,6 +31,7 @@ test: lint
 
 # The tiny end-to-end RPG run on CPU: 2 gloo processes (data parallel), a few minutes.
 demo: $(STAMP)
+	rm -rf runs/demo  # each demo is a fresh run (training refuses to write over an earlier one)
 	$(BIN)/python -m rpg_megatron.tiny runs/demo
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 \
 		-m rpg_megatron.cli train examples/tiny_cpu.yaml

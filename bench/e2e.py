@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def run_ours(
 ) -> dict[str, Any]:
     """Train `steps` steps with our loop in a subprocess; returns the per-step metrics."""
     run_dir = out / "ours"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a reused --work-dir: this run starts afresh
     cmd = [
         sys.executable,
         "-m",

@@ -121,23 +121,33 @@ def save(
         latest = Path(cfg.dir) / "latest"
         latest.with_suffix(".tmp").write_text(final.name)
         os.replace(latest.with_suffix(".tmp"), latest)
-        _prune(cfg)
+        _prune(cfg, final)
     _barrier()
     return final
 
 
-def _prune(cfg: CheckpointConfig) -> None:
-    done = sorted(p for p in Path(cfg.dir).glob("step_*") if p.is_dir() and p.suffix != ".tmp")
-    for old in done[: max(0, len(done) - cfg.keep)]:
+def _prune(cfg: CheckpointConfig, newest: Path) -> None:
+    """Keep `newest` (the one `latest` names) and the `keep - 1` highest other steps. Never
+    deletes `newest`, even where a directory holds higher steps of an earlier run."""
+    others = sorted(
+        p for p in Path(cfg.dir).glob("step_*") if p.is_dir() and p.suffix != ".tmp" and p != newest
+    )
+    for old in others[: max(0, len(others) - (cfg.keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_name(cfg: CheckpointConfig) -> str | None:
+    """The step directory `latest` names, or None where there is no `latest` yet."""
+    pointer = Path(cfg.dir) / "latest"
+    return pointer.read_text().strip() if pointer.exists() else None
 
 
 def latest_dir(cfg: CheckpointConfig) -> Path | None:
     """The newest complete checkpoint, or None. A `.tmp` directory is never complete."""
-    pointer = Path(cfg.dir) / "latest"
-    if not pointer.exists():
+    name = latest_name(cfg)
+    if name is None:
         return None
-    path = Path(cfg.dir) / pointer.read_text().strip()
+    pointer, path = Path(cfg.dir) / "latest", Path(cfg.dir) / name
     if not (path / "meta.json").exists():
         raise FileNotFoundError(f"{pointer} names {path}, which has no meta.json")
     return path

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rpg_megatron import advantages, checkpoint, data, evaluate, rewards
-from rpg_megatron.config import Config, save_config
+from rpg_megatron.config import Config, ConfigError, save_config
 from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
 from rpg_megatron.megatron.reference import Reference
@@ -37,6 +37,10 @@ _log = logging.getLogger(__name__)
 
 def train(cfg: Config, *, resume: bool = False) -> Path:
     """Run `cfg`; returns the run directory (metrics.jsonl, checkpoints, reward.png)."""
+    if not resume:
+        # Before parallel.init: its rendezvous waits for every rank, so no rank has written
+        # anything of this run while another still checks.
+        _refuse_earlier_run(cfg)
     ctx = parallel.init(cfg.parallel)
     try:
         return _train(cfg, ctx, resume=resume)
@@ -75,6 +79,8 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         ref.load_state_dict(start["reference"])
     first = 0 if start is None else start["iteration"]
     iterations = math.ceil(cfg.optim.steps / (cfg.optim.minibatches * cfg.optim.update_epochs))
+    if is_main and resume:
+        print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
@@ -181,6 +187,37 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         engine.shutdown()
         scorer.close()
     return run_dir
+
+
+def _refuse_earlier_run(cfg: Config) -> None:
+    """A fresh run must not write over an earlier one: it would truncate its metrics.jsonl,
+    replace its config.yaml, and its checkpoints would prune the new run's away."""
+    metrics, latest = (
+        Path(cfg.log.run_dir) / "metrics.jsonl",
+        checkpoint.latest_name(cfg.checkpoint),
+    )
+    found = []
+    if metrics.exists() and metrics.stat().st_size > 0:
+        found.append(f"{metrics}")
+    if latest is not None:
+        found.append(f"checkpoint {Path(cfg.checkpoint.dir) / latest}")
+    if found:
+        raise ConfigError(
+            f"log.run_dir={cfg.log.run_dir} / checkpoint.dir={cfg.checkpoint.dir} already hold "
+            f"a run ({', '.join(found)}): pass --resume to continue it, or point log.run_dir "
+            "and checkpoint.dir at a new directory (or delete the old run)"
+        )
+
+
+def _resume_line(cfg: Config, first: int, iterations: int, *, found: bool) -> str:
+    if not found:
+        return f"resume: no checkpoint in checkpoint.dir={cfg.checkpoint.dir}; starting at step 0"
+    if first >= iterations:
+        return (
+            f"resume: the checkpoint is at step {first} of {iterations}, so the run is already "
+            "complete; raise optim.steps to train further"
+        )
+    return f"resume: continuing from step {first} of {iterations} ({cfg.checkpoint.dir})"
 
 
 def _summary(path: Path) -> str:

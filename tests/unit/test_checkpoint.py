@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rpg_megatron import checkpoint
-from rpg_megatron.config import CheckpointConfig, Config
+from rpg_megatron.config import CheckpointConfig, Config, LogConfig
 
 
 def _train(model, opt, steps):
@@ -109,3 +109,40 @@ def test_layout_mismatch_and_missing_shard_are_named(tmp_path):
         )
         is None
     )
+
+
+def test_the_checkpoint_just_written_survives_higher_steps_of_an_earlier_run(tmp_path):
+    cfg = CheckpointConfig(dir=str(tmp_path), keep=2)
+    model, _ = _fresh()
+    for step in (3, 5):  # an earlier, longer run in the same directory
+        checkpoint.save(
+            cfg, step=step, layout={}, model=model.state_dict(), optimizer=None, extra={}
+        )
+    checkpoint.save(cfg, step=2, layout={}, model=model.state_dict(), optimizer=None, extra={})
+    assert checkpoint.latest_dir(cfg) == tmp_path / "step_00000002"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000005"]
+    got = checkpoint.load_latest(cfg, layout={}, load_model=lambda sd: None, load_optimizer=None)
+    assert got is not None and got.step == 2
+
+
+def test_a_fresh_run_refuses_a_directory_holding_an_earlier_run(tmp_path):
+    """Without --resume, training into an earlier run's directories stops before touching
+    anything (its metrics, config and checkpoints stay as they were)."""
+    from rpg_megatron import train
+    from rpg_megatron.config import ConfigError
+
+    run, ck = tmp_path / "run", tmp_path / "run" / "ckpt"
+    cfg = Config(log=LogConfig(run_dir=str(run)), checkpoint=CheckpointConfig(dir=str(ck)))
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"already hold a run.*metrics\.jsonl.*--resume"):
+        train.train(cfg)
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    (run / "metrics.jsonl").unlink()
+    model, _ = _fresh()
+    checkpoint.save(
+        cfg.checkpoint, step=4, layout={}, model=model.state_dict(), optimizer=None, extra={}
+    )
+    with pytest.raises(ConfigError, match=r"checkpoint .*step_00000004.*--resume"):
+        train.train(cfg)
+    assert checkpoint.latest_dir(cfg.checkpoint) == ck / "step_00000004"
