@@ -7,8 +7,11 @@ outside its choices raises `ConfigError` naming the dotted key, the value and wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -516,7 +519,19 @@ class CheckpointConfig:
     every: int = 0
     """Save every this many optimizer steps; 0 saves only at the end."""
     keep: int = 2
-    """How many recent checkpoints to keep."""
+    """How many recent checkpoints to keep (>= 1: the newest is the one `--resume` reads)."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(
+                f"checkpoint.every={self.every}: must be >= 0 (a step count; 0 saves only at the "
+                "end)"
+            )
+        if self.keep < 1:
+            raise ConfigError(
+                f"checkpoint.keep={self.keep}: must be >= 1 (how many of the newest "
+                "checkpoints survive pruning; --resume reads the newest)"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -524,9 +539,13 @@ class LogConfig:
     run_dir: str = "runs/default"
     """Run directory: metrics.jsonl, the resolved config and plots go here."""
     every: int = 1
-    """Log every this many steps."""
+    """Print the progress line every this many steps (and after the last); metrics.jsonl gets
+    every step."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project when `wandb` is installed."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "every", "log")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -542,16 +561,20 @@ class LaunchConfig:
     cpus_per_node: int = 0
     """`--cpus-per-task` of the per-node task; 0 = procs_per_node on CPU, Slurm's default on GPU."""
     partition: str = ""
-    """Slurm partition (`sinfo` lists them). Required by the slurm and nemo-run executors."""
+    """Slurm partition (`sinfo` lists them), or a comma-separated list of them. Required by the
+    slurm and nemo-run executors."""
     account: str = ""
     """Slurm account to charge; empty = the user's default account."""
     time: str = "04:00:00"
-    """Wall-clock limit in Slurm syntax: MM, HH:MM:SS or D-HH:MM:SS."""
+    """Wall-clock limit in Slurm syntax: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; "0"
+    is no limit. A string: YAML reads an unquoted 10 as a number, so write "10"."""
     grace_s: int = 300
     """Seconds before the limit at which SIGUSR1 asks the trainer to checkpoint and requeue;
-    also torchrun's --shutdown-timeout. Must exceed one training step plus one checkpoint save."""
+    also torchrun's --shutdown-timeout. Must exceed one training step plus one checkpoint save,
+    stay below the time limit and at most 65535 (Slurm's --signal)."""
     job_name: str = "rpg-megatron"
-    """Slurm job name; also the stem of the rendered script and resolved config."""
+    """Slurm job name; also the stem of the rendered script and resolved config. Letters,
+    digits, '.', '_' and '-'."""
     log_dir: str = "runs/slurm"
     """Job stdout (`<job>-<id>.out`), per-rank torchrun logs (`<id>/restart_<n>/node_<k>/`),
     the rendered script and the resolved config. Relative paths are under `workdir`."""
@@ -565,13 +588,15 @@ class LaunchConfig:
     venv: str = ""
     """Virtual environment activated on every node; empty = the submitting shell's PATH."""
     env: dict[str, str] = field(default_factory=dict)
-    """Extra environment variables for every rank (NCCL knobs, HF_HOME, ...)."""
+    """Extra environment variables for every rank (NCCL knobs, HF_HOME, ...). A number is
+    taken as its decimal text (`NCCL_IB_TIMEOUT: 22` sets "22"); quote values whose spelling
+    matters ("010", "0x1f") and true/false, which YAML would turn into a boolean."""
     master_port: int = 29500
-    """TCP port of torchrun's c10d rendezvous on the first node."""
+    """TCP port (1..65535) of torchrun's c10d rendezvous on the first node."""
     exclusive: bool = True
     """Request whole nodes (`--exclusive`)."""
     sbatch_args: tuple[str, ...] = ()
-    """Extra `#SBATCH` options verbatim, e.g. `--qos=high`, `--mem=0`."""
+    """Extra `#SBATCH` options verbatim, one option each, e.g. `--qos=high`, `--mem=0`."""
     tunnel: Literal["local", "ssh"] = "local"
     """nemo-run: submit from this machine (`LocalTunnel`) or over SSH (`SSHTunnel`)."""
     ssh_host: str = ""
@@ -581,6 +606,79 @@ class LaunchConfig:
     remote_job_dir: str = ""
     """nemo-run: where experiment files go on the cluster; empty =
     `<log_dir>/nemorun/experiments`."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(
+                f"launch.nodes={self.nodes}: a job needs at least one node; set launch.nodes>=1"
+            )
+        for name in ("gpus_per_node", "procs_per_node", "cpus_per_node"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"launch.{name}={getattr(self, name)}: must be >= 0")
+        if self.gpus_per_node == 0 and self.procs_per_node < 1:
+            raise ConfigError(
+                "launch.gpus_per_node=0 (CPU) with launch.procs_per_node=0: set "
+                "launch.procs_per_node to the number of ranks per node"
+            )
+        if self.gpus_per_node and self.procs_per_node not in (0, self.gpus_per_node):
+            raise ConfigError(
+                f"launch.procs_per_node={self.procs_per_node} with launch.gpus_per_node="
+                f"{self.gpus_per_node}: GPU jobs run one rank per GPU; leave procs_per_node=0"
+            )
+        # Written unquoted into `#SBATCH --opt=value` lines (and job_name into file names).
+        for name, pattern in (
+            ("job_name", r"[A-Za-z0-9._-]+"),
+            ("partition", r"([A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*)?"),
+            ("account", r"[A-Za-z0-9._-]*"),
+        ):
+            if not re.fullmatch(pattern, getattr(self, name)):
+                raise ConfigError(
+                    f"launch.{name}={getattr(self, name)!r}: use letters, digits, '.', '_' and "
+                    f"'-' only{' (commas between partitions)' if name == 'partition' else ''}; "
+                    "it is written unquoted into the sbatch script"
+                )
+        limit_s = slurm_seconds(self.time)
+        if limit_s is None:
+            raise ConfigError(
+                f"launch.time={self.time!r}: not a Slurm time; use MM, MM:SS, HH:MM:SS, D-HH, "
+                "D-HH:MM or D-HH:MM:SS"
+            )
+        if not 10 <= self.grace_s <= 65535:
+            raise ConfigError(
+                f"launch.grace_s={self.grace_s}: the trainer needs time to finish a step and "
+                "save, and Slurm's --signal takes at most 65535 s; use 10..65535 seconds "
+                "(minutes on real models)"
+            )
+        if limit_s and self.grace_s >= limit_s:
+            raise ConfigError(
+                f"launch.grace_s={self.grace_s} with launch.time={self.time!r} ({limit_s} s): "
+                "the checkpoint signal would come before the job starts; lower grace_s below "
+                "the limit or raise launch.time"
+            )
+        if not 1 <= self.master_port <= 65535:
+            raise ConfigError(
+                f"launch.master_port={self.master_port}: not a TCP port; use 1..65535 "
+                "(default 29500)"
+            )
+        for i, arg in enumerate(self.sbatch_args):
+            if not arg.startswith("-") or "\n" in arg:
+                raise ConfigError(
+                    f"launch.sbatch_args[{i}]={arg!r}: each entry is one sbatch option written "
+                    "as `#SBATCH <entry>`; it must start with '-' (e.g. --qos=high)"
+                )
+        bad = [k for k in self.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+        if bad:
+            raise ConfigError(f"launch.env key {bad[0]!r}: not a shell variable name")
+        if self.container_image and self.venv:
+            raise ConfigError(
+                f"launch.container_image={self.container_image!r} and launch.venv="
+                f"{self.venv!r}: pick one environment (the container brings its own Python)"
+            )
+        if self.mounts and not self.container_image:
+            raise ConfigError(
+                f"launch.mounts={list(self.mounts)}: mounts apply to a container; set "
+                "launch.container_image or drop the mounts"
+            )
 
     @property
     def ranks_per_node(self) -> int:
@@ -603,6 +701,22 @@ class Config:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
+_SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)((?::\d{2}){0,2})")
+
+
+def slurm_seconds(time: str) -> int | None:
+    """Seconds of a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; "0" is no
+    limit and gives 0); None when `time` is none of these forms."""
+    m = _SLURM_TIME.fullmatch(time)
+    if m is None:
+        return None
+    days, fields = m.group(1), [int(m.group(2)), *map(int, m.group(3).split(":")[1:])]
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + sum(v * u for v, u in zip(fields, (3600, 60, 1), strict=False))
+    units = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}[len(fields)]
+    return sum(v * u for v, u in zip(fields, units, strict=True))
+
+
 def _positive(section: Any, name: str, prefix: str) -> None:
     value = getattr(section, name)
     if value < 1:
@@ -610,20 +724,35 @@ def _positive(section: Any, name: str, prefix: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load` without YAML 1.1's base-60 numbers (YAML 1.2 dropped them): an unquoted
+    Slurm time `30:00` stays the text "30:00" instead of becoming the integer 1800."""
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, re.compile(r"(?!.*:)" + rx.pattern, rx.flags) if tag in _NUMBER_TAGS else rx)
+        for tag, rx in resolvers
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """YAML file (optional) + `a.b=value` overrides -> validated `Config`.
 
-    Each override value is parsed with `yaml.safe_load`, so `true`, `1e-6`, `null` and
-    `[0.2, 0.28]` mean what they look like.
+    Each override value is parsed as YAML (as the file is, without base-60 numbers), so `true`,
+    `1e-6`, `null`, `30:00` and `[0.2, 0.28]` mean what they look like.
     """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.load(Path(path).read_text(), Loader=_Loader)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:
@@ -642,7 +771,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from None
     node = data
@@ -720,15 +849,27 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key}={value!r}: expected a mapping")
-        return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{source}: {key}: key {k!r} is not a string")
+            if args[1] is str and isinstance(v, int | float) and not isinstance(v, bool):
+                v = str(v)  # launch.env: `NCCL_IB_TIMEOUT: 22` means the text "22"
+            out[k] = _coerce(args[1], v, f"{key}.{k}", source)
+        return out
+    if tp is float and isinstance(value, int | str) and not isinstance(value, bool):
         # PyYAML (YAML 1.1) reads `1e-6` without a dot as a string; accept what float() reads.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError, OverflowError):
+            value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {key}={value!r}: must be a finite number, not nan or inf")
+    if tp is str and isinstance(value, int | float):  # bool is an int too
+        text = '"..."' if isinstance(value, bool) else f'"{value}"'
+        raise ConfigError(
+            f"{source}: {key}={value!r}: expected str, got {type(value).__name__}; YAML reads an "
+            f"unquoted number or true/false as one, so quote the text: {key.rsplit('.', 1)[-1]}: "
+            f"{text} in a file, '{key}={text}' as an override"
+        )
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(
             f"{source}: {key}={value!r}: expected {tp.__name__}, got {type(value).__name__}"

@@ -38,30 +38,14 @@ from rpg_megatron.config import (
 Executor = Literal["slurm", "local", "nemo-run", "nemo-run-local"]
 EXECUTORS: tuple[str, ...] = ("slurm", "local", "nemo-run", "nemo-run-local")
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
-_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 
 
 def validate(launch: LaunchConfig, parallel: ParallelConfig, *, executor: str) -> None:
-    """Everything that would otherwise fail after submission, with the fix in the message."""
+    """Everything that would otherwise fail after submission, with the fix in the message.
+    What does not depend on the executor or the parallel layout (node and rank counts, time,
+    grace, names, ports, sbatch args, env) `LaunchConfig` checks when it is built."""
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: must be one of {', '.join(EXECUTORS)}")
-    if launch.nodes < 1:
-        raise ConfigError(
-            f"launch.nodes={launch.nodes}: a job needs at least one node; set launch.nodes>=1"
-        )
-    for name in ("gpus_per_node", "procs_per_node", "cpus_per_node"):
-        if getattr(launch, name) < 0:
-            raise ConfigError(f"launch.{name}={getattr(launch, name)}: must be >= 0")
-    if launch.gpus_per_node == 0 and launch.procs_per_node < 1:
-        raise ConfigError(
-            "launch.gpus_per_node=0 (CPU) with launch.procs_per_node=0: set "
-            "launch.procs_per_node to the number of ranks per node"
-        )
-    if launch.gpus_per_node and launch.procs_per_node not in (0, launch.gpus_per_node):
-        raise ConfigError(
-            f"launch.procs_per_node={launch.procs_per_node} with launch.gpus_per_node="
-            f"{launch.gpus_per_node}: GPU jobs run one rank per GPU; leave procs_per_node=0"
-        )
     world = launch.nodes * launch.ranks_per_node
     model_parallel = parallel.tp * parallel.pp * parallel.cp
     if world % model_parallel:
@@ -80,30 +64,8 @@ def validate(launch: LaunchConfig, parallel: ParallelConfig, *, executor: str) -
             f"launch.nodes={launch.nodes} with --executor {executor}: a local run has one "
             "node; use --executor slurm or nemo-run for more"
         )
-    if not _TIME.match(launch.time):
-        raise ConfigError(
-            f"launch.time={launch.time!r}: not a Slurm time; use MM, HH:MM:SS or D-HH:MM:SS"
-        )
-    if launch.grace_s < 10:
-        raise ConfigError(
-            f"launch.grace_s={launch.grace_s}: the trainer needs time to finish a step and "
-            "save; use >= 10 seconds (minutes on real models)"
-        )
-    if launch.container_image and launch.venv:
-        raise ConfigError(
-            f"launch.container_image={launch.container_image!r} and launch.venv="
-            f"{launch.venv!r}: pick one environment (the container brings its own Python)"
-        )
-    if launch.mounts and not launch.container_image:
-        raise ConfigError(
-            f"launch.mounts={list(launch.mounts)}: mounts apply to a container; set "
-            "launch.container_image or drop the mounts"
-        )
     if launch.tunnel == "ssh" and executor == "nemo-run" and not launch.ssh_host:
         raise ConfigError("launch.tunnel='ssh' needs launch.ssh_host (the cluster login node)")
-    bad = [k for k in launch.env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
-    if bad:
-        raise ConfigError(f"launch.env key {bad[0]!r}: not a shell variable name")
 
 
 # -------------------------------------------------------------------------------- recipe

@@ -149,12 +149,23 @@ class Plan:
         return "\n".join(rows)
 
     def advice(self) -> str:
-        """Why it does not fit: the largest terms and the settings that shrink each."""
-        top = sorted((t for t in self.terms if t.fix), key=lambda t: -t.bytes)[:3]
-        parts = [f"{t.name} {t.bytes / GIB:.2f} GiB: {t.fix}" for t in top]
+        """Why it does not fit: the largest terms (fixed allowances included) and the settings
+        that shrink each; when the fixed terms alone exceed the GPU, that first."""
+        top = sorted(self.terms, key=lambda t: -t.bytes)[:3]
+        parts = [
+            f"{t.name} {t.bytes / GIB:.2f} GiB: {t.fix or 'no setting shrinks it'}" for t in top
+        ]
+        fixed = [t for t in self.terms if not t.fix]
+        fixed_gib = sum(t.bytes for t in fixed) / GIB
+        alone = (
+            f"; {' + '.join(t.name for t in fixed)} alone take {fixed_gib:.2f} GiB, so no setting "
+            "makes it fit: use a GPU with more memory (--gpu-gb)"
+            if fixed_gib > self.usable_gib
+            else ""
+        )
         return (
             f"stage {self.stage} needs {self.total_gib:.2f} GiB per GPU, more than the "
-            f"{self.usable_gib:.2f} GiB usable on a {self.gpu_gb:g} GB GPU; largest terms: "
+            f"{self.usable_gib:.2f} GiB usable on a {self.gpu_gb:g} GB GPU{alone}; largest terms: "
             + "; ".join(parts)
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from rpg_megatron.config import (
     from_dict,
     load_config,
     save_config,
+    slurm_seconds,
 )
 
 
@@ -108,6 +110,85 @@ def test_invalid_values_are_rejected_with_the_constraint():
         load_config(None, ["rollout.mode=split"])
     with pytest.raises(ConfigError, match=r"dual_clip_c=0\.9"):
         load_config(None, ["objective.dual_clip_c=0.9"])
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("checkpoint.keep=0", r"checkpoint\.keep=0: must be >= 1"),
+        ("checkpoint.keep=-1", r"checkpoint\.keep=-1: must be >= 1"),
+        ("checkpoint.every=-1", r"checkpoint\.every=-1: must be >= 0"),
+        ("log.every=0", r"log\.every=0: must be >= 1"),
+        ("log.every=-5", r"log\.every=-5: must be >= 1"),
+        ("launch.nodes=0", r"launch\.nodes=0: .*at least one node"),
+        ("launch.master_port=99999", r"launch\.master_port=99999"),
+    ],
+)
+def test_counts_that_would_delete_checkpoints_or_divide_by_zero(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_checkpoint_every_zero_still_means_only_at_the_end():
+    assert load_config(None, ["checkpoint.every=0", "checkpoint.keep=1"]).checkpoint.every == 0
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=nan",
+        "optim.lr=.inf",
+        "optim.grad_clip=.nan",
+        "objective.beta=nan",
+        "objective.kl_clamp=.inf",  # float | None
+        "objective.clip=[0.2, .inf]",  # inside a tuple
+        "rollout.temperature=.inf",
+        "rollout.temperature=-.inf",
+        "reward.correct_reward=inf",
+    ],
+)
+def test_nan_and_inf_floats_are_rejected(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*must be a finite number"):
+        load_config(None, [override])
+
+
+def test_unquoted_slurm_times_are_text_and_numbers_ask_for_quotes(tmp_path):
+    """YAML 1.1 reads an unquoted 30:00 as the base-60 integer 1800; the loader does not."""
+    path = tmp_path / "c.yaml"
+    path.write_text("launch:\n  time: 30:00\n")
+    assert load_config(path).launch.time == "30:00"
+    assert load_config(None, ["launch.time=30:00"]).launch.time == "30:00"
+    assert load_config(None, ["launch.time=1:00:00"]).launch.time == "1:00:00"
+    assert load_config(None, ['launch.time="10"']).launch.time == "10"
+    with pytest.raises(ConfigError, match=r"launch\.time=10: expected str, got int; .*\"10\""):
+        load_config(None, ["launch.time=10"])
+    with pytest.raises(ConfigError, match=r"launch\.time='4h': not a Slurm time"):
+        load_config(None, ["launch.time=4h"])
+    cfg = load_config(None, ["launch.time=30:00"])
+    path.write_text(dump_yaml(cfg))  # the resolved config reads back the same
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("time", "seconds"),
+    [
+        ("10", 600),  # MM
+        ("10:30", 630),  # MM:SS
+        ("120:00", 7200),  # MM:SS with more than 99 minutes
+        ("04:00:00", 14400),  # HH:MM:SS
+        ("2-12", 2 * 86400 + 12 * 3600),  # D-HH
+        ("1-02:30", 86400 + 2 * 3600 + 30 * 60),  # D-HH:MM
+        ("1-00:00:05", 86405),  # D-HH:MM:SS
+        ("0", 0),  # no limit
+        ("4h", None),
+        ("1:2", None),
+        ("1-2-3", None),
+        ("", None),
+    ],
+)
+def test_slurm_seconds(time, seconds):
+    assert slurm_seconds(time) == seconds
 
 
 def test_malformed_inputs(tmp_path):

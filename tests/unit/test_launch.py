@@ -141,6 +141,20 @@ def test_recipe_launch_section_and_overrides(tmp_path: Path) -> None:
         ({"time": "4h"}, {}, "slurm", r"launch\.time='4h'"),
         ({"venv": ".venv", "container_image": "img"}, {}, "slurm", "pick one environment"),
         ({}, {}, "kubernetes", "must be one of"),
+        ({"job_name": "my job$(id)"}, {}, "slurm", r"launch\.job_name='my job\$\(id\)': use"),
+        ({"partition": "a b"}, {}, "slurm", r"launch\.partition='a b': use letters"),
+        ({"account": "x;y"}, {}, "slurm", r"launch\.account='x;y'"),
+        (
+            {"sbatch_args": ("--qos=high", "bad arg")},
+            {},
+            "slurm",
+            r"launch\.sbatch_args\[1\]='bad arg': .*must start with '-'",
+        ),
+        ({"master_port": 99999}, {}, "slurm", r"launch\.master_port=99999: .*1\.\.65535"),
+        ({"master_port": 0}, {}, "local", r"launch\.master_port=0"),
+        ({"grace_s": 70000, "time": "2-00:00:00"}, {}, "slurm", r"at most 65535"),
+        ({"grace_s": 3600, "time": "60"}, {}, "slurm", r"grace_s=3600 .*'60' \(3600 s\)"),
+        ({"grace_s": 600, "time": "1-00"}, {"tp": 3}, "slurm", r"not divisible"),  # valid time
     ],
 )
 def test_bad_launch_config_errors_before_submission(
@@ -150,9 +164,29 @@ def test_bad_launch_config_errors_before_submission(
         raise AssertionError("submitted an invalid job")
 
     monkeypatch.setattr(launch, "submit_sbatch", no_submit)
-    cfg = launch.LaunchConfig(**{"partition": "p", **kwargs})
     with pytest.raises(ConfigError, match=match):
+        cfg = launch.LaunchConfig(**{"partition": "p", **kwargs})
         launch.launch(cfg, Config(parallel=ParallelConfig(**parallel)), executor=executor)
+
+
+def test_recipe_env_numbers_and_slurm_times_render(tmp_path: Path) -> None:
+    """The sbatch template's own example, `NCCL_IB_TIMEOUT: 22`, is an int to YAML; and YAML 1.1
+    would read an unquoted `30:00` as the base-60 integer 1800."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "launch:\n  partition: gpu\n  time: 30:00\n  grace_s: 60\n"
+        "  env: {NCCL_IB_TIMEOUT: 22, NCCL_IB_RETRY_CNT: 10}\n"
+    )
+    lc, _ = launch.load(recipe, [])
+    opts = _sbatch(_script(lc))
+    assert opts["--time"] == "30:00"
+    script = _script(lc)
+    assert "export NCCL_IB_TIMEOUT=22\n" in script and "export NCCL_IB_RETRY_CNT=10\n" in script
+    assert launch.load(recipe, ["launch.time=1:30:00"])[0].time == "1:30:00"
+    with pytest.raises(ConfigError, match=r"launch\.env\.A=True: expected str, got bool"):
+        launch.load(recipe, ["launch.env={A: true}"])
+    with pytest.raises(ConfigError, match=r"launch\.env\.A=\{'b': 1\}: expected str"):
+        launch.load(recipe, ["launch.env={A: {b: 1}}"])
 
 
 def test_unknown_placeholder_is_an_error(tmp_path: Path) -> None:

@@ -294,6 +294,29 @@ def test_without_launch_section_eight_gpus_are_assumed(tmp_path: Path) -> None:
     assert result.fits
 
 
+def test_advice_names_the_fixed_allowance_when_it_alone_does_not_fit(tmp_path: Path) -> None:
+    """The tiny model's own terms are kilobytes; the 0.5 + 1.5 + 0.5 GiB CUDA/NCCL allowance is
+    what exceeds a 1 GB GPU (0.99 GiB usable), and no setting shrinks it."""
+    from rpg_megatron.tiny import tiny_hf_config
+
+    hf = _write(tmp_path / "model", tiny_hf_config(vocab_size=27))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  hf_path: {hf}\nlaunch:\n  gpus_per_node: 1\n")
+    result = plan.plan_recipe(recipe, [], gpu_gb=1)
+    assert not result.fits
+    advice = result.advice()
+    assert "largest terms: CUDA/NCCL 2.50 GiB: no setting shrinks it" in advice
+    assert "CUDA/NCCL alone take 2.50 GiB" in advice and "more memory" in advice
+
+
+def test_zero_nodes_is_a_config_error_not_a_division(tmp_path: Path) -> None:
+    hf = _write(tmp_path, QWEN3_4B)
+    with pytest.raises(ConfigError, match=r"launch\.nodes=0: a job needs at least one node"):
+        plan.plan_recipe(
+            EXAMPLES / "qwen3_4b_rpg_8k.yaml", [f"model.hf_path={hf}", "launch.nodes=0"], gpu_gb=80
+        )
+
+
 def test_missing_config_json_names_the_path(tmp_path: Path) -> None:
     recipe = EXAMPLES / "qwen3_4b_rpg_8k.yaml"
     empty = tmp_path / "empty"
