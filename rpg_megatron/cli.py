@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 from rpg_megatron.config import ConfigError, dump_yaml, load_config
+
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+"""A `section.key=value` override (every config key sits in a section, so the key has a dot;
+`run=1.yaml` or `runs/a.b=1.yaml` are paths, not overrides)."""
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -51,14 +57,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     # data.py logs each skipped row (file:row n) as a warning; show them as plain lines.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    # An argument with "=" is an override even when it follows --data (nargs="+" takes it).
-    overrides = [a for a in args.data if "=" in a] + args.overrides
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, args.overrides)
     data_cfg = cfg.data
     if args.on_bad_row is not None:
         data_cfg = dataclasses.replace(data_cfg, on_bad_row=args.on_bad_row)
     eval_cfg = evaluate.EvalConfig(
-        files=tuple(a for a in args.data if "=" not in a),
+        files=tuple(args.data),
         k=args.k,
         pass_at=tuple(args.pass_at),
         max_new_tokens=args.max_new_tokens,
@@ -106,11 +110,17 @@ def _plan(args: argparse.Namespace) -> int:
     return 2
 
 
-def _convert_errors() -> tuple[type[BaseException], ...]:
+def _user_errors(command: str) -> tuple[type[BaseException], ...]:
+    """The project's errors that mean bad input (a config value, a data file, a checkpoint
+    directory) for `command`: reported as one line and exit status 2, not a traceback.
+    Imported only for the commands that can raise them (`config` must stay free of torch)."""
+    if command not in ("train", "convert", "eval"):
+        return (ConfigError,)
     from rpg_megatron.convert import ConvertError
+    from rpg_megatron.data import DataError
     from rpg_megatron.megatron.hf_map import HFMapError
 
-    return (ConvertError, HFMapError)
+    return (ConfigError, ConvertError, HFMapError, DataError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,22 +232,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _split_overrides(
+    parser: argparse.ArgumentParser, argv: list[str]
+) -> tuple[list[str], list[str]]:
+    """(argv without the overrides, the overrides in the order given).
+
+    A `section.key=value` argument is an override wherever it stands: before, between or after
+    the options, and it ends an option's list (`--data a.parquet data.x=1`, `--pass-at 1
+    data.x=1`). argparse alone cannot do this: `parse_args` hands a `nargs="*"` positional only
+    the arguments before the first option, and `parse_intermixed_args` refuses subparsers
+    (Python 3.11) and still lets `--pass-at`/`--data` swallow what follows them. Not taken: the
+    value of an option that takes exactly one (`--out a.b=c.json`), and anything after `--`.
+    """
+    # argparse has no public API to list a subcommand's options; `_actions` has been stable
+    # since Python 3.2.
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub = commands.choices.get(argv[0]) if argv else None
+    if sub is None or not any(a.dest == "overrides" for a in sub._actions):
+        return argv, []  # unknown command (argparse reports it) or one without overrides
+    options = {s: a for a in sub._actions for s in a.option_strings}
+    kept, overrides, values_left = argv[:1], [], 0
+    for i, arg in enumerate(argv[1:], start=1):
+        if values_left:
+            kept.append(arg)
+            values_left -= 1
+        elif arg == "--":
+            kept += argv[i:]
+            break
+        elif arg.startswith("-"):
+            kept.append(arg)
+            name, eq, _ = arg.partition("=")
+            # argparse accepts unambiguous prefixes of long options (--over for --overwrite).
+            actions = (
+                {options[name]}
+                if name in options
+                else {a for s, a in options.items() if name.startswith("--") and s.startswith(name)}
+            )
+            if len(actions) == 1 and not eq:  # `--out=x` carries its value itself
+                nargs = actions.pop().nargs  # None: one value; 0: a flag; "*", "+": a list
+                values_left = 1 if nargs is None else nargs if isinstance(nargs, int) else 0
+        elif _OVERRIDE.match(arg):
+            overrides.append(arg)
+        else:
+            kept.append(arg)
+    return kept, overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; `key.sub=value` overrides may come before or after options."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, overrides = _split_overrides(parser, argv)
+    args = parser.parse_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = overrides + args.overrides  # after `--`, or not key.sub=value
     if args.command == "config" and args.config and "=" in args.config:
-        # `rpg-megatron config a.b=1`: no file, overrides only
+        # `rpg-megatron config a=1`: no file, overrides only (load_config names a bad key)
         args.overrides.insert(0, args.config)
         args.config = None
-    errors: tuple[type[BaseException], ...] = (ConfigError,)
-    if args.command in ("convert", "eval"):
-        errors += _convert_errors()
-    if args.command == "eval":
-        from rpg_megatron.data import DataError
+    return args
 
-        errors += (DataError,)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
+        config = getattr(args, "config", None)
+        if config is not None and Path(config).is_dir():
+            raise ConfigError(f"config file {config}: is a directory; pass a YAML file")
         return args.run(args)
-    except errors as e:
+    except _user_errors(args.command) as e:
         print(f"rpg-megatron {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -44,7 +45,7 @@ from typing import Any
 import torch
 
 from rpg_megatron import __version__
-from rpg_megatron.config import ModelConfig, ParallelConfig
+from rpg_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from rpg_megatron.megatron.arch import padded_vocab_size, read_hf_config
 
 WEIGHTS = "weights"
@@ -159,9 +160,7 @@ def _validate_hf(hf_dir: Path, tp: int, pp: int) -> tuple[Any, SafetensorsReader
     """(HFArch, reader, dtype name) after every check that needs no tensor data."""
     from rpg_megatron.megatron import hf_map, model
 
-    if not hf_dir.is_dir():
-        raise ConvertError(f"--hf {hf_dir}: not a directory")
-    arch = read_hf_config(hf_dir)
+    arch = _read_arch(hf_dir, "--hf")
     reader = SafetensorsReader(hf_dir)
     hf_map.validate_hf(reader.shapes, arch)
     float_dtypes = {d for n, d in reader.dtypes.items() if n not in hf_map.IGNORED_HF}
@@ -172,7 +171,11 @@ def _validate_hf(hf_dir: Path, tp: int, pp: int) -> tuple[Any, SafetensorsReader
             f"{hf_dir}: tensors must share one of F32/BF16/F16; found {by_dtype} (dtype: a tensor)"
         )
     dtype = names[next(iter(float_dtypes))]
-    model.validate(arch, ModelConfig(dtype=dtype), ParallelConfig(tp=tp, pp=pp))
+    try:
+        model.validate(arch, ModelConfig(dtype=dtype), ParallelConfig(tp=tp, pp=pp))
+    except ConfigError as e:
+        # validate speaks in training-config keys; here the sizes came from --tp/--pp.
+        raise ConvertError(re.sub(r"\bparallel\.(tp|pp)\b", r"--\1", str(e))) from None
     tied_head = arch.tie_word_embeddings and hf_map.LM_HEAD in reader.shapes
     if tied_head and not torch.equal(
         reader.get(hf_map.LM_HEAD), reader.get("model.embed_tokens.weight")
@@ -184,13 +187,45 @@ def _validate_hf(hf_dir: Path, tp: int, pp: int) -> tuple[Any, SafetensorsReader
     return arch, reader, dtype
 
 
+def _read_arch(src: Path, flag: str) -> Any:
+    """HFArch of the config.json in directory `src`, given by command-line flag `flag`."""
+    if not src.is_dir():
+        raise ConvertError(f"{flag} {src}: not a directory")
+    if not (src / "config.json").is_file():
+        raise ConvertError(f"{flag} {src}: no config.json; pass the model directory holding it")
+    return read_hf_config(src)
+
+
 # ------------------------------------------------------------------------------ out dir
+def _check_out(out: Path, *, src: Path, flag: str, overwrite: bool) -> None:
+    """Refuse an --out that would destroy the source `src` (given by `flag`) or something that
+    is not a directory; before any work, so a refused command costs nothing."""
+    out, src = out.resolve(), src.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        where = "is" if out == src else "is inside" if src in out.parents else "contains"
+        raise ConvertError(
+            f"--out {out} {where} the source {flag} {src}: writing it would destroy the source; "
+            "choose an --out outside the source directory"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConvertError(
+            f"--out {out}: exists and is not a directory; --overwrite only replaces a model "
+            "directory: remove the file or choose another --out"
+        )
+    if out.exists() and not overwrite:
+        raise ConvertError(
+            f"--out {out}: already exists; pass --overwrite to replace it, or choose another --out"
+        )
+
+
 @contextlib.contextmanager
 def _atomic_dir(out: Path, *, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to `out` if the body succeeds, removed if not."""
     out = out.absolute()
     if out.exists() and not overwrite:
-        raise ConvertError(f"--out {out}: already exists; remove it or choose another directory")
+        raise ConvertError(
+            f"--out {out}: already exists; pass --overwrite to replace it, or choose another --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -228,6 +263,7 @@ def hf_to_mcore(
     from megatron.core.package_info import __version__ as mcore_version
 
     hf = Path(hf_dir).absolute()
+    _check_out(Path(out_dir), src=hf, flag="--hf", overwrite=overwrite)
     arch, _, dtype = _validate_hf(hf, tp, pp)
     with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         (tmp / WEIGHTS).mkdir()
@@ -342,6 +378,11 @@ def load_mcore(model_chunk: Any, mcore_dir: str | os.PathLike[str]) -> None:
     from rpg_megatron.megatron import export
 
     weights = Path(mcore_dir) / WEIGHTS
+    if not Path(mcore_dir).is_dir():  # train's model.init_from, eval --mcore
+        raise ConvertError(
+            f"{mcore_dir}: no such directory; expected a Megatron checkpoint written by "
+            "`rpg-megatron convert hf-to-mcore`"
+        )
     if not (weights / "metadata.json").is_file():
         raise ConvertError(f"{weights / 'metadata.json'}: missing; not a Megatron checkpoint")
     gpt = export.unwrap(model_chunk)
@@ -368,7 +409,8 @@ def mcore_to_hf(
 ) -> Path:
     """Convert a Megatron checkpoint directory (any saved TP/PP) to HF safetensors + config."""
     src = Path(mcore_dir).absolute()
-    read_hf_config(src)  # validates config.json before anything is written
+    _check_out(Path(out_dir), src=src, flag="--mcore", overwrite=overwrite)
+    _read_arch(src, "--mcore")  # validates config.json before anything is written
     _conversion_dtype(src)  # before any output exists
     if not (src / WEIGHTS / "metadata.json").is_file():
         raise ConvertError(f"{src / WEIGHTS / 'metadata.json'}: missing; not a Megatron checkpoint")

@@ -390,10 +390,15 @@ def _evaluate_benchmark(
 
 
 def load_benchmarks(
-    files: Sequence[str | Path], data_cfg: DataConfig, tokenizer: Any
+    files: Sequence[str | Path],
+    data_cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    field: str = "eval.files",
 ) -> dict[str, PromptDataset]:
     """Benchmark name (file stem) -> de-duplicated prompts of that file. Bad rows raise or are
-    skipped per `data_cfg.on_bad_row` (data.py names file and row either way)."""
+    skipped per `data_cfg.on_bad_row` (data.py names file and row either way). `field` is the
+    setting that named the files, quoted by errors (`rpg-megatron eval` passes --data)."""
     cfg = dataclasses.replace(data_cfg, unique=True)
     out: dict[str, PromptDataset] = {}
     origin: dict[str, str] = {}
@@ -401,10 +406,23 @@ def load_benchmarks(
         name = Path(f).stem
         if name in out:
             raise DataError(
-                f"eval files {origin[name]} and {f} are both named {name!r} (the file stem names "
-                "the benchmark); rename one"
+                f"{field}: files {origin[name]} and {f} are both named {name!r} (the file stem "
+                "names the benchmark); rename one"
             )
-        out[name], origin[name] = load_prompts(cfg, tokenizer, files=[f]), str(f)
+        if not Path(f).is_file():  # before load_prompts, whose message names data.train_files
+            raise DataError(f"{f}: no such file ({field})")
+        try:
+            out[name], origin[name] = load_prompts(cfg, tokenizer, files=[f]), str(f)
+        except DataError as e:
+            # load_prompts words this for the training set, with its LoadReport's repr.
+            if not str(e).startswith("no usable prompts"):
+                raise
+            why = (
+                "every row was malformed and skipped (see the warnings above), or it has none"
+                if cfg.on_bad_row == "skip"
+                else "the file has no rows"
+            )
+            raise DataError(f"{f}: no problems to evaluate ({field}): {why}") from None
     return out
 
 
@@ -498,6 +516,19 @@ def _read_model_dir(model_dir: str | Path, flag: str) -> tuple[dict[str, Any], A
     return hf_config, tokenizer
 
 
+def _check_report_path(out: Path) -> None:
+    """Raise ConfigError unless a report can be written at `out`."""
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {out}: is a directory; give the report's file path, e.g. {out / 'report.json'}"
+        )
+    parent = next(p for p in out.absolute().parents if p.exists())  # "/" always does
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {parent} is not writable; choose another --out")
+
+
 def run_eval(
     cfg: EvalConfig,
     *,
@@ -513,14 +544,21 @@ def run_eval(
     the report to `out`. `mcore`: `model_dir` is a Megatron dist checkpoint written by
     `rpg-megatron convert hf-to-mcore` (config.json, conversion.json, weights/, tokenizer)."""
     from rpg_megatron.config import to_dict
+    from rpg_megatron.convert import ConvertError
+    from rpg_megatron.megatron.hf_map import HFMapError
     from rpg_megatron.rewards import RewardScorer
     from rpg_megatron.rollout import make_engine
 
     if not cfg.files:
         raise ConfigError("eval: no benchmark files; pass --data PATH [PATH ...]")
+    _check_report_path(Path(out))  # before any work: a bad --out would fail only at the end
     flag = "--mcore" if mcore else "--model"
     hf_config, tokenizer = _read_model_dir(model_dir, flag)
-    datasets = load_benchmarks(cfg.files, data_cfg, tokenizer)
+    try:
+        datasets = load_benchmarks(cfg.files, data_cfg, tokenizer, field="--data")
+    except DataError as e:  # data.py's hint names the config key; this command has a flag
+        hint = str(e).replace("set data.on_bad_row=skip", "pass --on-bad-row skip")
+        raise DataError(hint) from None
     # The embedded engine refuses such prompts mid-run; say so before loading any weights.
     limit = hf_config.get("max_position_embeddings") if rollout_cfg.engine == "embedded" else None
     longest = max((p for d in datasets.values() for p in d.prompts), key=lambda p: len(p.token_ids))
@@ -533,7 +571,14 @@ def run_eval(
     engine = make_engine(rollout_cfg, hf_config=hf_config, tokenizer=tokenizer)
     try:
         buckets = mcore_buckets(model_dir) if mcore else hf_buckets(model_dir)
-        engine.update_weights(buckets, version=0)
+        try:
+            engine.update_weights(buckets, version=0)
+        except (ConvertError, HFMapError):
+            raise  # already name the file or tensor
+        except ValueError as e:  # a tensor the engine's model (built from config.json) rejects
+            raise ConvertError(
+                f"{flag} {model_dir}: its weights do not match its config.json: {e}"
+            ) from None
         with RewardScorer(reward_cfg) as scorer:
             report = evaluate(
                 engine,

@@ -225,7 +225,28 @@ def prepare_demo(run_dir: str | Path, *, prompts: int = 512, seed: int = 0) -> P
     return run_dir
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m rpg_megatron.tiny [RUN_DIR]`: `prepare_demo(RUN_DIR)` (`make demo` runs it)."""
+    import argparse
 
-    print(f"demo inputs in {prepare_demo(sys.argv[1] if len(sys.argv) > 1 else 'runs/demo')}")
+    parser = argparse.ArgumentParser(
+        prog="python -m rpg_megatron.tiny",
+        description="Write the CPU demo's inputs, no downloads: RUN_DIR/model (config.json and "
+        "tokenizer of a tiny Qwen3-style model, no weights) and RUN_DIR/train.parquet "
+        "(arithmetic prompts). Existing files of those names are replaced.",
+    )
+    parser.add_argument(
+        "run_dir", nargs="?", default="runs/demo", help="directory to write (default: runs/demo)"
+    )
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "" if blocker == run_dir else f" {blocker}"
+        parser.error(f"run_dir {run_dir}:{where} is a file, not a directory; choose another")
+    print(f"demo inputs in {prepare_demo(run_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

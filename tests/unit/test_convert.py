@@ -165,3 +165,62 @@ def test_cli_convert_reports_errors_and_keeps_config_subcommand(hf_dirs, tmp_pat
     assert not (tmp_path / "o").exists()
     assert cli.main(["config", "parallel.tp=2"]) == 0
     assert "tp: 2" in capsys.readouterr().out
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_out_overlapping_the_source_is_refused_even_with_overwrite(hf_dirs, tmp_path):
+    src = _corrupt_copy(hf_dirs["llama"][0], tmp_path / "m" / "src")
+    before = _snapshot(src)
+    for out, where in ((src, "is"), (src / "sub", "is inside"), (tmp_path / "m", "contains")):
+        with pytest.raises(convert.ConvertError, match=rf"--out {out} {where} the source --hf"):
+            convert.hf_to_mcore(src, out, overwrite=True)
+    mc = convert.hf_to_mcore(src, tmp_path / "mc")
+    mc_before = _snapshot(mc)
+    with pytest.raises(convert.ConvertError, match=rf"--out {mc} is the source --mcore {mc}"):
+        convert.mcore_to_hf(mc, mc, overwrite=True)
+    with pytest.raises(convert.ConvertError, match=r"is inside the source --mcore"):
+        convert.mcore_to_hf(mc, mc / "weights", overwrite=True)
+    assert _snapshot(src) == before and _snapshot(mc) == mc_before
+
+
+def test_overwrite_never_replaces_a_file(hf_dirs, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    with pytest.raises(convert.ConvertError, match=rf"--out {f}: exists and is not a directory"):
+        convert.hf_to_mcore(hf_dirs["llama"][0], f, overwrite=True)
+    assert f.read_text() == "mine"
+
+
+def test_errors_name_the_command_line_flags(hf_dirs, tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(convert.ConvertError, match=rf"^--mcore {missing}: not a directory"):
+        convert.mcore_to_hf(missing, tmp_path / "o")
+    no_config = _corrupt_copy(hf_dirs["llama"][0], tmp_path / "nc")
+    (no_config / "config.json").unlink()
+    with pytest.raises(convert.ConvertError, match=rf"^--hf {no_config}: no config.json"):
+        convert.hf_to_mcore(no_config, tmp_path / "o")
+    # tiny_hf models have 4 attention heads: 3 does not divide them.
+    with pytest.raises(convert.ConvertError, match=r"^--tp=3 does not divide num_attention_heads"):
+        convert.hf_to_mcore(hf_dirs["llama"][0], tmp_path / "o", tp=3)
+    (tmp_path / "o").mkdir()
+    with pytest.raises(convert.ConvertError, match=r"already exists; pass --overwrite to replace"):
+        convert.hf_to_mcore(hf_dirs["llama"][0], tmp_path / "o")
+
+
+def test_load_mcore_of_a_missing_directory_says_so(tmp_path):
+    # train's model.init_from=/nonexistent used to report a missing weights/metadata.json.
+    with pytest.raises(convert.ConvertError, match=rf"^{tmp_path / 'no'}: no such directory"):
+        convert.load_mcore(None, tmp_path / "no")
+
+
+def test_cli_refuses_out_equal_to_source(hf_dirs, tmp_path, capsys):
+    src = _corrupt_copy(hf_dirs["qwen2"][0], tmp_path / "src")
+    before = _snapshot(src)
+    argv = ["convert", "hf-to-mcore", "--hf", str(src), "--out", str(src), "--overwrite"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {src} is the source --hf {src}" in err and err.count("\n") == 1
+    assert _snapshot(src) == before

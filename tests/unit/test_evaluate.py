@@ -21,12 +21,13 @@ import pytest
 from rpg_megatron import tiny
 from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import ConfigError, DataConfig, RewardConfig
-from rpg_megatron.data import load_prompts
+from rpg_megatron.data import DataError, load_prompts
 from rpg_megatron.evaluate import (
     EvalConfig,
     benchmark_pass_at_k,
     evaluate,
     format_table,
+    load_benchmarks,
     maybe_evaluate,
     mean_at_k,
     pass_at_k,
@@ -266,3 +267,18 @@ def test_maybe_evaluate_runs_every_n_steps_and_wakes_a_colocated_engine(
     assert engine.events[-1] == "generate"  # not colocated: no wake/sleep
     off = {**common, "cfg": EvalConfig(k=K, every=0)}
     assert maybe_evaluate(4, out_dir=tmp_path, colocated=False, **off) is None
+
+
+def test_load_benchmarks_errors_name_the_setting_that_gave_the_files(tok, tmp_path) -> None:
+    missing = tmp_path / "missing.parquet"
+    with pytest.raises(DataError, match=rf"^{missing}: no such file \(eval\.files\)$"):
+        load_benchmarks([missing], DataConfig(), tok)  # in training: the eval.files setting
+    with pytest.raises(DataError, match=rf"^{missing}: no such file \(--data\)$"):
+        load_benchmarks([missing], DataConfig(), tok, field="--data")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError) as e:
+        load_benchmarks([empty], DataConfig(), tok)
+    assert str(e.value) == f"{empty}: no problems to evaluate (eval.files): the file has no rows"
+    with pytest.raises(DataError, match=r"every row was malformed and skipped"):
+        load_benchmarks([empty], DataConfig(on_bad_row="skip"), tok)

@@ -4,10 +4,15 @@ that a randomly initialised model hits the answer at about the rate tiny.py prom
 
 from __future__ import annotations
 
+import json
 import operator
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
@@ -144,3 +149,37 @@ def test_write_parquet_round_trips_through_data(tmp_path: Path) -> None:
     assert {r.data_source for r in read} == {"tiny_arithmetic"}
     with pytest.raises(ValueError, match="no rows"):
         tiny.write_parquet([], tmp_path / "empty.parquet")
+
+
+def test_help_prints_usage_and_writes_nothing(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rpg_megatron.tiny", "--help"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m rpg_megatron.tiny [-h] [run_dir]")
+    assert list(tmp_path.iterdir()) == []  # no directory named --help
+
+
+def test_main_refuses_a_file_path(tmp_path: Path, capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for target, where in ((afile, ""), (afile / "sub", f" {afile}")):
+        with pytest.raises(SystemExit) as e:
+            tiny.main([str(target)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"run_dir {target}:{where} is a file, not a directory" in err
+    assert afile.read_text() == "mine"
+
+
+def test_main_writes_the_demo_inputs(tmp_path: Path, capsys) -> None:
+    assert tiny.main([str(tmp_path / "demo")]) == 0
+    assert capsys.readouterr().out == f"demo inputs in {tmp_path / 'demo'}\n"
+    assert json.loads((tmp_path / "demo" / "model" / "config.json").read_text())["vocab_size"] == 27
+    rows = pq.read_table(tmp_path / "demo" / "train.parquet").to_pylist()
+    assert len(rows) == 512  # prepare_demo's default prompt count
