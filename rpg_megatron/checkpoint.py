@@ -11,8 +11,9 @@ Layout under `checkpoint.dir`:
 Every rank writes into `step_xxx.tmp/`; after a barrier rank 0 writes meta.json, renames the
 directory to `step_xxx` and then replaces `latest` (write-then-rename both times), so a crash at
 any point leaves either the previous checkpoint or the new one, never half of one. Resume needs
-the same parallel layout (tp, pp, dp) the checkpoint was written with; resharding to another
-layout is a conversion (`rpg-megatron convert`).
+the same parallel layout (tp, pp, dp) the checkpoint was written with. A run that completes also
+writes its policy as a Hugging Face model (`<log.run_dir>/hf`, train.py), which starts a new run
+at any layout (`model.hf_path`) and is what `rpg-megatron eval --model` reads.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def load_latest(
         raise ValueError(
             f"checkpoint {path} was written with world_size={meta['world_size']} layout="
             f"{meta['layout']}, this run has world_size={world} layout={dict(layout)}; resume "
-            "with the same layout or convert the checkpoint"
+            "with the same layout (a completed run's policy in <log.run_dir>/hf can start a new "
+            "run at any layout through model.hf_path)"
         )
     part = path / f"rank_{rank:05d}.pt"
     if not part.exists():

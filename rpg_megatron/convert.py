@@ -37,7 +37,7 @@ import os
 import queue
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -459,10 +459,8 @@ def _load_full_hf(mcore_dir: str, dtype: str) -> dict[str, torch.Tensor]:
 
 def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
     """model.safetensors, or model-0000i-of-0000N.safetensors + index when over the bound."""
-    from safetensors.torch import save_file
-
     shards: list[list[str]] = [[]]
-    size = total = 0
+    size = 0
     for name, t in state.items():
         n = t.numel() * t.element_size()
         if shards[-1] and size + n > max_shard_bytes:
@@ -470,21 +468,69 @@ def _write_safetensors(state: dict[str, torch.Tensor], out: Path, max_shard_byte
             size = 0
         shards[-1].append(name)
         size += n
-        total += n
-    files = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for file, names in zip(files, shards, strict=True):
+    _write_shards(({n: state[n] for n in names} for names in shards), out)
+
+
+def _write_shards(shards: Iterable[dict[str, torch.Tensor]], out: Path) -> None:
+    """One safetensors file per item of `shards`, written as each arrives (so only one is in
+    memory): model.safetensors when there is one, else model-0000i-of-0000N.safetensors and
+    model.safetensors.index.json (N is known only at the end, hence the renames)."""
+    from safetensors.torch import save_file
+
+    file_of: dict[str, int] = {}
+    total = count = 0
+    for count, shard in enumerate(shards, start=1):
         # Clones: safetensors refuses tensors that share storage (gate/up halves of fc1).
-        save_file({n: state[n].contiguous().clone() for n in names}, out / file, {"format": "pt"})
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {n: f for f, names in zip(files, shards, strict=True) for n in names},
-        }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        tensors = {n: t.detach().cpu().contiguous().clone() for n, t in shard.items()}
+        save_file(tensors, out / f"part-{count:05d}", {"format": "pt"})
+        for name, t in tensors.items():
+            file_of[name] = count
+            total += t.numel() * t.element_size()
+        del tensors
+    if count == 1:
+        os.replace(out / "part-00001", out / "model.safetensors")
+        return
+    files = {i: f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)}
+    for i, name in files.items():
+        os.replace(out / f"part-{i:05d}", out / name)
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {n: files[i] for n, i in file_of.items()},
+    }
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------- trained policy -> hf
+def export_policy(
+    model_chunks: Sequence[Any],
+    arch: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    src_hf_dir: str | os.PathLike[str],
+    dtype: torch.dtype | None,
+    write: bool,
+    bucket_bytes: int | None = None,
+) -> Path:
+    """A trained policy as a Hugging Face directory: safetensors (one file per export bucket)
+    and, copied from `src_hf_dir` (the run's model.hf_path), config.json and the tokenizer.
+
+    Collective over the model-parallel group, like `export.iter_hf_buckets`: every rank calls
+    it; the one with `write` (global rank 0) writes into a temporary sibling that replaces
+    `out_dir` once complete. `dtype` None keeps the parameters'; `bucket_bytes` (default
+    export's) bounds each safetensors file as it bounds the buckets. Returns `out_dir`.
+    """
+    from rpg_megatron.megatron import export
+
+    bound = export.DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+    buckets = export.iter_hf_buckets(model_chunks, arch, dtype=dtype, bucket_bytes=bound)
+    if not write:
+        for _ in buckets:
+            pass
+        return Path(out_dir)
+    with _atomic_dir(Path(out_dir), overwrite=True) as tmp:
+        _write_shards((dict(bucket) for bucket in buckets), tmp)
+        _copy_side_files(Path(src_hf_dir), tmp)
+    return Path(out_dir)
 
 
 # -------------------------------------------------------------------------------- ranks

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rpg_megatron import advantages, checkpoint, data, evaluate, rewards
+from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards
 from rpg_megatron.config import Config, ConfigError, save_config
 from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
@@ -178,12 +178,24 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             if is_main:
                 print(f"preempted: checkpoint of step {done} written; rerun with --resume")
             break
+    else:
+        if first < iterations:  # the run completed now: its policy for eval and other stacks
+            convert.export_policy(
+                policy.chunks,
+                arch,
+                run_dir / "hf",
+                src_hf_dir=hf_dir,
+                dtype=getattr(torch, cfg.model.dtype),
+                write=is_main,
+            )
 
     sink.close()
     if is_main:
         plot(run_dir / "metrics.jsonl", run_dir / "reward.png", keys=("reward/mean", "kl"))
         print(_summary(run_dir / "metrics.jsonl"), flush=True)
         print(f"metrics: {run_dir / 'metrics.jsonl'}  plot: {run_dir / 'reward.png'}", flush=True)
+        if (run_dir / "hf").is_dir():
+            print(f"policy (Hugging Face format): {run_dir / 'hf'}", flush=True)
         engine.shutdown()
         scorer.close()
     return run_dir
@@ -320,8 +332,6 @@ def _save(
 
 def _initial_weights(cfg: Config, policy: step.Policy) -> None:
     """Load `model.init_from` into the freshly built policy (see ModelConfig.init_from)."""
-    from rpg_megatron import convert
-
     source, hf_dir = cfg.model.init_from, Path(cfg.model.hf_path)
     has_hf = any(hf_dir.glob("*.safetensors"))
     if source == "random" or (source == "auto" and not has_hf):

@@ -97,6 +97,17 @@ def _worker(rank: int, world: int, cases: list[tuple[str, str, dict, torch.Tenso
             )
             convert.load_mcore(gpt, mc_dir)
             _export_and_check(gpt, arch, hf_state)
+            # A finished run's policy as an HF directory (one safetensors file per bucket).
+            out = Path(mc_dir).with_name(f"exported-{family}")
+            convert.export_policy(
+                [gpt],
+                arch,
+                out,
+                src_hf_dir=mc_dir,
+                dtype=None,
+                write=rank == 0,
+                bucket_bytes=BUCKET,
+            )
         finally:
             parallel.destroy()
 
@@ -111,6 +122,21 @@ def test_converted_logits_tp2_resharding_and_live_export(tmp_path: Path) -> None
         assert f'"tp": {tp}' in (mc / "conversion.json").read_text()
         cases.append((family, str(mc), tiny_hf.read_safetensors(hf), logits))
     spawn(2, _worker, cases)
+    from transformers import AutoModelForCausalLM
+
+    for family, mc, want, logits in cases:
+        out = Path(mc).with_name(f"exported-{family}")
+        got = tiny_hf.read_safetensors(out)
+        assert got.keys() == want.keys(), family
+        for name, t in want.items():
+            assert got[name].dtype == t.dtype and torch.equal(got[name], t), (family, name)
+        assert (out / "model.safetensors.index.json").is_file()  # several files, and an index
+        assert not list(out.parent.glob(f".exported-{family}.*"))  # no temporary left behind
+        hf_model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            again = hf_model(tiny_hf.prompt()).logits
+        # bit-equal weights; the logits were computed in another process (thread count)
+        torch.testing.assert_close(again, logits, atol=1e-5, rtol=0, msg=family)
 
 
 def test_checkpoint_saved_at_tp2_converts_back_bit_exact(tmp_path: Path) -> None:

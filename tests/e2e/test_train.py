@@ -18,6 +18,7 @@ import torch
 from rpg_megatron import tiny
 from rpg_megatron.batch import SamplingParams
 from rpg_megatron.config import ModelConfig, OptimConfig, ParallelConfig, RolloutConfig
+from tests import tiny_hf
 from tests.distributed import spawn
 
 pytestmark = pytest.mark.slow
@@ -137,6 +138,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     want, got = _records(straight), _records(broken)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
     assert got == want
+    # Each completed run wrote its policy as an HF model: the same weights, loadable by
+    # transformers with the tiny model's config.
+    from transformers import AutoModelForCausalLM
+
+    a, b = tiny_hf.read_safetensors(straight / "hf"), tiny_hf.read_safetensors(broken / "hf")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    hf_model = AutoModelForCausalLM.from_pretrained(broken / "hf")
+    assert {n for n, _ in hf_model.named_parameters()} <= a.keys()
 
 
 def test_sigusr1_checkpoints_and_stops_then_resume_continues(tmp_path):
@@ -158,6 +167,7 @@ def test_sigusr1_checkpoints_and_stops_then_resume_continues(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "preempted" in out
+    assert not (run / "hf").exists()  # only a completed run exports its policy
     stopped = int((run / "ck" / "latest").read_text().strip().split("_")[1])
     assert 2 <= stopped < 40
     assert [r["step"] for r in _records(run)] == list(range(1, stopped + 1))
@@ -169,3 +179,4 @@ def test_sigusr1_checkpoints_and_stops_then_resume_continues(tmp_path):
         capture_output=True,
     )
     assert [r["step"] for r in _records(run)] == list(range(1, stopped + 3))
+    assert (run / "hf" / "config.json").is_file() and list((run / "hf").glob("*.safetensors"))
