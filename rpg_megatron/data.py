@@ -64,11 +64,13 @@ class _BadRows:
     """Applies `on_bad_row`: raise naming file and row, or count and log and go on."""
 
     policy: BadRowPolicy
+    skip_hint: str = "set data.on_bad_row=skip"
+    """How the caller's user turns skipping on (a config key, or a command-line flag)."""
     counts: Counter[str] = field(default_factory=Counter)
 
     def __call__(self, origin: str, reason: str, detail: str) -> None:
         if self.policy == "error":
-            raise DataError(f"{origin}: {detail} (set data.on_bad_row=skip to drop such rows)")
+            raise DataError(f"{origin}: {detail} ({self.skip_hint} to drop such rows)")
         self.counts[reason] += 1
         if sum(self.counts.values()) <= _LOGGED_BAD_ROWS:
             logger.warning("skipping bad row %s: %s", origin, detail)
@@ -199,17 +201,20 @@ def read_rows(
     prompt_key: str = "prompt",
     answer_key: str = "reward_model.ground_truth",
     on_bad_row: BadRowPolicy = "error",
+    field: str = "data.train_files",
+    skip_hint: str = "set data.on_bad_row=skip",
 ) -> tuple[list[PromptRow], Counter[str]]:
     """Validated rows of one .parquet or .jsonl file and the count of skipped rows by reason.
 
     Bad rows (no ground truth, no/empty prompt, prompt not a list of {role, content} messages,
     a jsonl line that is not JSON) raise DataError naming file and row, or are skipped and
-    counted, per `on_bad_row`. A missing column or unreadable file always raises.
+    counted, per `on_bad_row`. A missing column or unreadable file always raises. Errors
+    name `field` (the setting that named the file) and `skip_hint` (how to skip bad rows).
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file (data.train_files)")
-    bad = _BadRows(on_bad_row)
+        raise DataError(f"{path}: no such file ({field})")
+    bad = _BadRows(on_bad_row, skip_hint)
     if path.suffix == ".parquet":
         records = _iter_parquet(path, prompt_key, answer_key)
     elif path.suffix == ".jsonl":
@@ -332,15 +337,21 @@ class PromptDataset:
 
 
 def load_prompts(
-    cfg: DataConfig, tokenizer: Any, *, files: Sequence[str | Path] | None = None
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    files: Sequence[str | Path] | None = None,
+    field: str = "data.train_files",
+    skip_hint: str = "set data.on_bad_row=skip",
 ) -> PromptDataset:
     """Read, validate, de-duplicate (cfg.unique), template and tokenize `files` (default
     `cfg.train_files`). Bad rows, including prompts over `cfg.max_prompt_tokens` tokens, raise
-    or are skipped per `cfg.on_bad_row`; the result is never empty."""
+    or are skipped per `cfg.on_bad_row`; the result is never empty. Errors name `field` and
+    `skip_hint` (`rpg-megatron eval` passes its --data and --on-bad-row flags)."""
     paths = [str(p) for p in (cfg.train_files if files is None else files)]
     if not paths:
-        raise DataError("data.train_files is empty: name at least one .parquet or .jsonl file")
-    bad = _BadRows(cfg.on_bad_row)
+        raise DataError(f"{field} is empty: name at least one .parquet or .jsonl file")
+    bad = _BadRows(cfg.on_bad_row, skip_hint)
     rows: list[PromptRow] = []
     for path in paths:
         file_rows, skipped = read_rows(
@@ -348,6 +359,8 @@ def load_prompts(
             prompt_key=cfg.prompt_key,
             answer_key=cfg.answer_key,
             on_bad_row=cfg.on_bad_row,
+            field=field,
+            skip_hint=skip_hint,
         )
         rows += file_rows
         bad.counts.update(skipped)
@@ -386,7 +399,11 @@ def load_prompts(
         prompts=len(prompts),
     )
     if not prompts:
-        raise DataError(f"no usable prompts in {', '.join(paths)}: {report}")
+        skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items()) or "none"
+        raise DataError(
+            f"{', '.join(paths)} ({field}): no usable prompts: {report.rows_valid} valid rows, "
+            f"{report.duplicates} duplicates dropped, bad rows skipped: {skipped}"
+        )
     logger.info(
         "data: %d prompts from %d files (%s template; %d duplicates dropped; skipped %s)",
         report.prompts,

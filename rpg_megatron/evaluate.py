@@ -395,10 +395,12 @@ def load_benchmarks(
     tokenizer: Any,
     *,
     field: str = "eval.files",
+    skip_hint: str = "set data.on_bad_row=skip",
 ) -> dict[str, PromptDataset]:
     """Benchmark name (file stem) -> de-duplicated prompts of that file. Bad rows raise or are
     skipped per `data_cfg.on_bad_row` (data.py names file and row either way). `field` is the
-    setting that named the files, quoted by errors (`rpg-megatron eval` passes --data)."""
+    setting that named the files and `skip_hint` how to skip bad rows, both quoted by errors
+    (`rpg-megatron eval` passes its --data and --on-bad-row flags)."""
     cfg = dataclasses.replace(data_cfg, unique=True)
     out: dict[str, PromptDataset] = {}
     origin: dict[str, str] = {}
@@ -409,20 +411,8 @@ def load_benchmarks(
                 f"{field}: files {origin[name]} and {f} are both named {name!r} (the file stem "
                 "names the benchmark); rename one"
             )
-        if not Path(f).is_file():  # before load_prompts, whose message names data.train_files
-            raise DataError(f"{f}: no such file ({field})")
-        try:
-            out[name], origin[name] = load_prompts(cfg, tokenizer, files=[f]), str(f)
-        except DataError as e:
-            # load_prompts words this for the training set, with its LoadReport's repr.
-            if not str(e).startswith("no usable prompts"):
-                raise
-            why = (
-                "every row was malformed and skipped (see the warnings above), or it has none"
-                if cfg.on_bad_row == "skip"
-                else "the file has no rows"
-            )
-            raise DataError(f"{f}: no problems to evaluate ({field}): {why}") from None
+        out[name] = load_prompts(cfg, tokenizer, files=[f], field=field, skip_hint=skip_hint)
+        origin[name] = str(f)
     return out
 
 
@@ -554,11 +544,9 @@ def run_eval(
     _check_report_path(Path(out))  # before any work: a bad --out would fail only at the end
     flag = "--mcore" if mcore else "--model"
     hf_config, tokenizer = _read_model_dir(model_dir, flag)
-    try:
-        datasets = load_benchmarks(cfg.files, data_cfg, tokenizer, field="--data")
-    except DataError as e:  # data.py's hint names the config key; this command has a flag
-        hint = str(e).replace("set data.on_bad_row=skip", "pass --on-bad-row skip")
-        raise DataError(hint) from None
+    datasets = load_benchmarks(
+        cfg.files, data_cfg, tokenizer, field="--data", skip_hint="pass --on-bad-row skip"
+    )
     # The embedded engine refuses such prompts mid-run; say so before loading any weights.
     limit = hf_config.get("max_position_embeddings") if rollout_cfg.engine == "embedded" else None
     longest = max((p for d in datasets.values() for p in d.prompts), key=lambda p: len(p.token_ids))

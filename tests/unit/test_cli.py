@@ -180,7 +180,7 @@ def test_eval_data_errors_name_the_eval_flags(weighted_model, tmp_path, capsys) 
     empty.write_text("")
     assert cli.main(_eval(weighted_model, empty, out)) == 2
     err = capsys.readouterr().err
-    assert f"{empty}: no problems to evaluate (--data): the file has no rows" in err
+    assert f"{empty} (--data): no usable prompts: 0 valid rows" in err
     assert "LoadReport" not in err
 
     rows = tiny.arithmetic_rows(2, 0)

@@ -279,6 +279,13 @@ def test_load_benchmarks_errors_name_the_setting_that_gave_the_files(tok, tmp_pa
     empty.write_text("")
     with pytest.raises(DataError) as e:
         load_benchmarks([empty], DataConfig(), tok)
-    assert str(e.value) == f"{empty}: no problems to evaluate (eval.files): the file has no rows"
-    with pytest.raises(DataError, match=r"every row was malformed and skipped"):
-        load_benchmarks([empty], DataConfig(on_bad_row="skip"), tok)
+    assert str(e.value) == (
+        f"{empty} (eval.files): no usable prompts: 0 valid rows, 0 duplicates dropped, "
+        "bad rows skipped: none"
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": [{"role": "user", "content": "1+1?"}]}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 1: .*\(pass --on-bad-row skip to"):
+        load_benchmarks([bad], DataConfig(), tok, skip_hint="pass --on-bad-row skip")
+    with pytest.raises(DataError, match=r"0 valid rows.*skipped: 1 no_ground_truth, 1 "):
+        load_benchmarks([bad], DataConfig(on_bad_row="skip"), tok)
