@@ -34,6 +34,11 @@ import torch.distributed as dist
 from rpg_megatron.config import CheckpointConfig, Config, save_config
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed here: another layout, a missing or unreadable shard.
+    Names the checkpoint (and the file) and what to do."""
+
+
 @dataclass(slots=True, kw_only=True)
 class Resumed:
     """What `load_latest` restored."""
@@ -150,7 +155,7 @@ def latest_dir(cfg: CheckpointConfig) -> Path | None:
         return None
     pointer, path = Path(cfg.dir) / "latest", Path(cfg.dir) / name
     if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path}, which has no meta.json")
+        raise CheckpointError(f"{pointer} names {path}, which has no meta.json")
     return path
 
 
@@ -172,7 +177,7 @@ def load_latest(
     meta = json.loads((path / "meta.json").read_text())
     rank, world = _rank_world()
     if meta["world_size"] != world or meta["layout"] != dict(layout):
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} was written with world_size={meta['world_size']} layout="
             f"{meta['layout']}, this run has world_size={world} layout={dict(layout)}; resume "
             "with the same layout (a completed run's policy in <log.run_dir>/hf can start a new "
@@ -180,12 +185,21 @@ def load_latest(
         )
     part = path / f"rank_{rank:05d}.pt"
     if not part.exists():
-        raise FileNotFoundError(f"checkpoint {path} has no shard for rank {rank}: {part}")
-    payload = torch.load(part, map_location="cpu", weights_only=False)
-    load_model(payload["model"])
+        raise CheckpointError(f"checkpoint {path} has no shard for rank {rank}: {part}")
+    try:
+        payload = torch.load(part, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as e:  # torch's messages do not name the file
+        raise CheckpointError(f"{part}: unreadable checkpoint shard ({e})") from None
+    try:
+        load_model(payload["model"])
+    except RuntimeError as e:  # load_state_dict: missing keys, size mismatches
+        raise CheckpointError(
+            f"{part}: does not fit this run's model (was model.hf_path or the architecture "
+            f"changed since it was written?): {e}"
+        ) from None
     if load_optimizer is not None:
         if payload["optimizer"] is None:
-            raise ValueError(f"{part} holds no optimizer state")
+            raise CheckpointError(f"{part} holds no optimizer state")
         load_optimizer(payload["optimizer"])
     set_rng_state(payload["rng"])
     return Resumed(step=int(meta["step"]), extra=meta["extra"])

@@ -116,11 +116,12 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     Imported only for the commands that can raise them (`config` must stay free of torch)."""
     if command not in ("train", "convert", "eval"):
         return (ConfigError,)
+    from rpg_megatron.checkpoint import CheckpointError
     from rpg_megatron.convert import ConvertError
     from rpg_megatron.data import DataError
     from rpg_megatron.megatron.hf_map import HFMapError
 
-    return (ConfigError, ConvertError, HFMapError, DataError)
+    return (ConfigError, ConvertError, HFMapError, DataError, CheckpointError)
 
 
 def build_parser() -> argparse.ArgumentParser:

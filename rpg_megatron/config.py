@@ -542,7 +542,8 @@ class LogConfig:
     """Print the progress line every this many steps (and after the last); metrics.jsonl gets
     every step."""
     wandb_project: str | None = None
-    """Also log to this Weights & Biases project when `wandb` is installed."""
+    """Also log to this Weights & Biases project (needs `pip install wandb`: training stops at
+    start-up without it)."""
 
     def __post_init__(self) -> None:
         _positive(self, "every", "log")

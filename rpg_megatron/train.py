@@ -55,14 +55,14 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     hf_dir = Path(cfg.model.hf_path)
     hf_config = load_config_json(hf_dir)
     arch = read_hf_config(hf_config)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    prompts = data.load_prompts(cfg.data, tokenizer)
+    _check_sizes(cfg, dp=ctx.dp, hf_config=hf_config, prompts=prompts)
     policy = step.build_policy(
         arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx
     )
     objective = build_objective(cfg.objective)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-    sampler = data.PromptSampler(
-        data.load_prompts(cfg.data, tokenizer), seed=cfg.data.seed, shuffle=cfg.data.shuffle
-    )
+    sampler = data.PromptSampler(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer) if is_main else None
     scorer = rewards.RewardScorer(cfg.reward) if is_main else None
     eval_sets = (
@@ -218,6 +218,49 @@ def _refuse_earlier_run(cfg: Config) -> None:
             f"log.run_dir={cfg.log.run_dir} / checkpoint.dir={cfg.checkpoint.dir} already hold "
             f"a run ({', '.join(found)}): pass --resume to continue it, or point log.run_dir "
             "and checkpoint.dir at a new directory (or delete the old run)"
+        )
+
+
+def _check_sizes(
+    cfg: Config, *, dp: int, hf_config: dict[str, Any], prompts: data.PromptDataset
+) -> None:
+    """What would otherwise fail only after the model is built and the first rollout is done:
+    the step's batch must split into minibatches and DP x micro-batches, the longest prompt
+    plus the response budget must fit the embedded engine's context, wandb must import."""
+    rollout, optim = cfg.rollout, cfg.optim
+    n = rollout.prompts_per_step * rollout.n_samples
+    what = f"rollout.prompts_per_step * rollout.n_samples = {n} sequences per step"
+    if n % optim.minibatches:
+        raise ConfigError(
+            f"{what} do not split into optim.minibatches={optim.minibatches} optimizer steps; "
+            "make them a multiple of it"
+        )
+    per = n // optim.minibatches
+    if optim.max_tokens_per_microbatch and per < dp:
+        raise ConfigError(
+            f"{what} / optim.minibatches={optim.minibatches} = {per} per optimizer step, fewer "
+            f"than the dp={dp} data-parallel ranks; raise rollout.prompts_per_step"
+        )
+    if not optim.max_tokens_per_microbatch and per % (dp * optim.micro_batch_size):
+        raise ConfigError(
+            f"{what} / optim.minibatches={optim.minibatches} = {per} per optimizer step do not "
+            f"split into dp={dp} ranks x optim.micro_batch_size={optim.micro_batch_size}; make "
+            f"it a multiple of {dp * optim.micro_batch_size}, or pack sequences "
+            "(optim.max_tokens_per_microbatch)"
+        )
+    limit = hf_config.get("max_position_embeddings")
+    longest = max(len(p.token_ids) for p in prompts.prompts)
+    if rollout.engine == "embedded" and limit and longest + rollout.max_new_tokens > limit:
+        raise ConfigError(
+            f"rollout.max_new_tokens={rollout.max_new_tokens}: the longest prompt has {longest} "
+            f"tokens, so responses could reach {longest + rollout.max_new_tokens} > the model's "
+            f"max_position_embeddings={limit}; lower rollout.max_new_tokens or "
+            "data.max_prompt_tokens"
+        )
+    if cfg.log.wandb_project and not parallel._importable("wandb"):
+        raise ConfigError(
+            f"log.wandb_project={cfg.log.wandb_project!r}: wandb is not installed; "
+            "pip install wandb, or set log.wandb_project=null"
         )
 
 

@@ -96,7 +96,7 @@ def test_layout_mismatch_and_missing_shard_are_named(tmp_path):
             cfg, layout={"tp": 1}, load_model=model.load_state_dict, load_optimizer=None
         )
     (path / "rank_00000.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="no shard for rank 0"):
+    with pytest.raises(checkpoint.CheckpointError, match="no shard for rank 0"):
         checkpoint.load_latest(
             cfg, layout={"tp": 2}, load_model=model.load_state_dict, load_optimizer=None
         )
@@ -146,3 +146,61 @@ def test_a_fresh_run_refuses_a_directory_holding_an_earlier_run(tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint .*step_00000004.*--resume"):
         train.train(cfg)
     assert checkpoint.latest_dir(cfg.checkpoint) == ck / "step_00000004"
+
+
+def test_unreadable_or_mismatched_shards_are_named(tmp_path):
+    cfg = CheckpointConfig(dir=str(tmp_path))
+    model, _ = _fresh()
+    path = checkpoint.save(
+        cfg, step=1, layout={}, model=model.state_dict(), optimizer=None, extra={}
+    )
+    other = torch.nn.Linear(4, 5)  # "the model changed since": a size mismatch
+    with pytest.raises(checkpoint.CheckpointError, match=r"rank_00000\.pt: does not fit"):
+        checkpoint.load_latest(
+            cfg, layout={}, load_model=other.load_state_dict, load_optimizer=None
+        )
+    shard = path / "rank_00000.pt"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(checkpoint.CheckpointError, match=r"rank_00000\.pt: unreadable"):
+        checkpoint.load_latest(
+            cfg, layout={}, load_model=model.load_state_dict, load_optimizer=None
+        )
+
+
+def _sizes_cfg(**over):
+    from rpg_megatron.config import OptimConfig, RolloutConfig
+
+    rollout = {
+        k: over.pop(k)
+        for k in list(over)
+        if k in ("prompts_per_step", "n_samples", "max_new_tokens")
+    }
+    return Config(rollout=RolloutConfig(**rollout), optim=OptimConfig(**over))
+
+
+def test_batch_and_length_mismatches_fail_before_the_model_is_built():
+    """The sizes that used to fail only after model build and the first rollout."""
+    from types import SimpleNamespace
+
+    from rpg_megatron import train
+    from rpg_megatron.config import ConfigError
+
+    prompts = SimpleNamespace(prompts=[SimpleNamespace(token_ids=(1,) * 14)])
+    hf = {"max_position_embeddings": 256}
+
+    def check(dp=1, **over):
+        train._check_sizes(_sizes_cfg(**over), dp=dp, hf_config=hf, prompts=prompts)
+
+    base = dict(prompts_per_step=4, n_samples=8, max_new_tokens=16)
+    check(micro_batch_size=16, **base)  # 32 sequences = 2 micro-batches of 16
+    check(dp=2, micro_batch_size=8, minibatches=2, **base)  # 16 per step = 2 ranks x 8
+    check(dp=2, max_tokens_per_microbatch=100, minibatches=16, **base)  # 2 per step, packed
+    with pytest.raises(ConfigError, match=r"32 sequences.*micro_batch_size=7.*multiple of 7"):
+        check(micro_batch_size=7, **base)
+    with pytest.raises(ConfigError, match=r"optim\.minibatches=3"):
+        check(micro_batch_size=1, minibatches=3, **base)
+    with pytest.raises(ConfigError, match=r"= 1 per optimizer step, fewer than the dp=2"):
+        check(dp=2, max_tokens_per_microbatch=100, minibatches=32, **base)
+    with pytest.raises(ConfigError, match=r"max_new_tokens=400.*14 tokens.*414 > .*=256"):
+        check(micro_batch_size=16, **{**base, "max_new_tokens": 400})
+    check(micro_batch_size=16, **{**base, "max_new_tokens": 242})  # 14 + 242 = 256 fits
