@@ -289,7 +289,9 @@ def test_without_launch_section_eight_gpus_are_assumed(tmp_path: Path) -> None:
     from rpg_megatron.tiny import tiny_hf_config
 
     hf = _write(tmp_path / "model", tiny_hf_config(vocab_size=27))
-    result = plan.plan_recipe(EXAMPLES / "tiny_cpu.yaml", [f"model.hf_path={hf}"], gpu_gb=80)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  hf_path: {hf}\n")
+    result = plan.plan_recipe(recipe, [], gpu_gb=80)
     assert "no launch section: assuming 1 node x 8 GPUs" in result.format()
     assert result.fits
 
