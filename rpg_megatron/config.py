@@ -262,6 +262,18 @@ class SGLangConfig:
                 raise ConfigError(f"rollout.sglang.{name}={getattr(self, name)}: must be >= 1")
         if self.retries < 0:
             raise ConfigError(f"rollout.sglang.retries={self.retries}: must be >= 0")
+        last = self.base_port + self.num_engines - 1  # server i listens on base_port + i
+        for name, lo, hi in (
+            ("base_port", self.base_port, last),
+            ("router_port", self.router_port, self.router_port),
+            ("nccl_master_port", self.nccl_master_port, self.nccl_master_port),
+        ):
+            if lo < 1 or hi > 65535:
+                raise ConfigError(
+                    f"rollout.sglang.{name}={lo}: not a TCP port"
+                    f"{f' for all {self.num_engines} servers (up to {hi})' if hi != lo else ''}; "
+                    "use 1..65535"
+                )
         if not 0 < self.mem_fraction_static < 1:
             raise ConfigError(
                 f"rollout.sglang.mem_fraction_static={self.mem_fraction_static}: must be in (0, 1)"

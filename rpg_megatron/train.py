@@ -226,7 +226,8 @@ def _check_sizes(
 ) -> None:
     """What would otherwise fail only after the model is built and the first rollout is done:
     the step's batch must split into minibatches and DP x micro-batches, the longest prompt
-    plus the response budget must fit the embedded engine's context, wandb must import."""
+    plus the response budget must fit the embedded engine's context, eval.files and eval.every
+    come together, wandb must import."""
     rollout, optim = cfg.rollout, cfg.optim
     n = rollout.prompts_per_step * rollout.n_samples
     what = f"rollout.prompts_per_step * rollout.n_samples = {n} sequences per step"
@@ -256,6 +257,12 @@ def _check_sizes(
             f"tokens, so responses could reach {longest + rollout.max_new_tokens} > the model's "
             f"max_position_embeddings={limit}; lower rollout.max_new_tokens or "
             "data.max_prompt_tokens"
+        )
+    if bool(cfg.eval.files) != bool(cfg.eval.every):
+        raise ConfigError(
+            f"eval.files={list(cfg.eval.files)} with eval.every={cfg.eval.every}: in-training "
+            "validation needs both (benchmark files, and every how many iterations); set the "
+            "missing one, or clear both"
         )
     if cfg.log.wandb_project and not parallel._importable("wandb"):
         raise ConfigError(

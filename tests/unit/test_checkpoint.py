@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from rpg_megatron import checkpoint
-from rpg_megatron.config import CheckpointConfig, Config, LogConfig
+from rpg_megatron.config import CheckpointConfig, Config, EvalConfig, LogConfig
 
 
 def _train(model, opt, steps):
@@ -204,3 +206,7 @@ def test_batch_and_length_mismatches_fail_before_the_model_is_built():
     with pytest.raises(ConfigError, match=r"max_new_tokens=400.*14 tokens.*414 > .*=256"):
         check(micro_batch_size=16, **{**base, "max_new_tokens": 400})
     check(micro_batch_size=16, **{**base, "max_new_tokens": 242})  # 14 + 242 = 256 fits
+    for ev in (EvalConfig(files=("aime.parquet",)), EvalConfig(every=5)):
+        cfg = dataclasses.replace(_sizes_cfg(micro_batch_size=16, **base), eval=ev)
+        with pytest.raises(ConfigError, match=r"eval\.files=.*eval\.every=.*needs both"):
+            train._check_sizes(cfg, dp=1, hf_config=hf, prompts=prompts)

@@ -223,3 +223,17 @@ def test_cli_prints_resolved_config_and_reports_errors():
     assert yaml.safe_load(out.stdout)["objective"]["beta"] == 0.5
     bad = subprocess.run([*run, "objective.bta=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "objective.bta" in bad.stderr and "'beta'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("rollout.sglang.base_port=65535", r"base_port=65535.*all 2 servers \(up to 65536\)"),
+        ("rollout.sglang.router_port=0", r"router_port=0: not a TCP port"),
+        ("rollout.sglang.nccl_master_port=70000", r"nccl_master_port=70000"),
+    ],
+)
+def test_sglang_ports_must_be_tcp_ports(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["rollout.sglang.num_engines=2", override])
+    load_config(None, ["rollout.sglang.num_engines=2", "rollout.sglang.base_port=65534"])
