@@ -57,7 +57,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     arch = read_hf_config(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     prompts = data.load_prompts(cfg.data, tokenizer)
-    _check_sizes(cfg, dp=ctx.dp, hf_config=hf_config, prompts=prompts)
+    _check_before_build(cfg, dp=ctx.dp, hf_config=hf_config, prompts=prompts)
     policy = step.build_policy(
         arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx
     )
@@ -221,7 +221,7 @@ def _refuse_earlier_run(cfg: Config) -> None:
         )
 
 
-def _check_sizes(
+def _check_before_build(
     cfg: Config, *, dp: int, hf_config: dict[str, Any], prompts: data.PromptDataset
 ) -> None:
     """What would otherwise fail only after the model is built and the first rollout is done:

@@ -191,7 +191,7 @@ def test_batch_and_length_mismatches_fail_before_the_model_is_built():
     hf = {"max_position_embeddings": 256}
 
     def check(dp=1, **over):
-        train._check_sizes(_sizes_cfg(**over), dp=dp, hf_config=hf, prompts=prompts)
+        train._check_before_build(_sizes_cfg(**over), dp=dp, hf_config=hf, prompts=prompts)
 
     base = dict(prompts_per_step=4, n_samples=8, max_new_tokens=16)
     check(micro_batch_size=16, **base)  # 32 sequences = 2 micro-batches of 16
@@ -209,4 +209,4 @@ def test_batch_and_length_mismatches_fail_before_the_model_is_built():
     for ev in (EvalConfig(files=("aime.parquet",)), EvalConfig(every=5)):
         cfg = dataclasses.replace(_sizes_cfg(micro_batch_size=16, **base), eval=ev)
         with pytest.raises(ConfigError, match=r"eval\.files=.*eval\.every=.*needs both"):
-            train._check_sizes(cfg, dp=1, hf_config=hf, prompts=prompts)
+            train._check_before_build(cfg, dp=1, hf_config=hf, prompts=prompts)
