@@ -1,8 +1,10 @@
-"""Shared pytest setup: tests marked `gpu` are skipped cleanly when CUDA is not available, and
-the `single_rank` fixture (a one-process gloo group for building Megatron models in-process)."""
+"""Shared pytest setup: tests marked `gpu` are skipped cleanly when CUDA is not available; the
+root logger is restored after every test; the `single_rank` fixture (a one-process gloo group
+for building Megatron models in-process)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logger() -> Iterator[None]:
+    """Importing nemo_run (the launch tests) runs logging.basicConfig with a rich handler bound
+    to that test's captured stderr; a later test's log records would go to that closed stream
+    and print a 'Logging error' traceback. Each test gets back the root logger it started with."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
