@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rpg_megatron.config import CheckpointConfig, Config, save_config
+from rpg_megatron.config import CheckpointConfig, Config
+from rpg_megatron.config_io import save_config
 
 
 class CheckpointError(ValueError):

@@ -9,7 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from rpg_megatron.config import ConfigError, dump_yaml, load_config
+from rpg_megatron.config import ConfigError
+from rpg_megatron.config_io import dump_yaml, load_config
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 """A `section.key=value` override (every config key sits in a section, so the key has a dot;

@@ -533,7 +533,7 @@ def run_eval(
     loads), the checkpoint into an engine (weight version 0) and the scorer; evaluate; write
     the report to `out`. `mcore`: `model_dir` is a Megatron dist checkpoint written by
     `rpg-megatron convert hf-to-mcore` (config.json, conversion.json, weights/, tokenizer)."""
-    from rpg_megatron.config import to_dict
+    from rpg_megatron.config_io import to_dict
     from rpg_megatron.convert import ConvertError
     from rpg_megatron.megatron.hf_map import HFMapError
     from rpg_megatron.rewards import RewardScorer

@@ -26,14 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rpg_megatron.config import (
-    Config,
-    ConfigError,
-    LaunchConfig,
-    ParallelConfig,
-    load_config,
-    save_config,
-)
+from rpg_megatron.config import Config, ConfigError, LaunchConfig, ParallelConfig
+from rpg_megatron.config_io import load_config, save_config
 
 Executor = Literal["slurm", "local", "nemo-run", "nemo-run-local"]
 EXECUTORS: tuple[str, ...] = ("slurm", "local", "nemo-run", "nemo-run-local")

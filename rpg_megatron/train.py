@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards
-from rpg_megatron.config import Config, ConfigError, save_config
+from rpg_megatron.config import Config, ConfigError
+from rpg_megatron.config_io import save_config
 from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
 from rpg_megatron.megatron.reference import Reference

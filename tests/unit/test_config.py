@@ -10,15 +10,8 @@ import sys
 import pytest
 import yaml
 
-from rpg_megatron.config import (
-    Config,
-    ConfigError,
-    dump_yaml,
-    from_dict,
-    load_config,
-    save_config,
-    slurm_seconds,
-)
+from rpg_megatron.config import Config, ConfigError, slurm_seconds
+from rpg_megatron.config_io import dump_yaml, from_dict, load_config, save_config
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):

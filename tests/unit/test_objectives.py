@@ -441,7 +441,7 @@ def test_float32_matches_float64(obj):
 
 
 def test_build_objective_from_config():
-    from rpg_megatron.config import load_config
+    from rpg_megatron.config_io import load_config
     from rpg_megatron.objectives import build_objective
 
     cfg = load_config(
