@@ -10,8 +10,8 @@ zeroing, with the same micro-batching, precision and recompute; warm-up steps ar
 then the order of the paths rotates every step, and the median step time is reported. One
 sequence of `--seq` tokens per step (the layout of the reference numbers in
 ../shared/gpu/README.md); bench/packing.py measures packed against padded batches. On GPU the
-peaks include what both paths share (weights, the fp32 DDP grad buffer, the optimizer's fp32
-main copy), printed as "resident" in the table's first line.
+peaks include what both paths share (weights and the fp32 DDP grad buffer; no optimizer, as
+neither path steps it), printed as "resident" in the table's first line.
 
     python bench/train_step.py --preset tiny-cpu            # CPU, gloo, TP=1 and TP=2
     python bench/train_step.py --preset qwen3-4b-8k         # GPU, bf16
@@ -114,8 +114,8 @@ class Measured:
     peak: dict[str, float] = field(default_factory=dict)
     """Peak GiB allocated during each path's steps (GPU only; NaN on CPU)."""
     resident: float = float("nan")
-    """GiB allocated before the measured steps: weights, DDP grad buffers, the optimizer's
-    fp32 main copy (both paths use the same policy, so every peak includes it)."""
+    """GiB allocated before the measured steps: weights and DDP grad buffers (both paths use
+    the same policy, so every peak includes it)."""
     seen: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     logits_grad: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
@@ -140,6 +140,13 @@ def with_logps(batch: step.TrainBatch, logp: torch.Tensor) -> step.TrainBatch:
         old_logp_NS=(logp + noise) * batch.mask_NS,
         ref_logp_NS=(logp - noise) * batch.mask_NS,
     )
+
+
+class _NoOptimizer:
+    """Stands in for the optimizer in a benchmark that never steps it."""
+
+    def zero_grad(self) -> None:
+        """The DDP grad buffers are zeroed by zero_grad_buffer before each step."""
 
 
 def _plain_step(policy: step.Policy, batch: step.TrainBatch, seen: list | None) -> None:
@@ -285,6 +292,10 @@ def run_layout(
         policy = step.build_policy(
             arch=arch, model_cfg=model_cfg, par=par, optim_cfg=OptimConfig(), ctx=ctx
         )
+        # Neither path steps the optimizer; with bf16 weights its fp32 main copy (4 B per
+        # parameter, 16 GB at 4B) would only shrink the room both paths have, and the
+        # reference numbers (../shared/gpu/README.md) were taken without one.
+        policy.optimizer = _NoOptimizer()
         base = make_batch(arch.vocab_size, preset.seq)
         batch = with_logps(base, step.logprobs(policy, base))
         m = Measured(tp=world)
