@@ -327,8 +327,12 @@ class RolloutConfig:
             raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p={self.top_p}: must be in (0, 1]")
-        if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ConfigError(f"rollout.tis_cap={self.tis_cap}: must be > 0, or null to disable")
+        if self.tis_cap is not None and self.tis_cap < 1:
+            # min(w, cap) with cap < 1 caps every on-policy token too: a hidden lr multiplier.
+            raise ConfigError(
+                f"rollout.tis_cap={self.tis_cap}: must be >= 1 (it caps the weight "
+                "pi_old / pi_rollout, which is 1 on-policy), or null to disable"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"rollout.top_k={self.top_k}: must be >= 1, or null to disable")
 
@@ -367,7 +371,9 @@ class DataConfig:
     generate more batches until rollout.prompts_per_step informative groups remain."""
     max_gen_batches: int = 10
     """Dynamic sampling: most generation batches per step; when they are used up the step trains
-    on the informative groups it has (fewer than asked) and logs the shortfall."""
+    on the informative groups it has (fewer than asked, trimmed to a count its minibatches and
+    micro-batches split into) and logs the shortfall; with too few the run stops with an
+    error naming this field."""
 
     def __post_init__(self) -> None:
         if isinstance(self.train_files, list):  # direct construction from YAML-ish lists

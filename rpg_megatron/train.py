@@ -75,7 +75,9 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     start = _resume(cfg, policy, sampler) if resume else None
     if start is None:
         _initial_weights(cfg, policy)
-    ref = Reference(policy, cfg.objective) if objective.needs_ref else None
+    # REINFORCE++ folds the per-token KL to the reference into its returns (advantages.py).
+    kl_in_reward = cfg.objective.advantage == "reinforce_pp" and cfg.objective.beta > 0
+    ref = Reference(policy, cfg.objective) if objective.needs_ref or kl_in_reward else None
     if ref is not None and start is not None:
         ref.load_state_dict(start["reference"])
     first = 0 if start is None else start["iteration"]
@@ -95,7 +97,15 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             # blocks before they wake (weights, grads and optimizer state stay resident).
             torch.cuda.empty_cache()
         rollout = _broadcast(
-            collect(engine, scorer, tokenizer, sampler, cfg, seed=cfg.parallel.seed + it)
+            collect(
+                engine,
+                scorer,
+                tokenizer,
+                sampler,
+                cfg,
+                seed=cfg.parallel.seed + it,
+                group_sizes=_group_sizes(cfg, ctx.dp),
+            )
             if is_main
             else None
         )
@@ -119,7 +129,8 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         t_train = time.perf_counter()
         reset = False
         if ref is not None:
-            ref.observe(stats[-1].get("kl", 0.0))
+            for s in stats:
+                ref.observe(s.get("kl", 0.0))
             reset = ref.maybe_reset(policy)
         _sync_weights(policy, engine, version=it + 1)
         t_sync = time.perf_counter()
@@ -141,20 +152,20 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         )
 
         mask = batch.mask_NS > 0
-        last = stats[-1]
+        mean = _mean_over_steps(stats)
         sink.log(
             it,
             {
                 **rollout.metrics,
-                "loss": last["loss"],
-                "kl": last.get("kl", math.nan),
-                "entropy": last.get("entropy", math.nan),
-                "clip_frac": last.get("clip_high", 0.0)
-                + last.get("clip_low", 0.0)
-                + last.get("clip_dual", 0.0),
-                "ratio": last.get("ratio", math.nan),
-                "grad_norm": last["grad_norm"],
-                "lr": last["lr"],
+                "loss": mean["loss"],
+                "kl": mean.get("kl", math.nan),
+                "entropy": mean.get("entropy", math.nan),
+                "clip_frac": mean.get("clip_high", 0.0)
+                + mean.get("clip_low", 0.0)
+                + mean.get("clip_dual", 0.0),
+                "ratio": mean.get("ratio", math.nan),
+                "grad_norm": mean["grad_norm"],
+                "lr": stats[-1]["lr"],
                 "ref/reset": float(reset),
                 "train_rollout_logprob_abs_diff": float(
                     (old_logp - rollout.sample_logp_NS).abs()[mask].mean()
@@ -202,6 +213,25 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     return run_dir
 
 
+def _mean_over_steps(stats: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric averaged over the iteration's optimizer steps (optim.minibatches x
+    update_epochs); every step's token means weigh the same."""
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
+def _group_sizes(cfg: Config, dp: int) -> tuple[int, int]:
+    """(multiple, minimum) of the prompt groups a step can train on. Its groups x n_samples
+    sequences must split into optim.minibatches x dp x micro_batch_size rows, or, packed, into
+    minibatches with at least one sequence per DP rank (step.update, step._dp_shares).
+    Dynamic sampling trims a short step to a multiple (rollout.collect)."""
+    ns, optim = cfg.rollout.n_samples, cfg.optim
+    packed = optim.max_tokens_per_microbatch > 0
+    rows = optim.minibatches * (1 if packed else dp * optim.micro_batch_size)
+    multiple = rows // math.gcd(rows, ns)
+    minimum = math.ceil(optim.minibatches * dp / ns) if packed else 1
+    return multiple, -(-minimum // multiple) * multiple
+
+
 def _refuse_earlier_run(cfg: Config) -> None:
     """A fresh run must not write over an earlier one: it would truncate its metrics.jsonl,
     replace its config.yaml, and its checkpoints would prune the new run's away."""
@@ -230,6 +260,22 @@ def _check_before_build(
     plus the response budget must fit the embedded engine's context, eval.files and eval.every
     come together, wandb must import."""
     rollout, optim = cfg.rollout, cfg.optim
+    per_iteration = optim.minibatches * optim.update_epochs
+    if optim.steps % per_iteration:
+        raise ConfigError(
+            f"optim.steps={optim.steps}: each rollout trains optim.minibatches x "
+            f"optim.update_epochs = {per_iteration} optimizer steps; make optim.steps a "
+            "multiple of it"
+        )
+    if rollout.n_samples < 2 and cfg.objective.advantage in (
+        "group_norm",
+        "group_mean",
+        "reinforce_pp_baseline",
+    ):
+        raise ConfigError(
+            f"rollout.n_samples={rollout.n_samples} with objective.advantage="
+            f"{cfg.objective.advantage!r}: group advantages need >= 2 samples per prompt"
+        )
     n = rollout.prompts_per_step * rollout.n_samples
     what = f"rollout.prompts_per_step * rollout.n_samples = {n} sequences per step"
     if n % optim.minibatches:

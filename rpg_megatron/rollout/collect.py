@@ -16,7 +16,7 @@ from torch import Tensor
 
 from rpg_megatron import data
 from rpg_megatron.batch import Completion, SamplingParams
-from rpg_megatron.config import Config
+from rpg_megatron.config import Config, ConfigError
 from rpg_megatron.megatron import step
 
 logger = logging.getLogger(__name__)
@@ -39,13 +39,23 @@ class Rollout:
 
 
 def collect(
-    engine: Any, scorer: Any, tokenizer: Any, sampler: data.PromptSampler, cfg: Config, *, seed: int
+    engine: Any,
+    scorer: Any,
+    tokenizer: Any,
+    sampler: data.PromptSampler,
+    cfg: Config,
+    *,
+    seed: int,
+    group_sizes: tuple[int, int] = (1, 1),
 ) -> Rollout:
     """n_samples completions per prompt for prompts_per_step prompts, scored and padded.
 
     With data.dynamic_sampling, groups whose rewards are all equal are dropped and further
     generation batches are drawn (up to data.max_gen_batches) until prompts_per_step groups
-    remain (DAPO). Only rank 0 advances the prompt sampler; its cursor is what is checkpointed.
+    remain (DAPO). A step that ends short trains on a multiple of `group_sizes[0]` of them
+    (what its minibatches and micro-batches can split), at least `group_sizes[1]`; fewer stops
+    the run with a ConfigError naming data.max_gen_batches. Only rank 0 advances the prompt
+    sampler; its cursor is what is checkpointed.
     """
     rc, n = cfg.rollout, cfg.rollout.n_samples
     counts: dict[str, float] = {}
@@ -82,12 +92,31 @@ def collect(
         picked = dynamic_sampling(
             generate, target_groups=rc.prompts_per_step, max_gen_batches=cfg.data.max_gen_batches
         )
-        groups, rewards_ = picked.groups, [r for g in picked.groups for r in g[2]]
+        multiple, minimum = group_sizes
+        usable = len(picked.groups) - len(picked.groups) % multiple
+        if usable < minimum:
+            raise ConfigError(
+                f"dynamic sampling: {len(picked.groups)} informative groups (rewards not all "
+                f"equal) after {picked.gen_batches} generation batches (data.max_gen_batches="
+                f"{cfg.data.max_gen_batches}); a step trains on at least {minimum}, in multiples "
+                f"of {multiple} (optim.minibatches x DP x micro-batches); raise "
+                "data.max_gen_batches, or the task is too easy or too hard for the policy"
+            )
+        if usable < len(picked.groups):
+            logger.warning(
+                "dynamic sampling: training on %d of the %d groups kept (a multiple of %d splits "
+                "into the step's minibatches and micro-batches)",
+                usable,
+                len(picked.groups),
+                multiple,
+            )
+        groups = picked.groups[:usable]
+        rewards_ = [r for g in groups for r in g[2]]
         counts.update(
             {
                 "sampling/gen_batches": float(picked.gen_batches),
                 "sampling/groups_uniform": float(picked.groups_uniform),
-                "sampling/groups_kept": float(len(picked.groups)),
+                "sampling/groups_kept": float(usable),
             }
         )
     else:

@@ -180,3 +180,45 @@ def test_sigusr1_checkpoints_and_stops_then_resume_continues(tmp_path):
     )
     assert [r["step"] for r in _records(run)] == list(range(1, stopped + 3))
     assert (run / "hf" / "config.json").is_file() and list((run / "hf").glob("*.safetensors"))
+
+
+def test_reinforce_pp_folds_the_reference_kl_into_its_returns(tmp_path):
+    """REINFORCE++ with beta > 0 needs the reference log-probs for its KL-in-reward term even
+    though its loss has no KL anchor (it crashed at step 1 before)."""
+    run = tmp_path / "rpp"
+    _prepare(run)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    over = (
+        "objective.name=reinforce_pp",
+        "objective.advantage=reinforce_pp",
+        "objective.beta=0.01",
+    )
+    subprocess.run(_cmd(run, 2, *over), cwd=REPO, env=env, check=True, capture_output=True)
+    assert [r["step"] for r in _records(run)] == [1, 2]
+
+
+def test_a_short_dynamic_sampling_step_trains_on_a_multiple_that_splits(tmp_path):
+    """DAPO dynamic sampling that runs out of generation batches trains on the groups it has,
+    trimmed to what the step's 16-row micro-batches split into (multiples of 2 groups of 8
+    samples); 3 groups (24 sequences) failed the micro-batch split before. With too few
+    groups for one micro-batch the run stops with a message naming data.max_gen_batches."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dapo = ("objective.name=dapo", "objective.advantage=group_norm", "data.dynamic_sampling=true")
+    run = tmp_path / "dapo"
+    _prepare(run)
+    subprocess.run(
+        _cmd(run, 4, *dapo, "data.max_gen_batches=3"),
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    kept = [r["sampling/groups_kept"] for r in _records(run)]
+    assert len(kept) == 4 and 2 in kept and set(kept) <= {2, 4}, kept  # this seed: a step of 3
+    short = tmp_path / "short"
+    _prepare(short)
+    out = subprocess.run(
+        _cmd(short, 4, *dapo, "data.max_gen_batches=2"), cwd=REPO, env=env, capture_output=True
+    )
+    assert out.returncode == 2
+    assert b"1 informative groups" in out.stderr and b"data.max_gen_batches=2" in out.stderr

@@ -97,8 +97,9 @@ def test_invalid_values_are_rejected_with_the_constraint():
         load_config(None, ["parallel.tp=0"])
     with pytest.raises(ConfigError, match=r"sequence_parallel=true with parallel\.tp=1"):
         load_config(None, ["parallel.sequence_parallel=true"])
-    with pytest.raises(ConfigError, match=r"rollout\.tis_cap=-1\.0: must be > 0"):
-        load_config(None, ["rollout.tis_cap=-1"])
+    for cap in ("-1", "0.5"):
+        with pytest.raises(ConfigError, match=rf"rollout\.tis_cap={float(cap)}: must be >= 1"):
+            load_config(None, [f"rollout.tis_cap={cap}"])
     with pytest.raises(ConfigError, match=r"rollout\.mode='split'.*'colocated'"):
         load_config(None, ["rollout.mode=split"])
     with pytest.raises(ConfigError, match=r"dual_clip_c=0\.9"):
