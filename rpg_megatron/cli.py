@@ -121,8 +121,9 @@ def _user_errors(command: str) -> tuple[type[BaseException], ...]:
     from rpg_megatron.convert import ConvertError
     from rpg_megatron.data import DataError
     from rpg_megatron.megatron.hf_map import HFMapError
+    from rpg_megatron.rollout.engine import EngineUnavailable
 
-    return (ConfigError, ConvertError, HFMapError, DataError, CheckpointError)
+    return (ConfigError, ConvertError, HFMapError, DataError, CheckpointError, EngineUnavailable)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,6 +64,11 @@ class RolloutEngine(Protocol):
         ...
 
 
+class EngineUnavailable(ImportError):
+    """The engine `rollout.engine` names cannot run here: its package is missing. The message
+    names the field and what to install or set instead (the CLI prints it in one line)."""
+
+
 def make_engine(
     cfg: RolloutConfig,
     *,
@@ -81,7 +86,7 @@ def make_engine(
             try:
                 from rpg_megatron.rollout.embedded import EmbeddedEngine
             except ModuleNotFoundError as e:
-                raise ImportError(
+                raise EngineUnavailable(
                     f"rollout.engine='embedded' needs Hugging Face transformers ({e}); "
                     "install it with `pip install 'transformers>=4.56'` (or `pip install -e "
                     ".[dev]`)"
@@ -91,7 +96,7 @@ def make_engine(
             try:
                 from rpg_megatron.rollout.sglang import SGLangEngine
             except ModuleNotFoundError as e:
-                raise ImportError(
+                raise EngineUnavailable(
                     f"rollout.engine='sglang' needs the sglang package ({e}); install it on a "
                     "GPU node with `pip install 'sglang[srt]'`, or use rollout.engine='embedded'"
                 ) from e

@@ -220,10 +220,12 @@ def check_sglang_version(python: str) -> str:
         raise RuntimeError(f"sglang.python={python!r} cannot be run ({e})") from e
     version = res.stdout.strip()
     if res.returncode != 0 or not version:
-        raise ImportError(
+        from rpg_megatron.rollout.engine import EngineUnavailable
+
+        raise EngineUnavailable(
             f"rollout.engine='sglang' launches servers with {python}, which has no sglang "
-            f"package; install it there with `pip install 'sglang[srt]{SGLANG_VERSIONS}'`, or "
-            "attach to running servers with sglang.server_urls"
+            f"package; install it there with `pip install 'sglang[srt]{SGLANG_VERSIONS}'`, "
+            "attach to running servers with sglang.server_urls, or set rollout.engine=embedded"
         )
     if not _version_in(version, SGLANG_VERSIONS):
         raise RuntimeError(

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from rpg_megatron import cli, tiny
+from rpg_megatron.checkpoint import CheckpointError
 from rpg_megatron.config import ConfigError
 from rpg_megatron.convert import ConvertError
 from rpg_megatron.data import DataError
 from rpg_megatron.megatron.hf_map import ShapeMismatchError
+from rpg_megatron.rollout.engine import EngineUnavailable
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = str(REPO / "examples" / "qwen3_4b_rpg_8k.yaml")
@@ -84,6 +86,8 @@ def test_readme_launch_line_runs(capsys) -> None:
         ConvertError("/nonexistent/weights/metadata.json: missing; not a Megatron checkpoint"),
         ShapeMismatchError("model.layers.0.mlp.up_proj.weight: expected shape [96, 64]"),
         ConfigError("optim.steps=0: must be >= 1"),
+        CheckpointError("runs/x/ckpt/step_00000004/rank_00000.pt: unreadable checkpoint shard"),
+        EngineUnavailable("rollout.engine='sglang' needs the sglang package (No module named x)"),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -190,4 +194,21 @@ def test_eval_data_errors_name_the_eval_flags(weighted_model, tmp_path, capsys) 
     err = capsys.readouterr().err
     assert f"{bad}:row 1" in err and "pass --on-bad-row skip" in err
     assert "data.on_bad_row" not in err
+    assert not out.exists()
+
+
+def test_eval_with_a_gpu_recipe_without_sglang_says_so_in_one_line(
+    weighted_model, bench, tmp_path, capsys
+) -> None:
+    """--config with an SGLang recipe on a machine without sglang: one line naming the field
+    and the ways out, not an ImportError traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed here")
+    out = tmp_path / "r.json"
+    assert cli.main(_eval(weighted_model, bench, out, "--config", RECIPE)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("rpg-megatron eval: rollout.engine='sglang'")
+    assert "rollout.engine=embedded" in err[-1] and "Traceback" not in "\n".join(err)
     assert not out.exists()
