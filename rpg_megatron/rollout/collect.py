@@ -111,7 +111,6 @@ def collect(
                 multiple,
             )
         groups = picked.groups[:usable]
-        rewards_ = [r for g in groups for r in g[2]]
         counts.update(
             {
                 "sampling/gen_batches": float(picked.gen_batches),
@@ -121,12 +120,12 @@ def collect(
         )
     else:
         groups = [g for g, _ in generate(0)]
-        rewards_ = [r for g in groups for r in g[2]]
-    return _pad(groups, rewards_, counts, n)
+    return _pad(groups, counts, n)
 
 
-def _pad(groups: list, rewards_: list[float], counts: dict[str, float], n: int) -> Rollout:
-    """Right-padded tokens, response mask and engine log-probs of every sample."""
+def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
+    """Right-padded tokens, response mask, engine log-probs and rewards of every sample of
+    `groups` (each (prompt ids, completions, rewards))."""
     rows = [(prompt, c) for prompt, comps, _ in groups for c in comps]
     N, S = len(rows), max(len(p) + len(c.token_ids) for p, c in rows)
     tokens = torch.zeros(N, S, dtype=torch.int64)
@@ -138,7 +137,7 @@ def _pad(groups: list, rewards_: list[float], counts: dict[str, float], n: int) 
         mask[i, len(p) : L] = 1.0
         sample_logp[i, len(p) : L] = torch.tensor(c.logprobs)
     lens = [len(c.token_ids) for _, c in rows]
-    r = torch.tensor(rewards_, dtype=torch.float32)
+    r = torch.tensor([x for _, _, rs in groups for x in rs], dtype=torch.float32)
     metrics = {
         "reward/mean": float(r.mean()),
         "response_len/mean": sum(lens) / N,
