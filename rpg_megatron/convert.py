@@ -47,6 +47,7 @@ import torch
 from rpg_megatron import __version__
 from rpg_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from rpg_megatron.megatron.arch import padded_vocab_size, read_hf_config
+from rpg_megatron.megatron.export import DEFAULT_BUCKET_BYTES
 
 WEIGHTS = "weights"
 """Subdirectory of a Megatron checkpoint holding the dist_checkpointing files."""
@@ -219,13 +220,11 @@ def _check_out(out: Path, *, src: Path, flag: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of `out`, renamed to `out` if the body succeeds, removed if not."""
+def _atomic_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out`, renamed to `out` if the body succeeds (replacing an
+    existing `out` only then), removed if not. Whether `out` may be replaced is the caller's
+    decision (`_check_out`)."""
     out = out.absolute()
-    if out.exists() and not overwrite:
-        raise ConvertError(
-            f"--out {out}: already exists; pass --overwrite to replace it, or choose another --out"
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -265,7 +264,7 @@ def hf_to_mcore(
     hf = Path(hf_dir).absolute()
     _check_out(Path(out_dir), src=hf, flag="--hf", overwrite=overwrite)
     arch, _, dtype = _validate_hf(hf, tp, pp)
-    with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+    with _atomic_dir(Path(out_dir)) as tmp:
         (tmp / WEIGHTS).mkdir()
         if tp * pp == 1:
             _in_process(_hf_to_mcore_rank, str(hf), str(tmp / WEIGHTS), tp, pp, dtype)
@@ -414,7 +413,7 @@ def mcore_to_hf(
     _conversion_dtype(src)  # before any output exists
     if not (src / WEIGHTS / "metadata.json").is_file():
         raise ConvertError(f"{src / WEIGHTS / 'metadata.json'}: missing; not a Megatron checkpoint")
-    with _atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+    with _atomic_dir(Path(out_dir)) as tmp:
         state = load_hf_state(src)
         _write_safetensors(state, tmp, max_shard_bytes)
         del state
@@ -509,25 +508,24 @@ def export_policy(
     src_hf_dir: str | os.PathLike[str],
     dtype: torch.dtype | None,
     write: bool,
-    bucket_bytes: int | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 ) -> Path:
     """A trained policy as a Hugging Face directory: safetensors (one file per export bucket)
     and, copied from `src_hf_dir` (the run's model.hf_path), config.json and the tokenizer.
 
     Collective over the model-parallel group, like `export.iter_hf_buckets`: every rank calls
     it; the one with `write` (global rank 0) writes into a temporary sibling that replaces
-    `out_dir` once complete. `dtype` None keeps the parameters'; `bucket_bytes` (default
-    export's) bounds each safetensors file as it bounds the buckets. Returns `out_dir`.
+    `out_dir` once complete. `dtype` None keeps the parameters'; `bucket_bytes` bounds each
+    safetensors file as it bounds the export's buckets. Returns `out_dir`.
     """
     from rpg_megatron.megatron import export
 
-    bound = export.DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes
-    buckets = export.iter_hf_buckets(model_chunks, arch, dtype=dtype, bucket_bytes=bound)
+    buckets = export.iter_hf_buckets(model_chunks, arch, dtype=dtype, bucket_bytes=bucket_bytes)
     if not write:
         for _ in buckets:
             pass
         return Path(out_dir)
-    with _atomic_dir(Path(out_dir), overwrite=True) as tmp:
+    with _atomic_dir(Path(out_dir)) as tmp:
         _write_shards((dict(bucket) for bucket in buckets), tmp)
         _copy_side_files(Path(src_hf_dir), tmp)
     return Path(out_dir)
