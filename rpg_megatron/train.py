@@ -75,13 +75,13 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     start = _resume(cfg, policy, sampler) if resume else None
     if start is None:
         _initial_weights(cfg, policy)
-    # REINFORCE++ folds the per-token KL to the reference into its returns (advantages.py).
-    kl_in_reward = cfg.objective.advantage == "reinforce_pp" and cfg.objective.beta > 0
-    ref = Reference(policy, cfg.objective) if objective.needs_ref or kl_in_reward else None
+    needs_ref = objective.needs_ref or _reward_kl_coef(cfg) > 0
+    ref = Reference(policy, cfg.objective) if needs_ref else None
     if ref is not None and start is not None:
         ref.load_state_dict(start["reference"])
     first = 0 if start is None else start["iteration"]
-    iterations = math.ceil(cfg.optim.steps / (cfg.optim.minibatches * cfg.optim.update_epochs))
+    # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
+    iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
     if is_main and resume:
         print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
@@ -235,10 +235,8 @@ def _group_sizes(cfg: Config, dp: int) -> tuple[int, int]:
 def _refuse_earlier_run(cfg: Config) -> None:
     """A fresh run must not write over an earlier one: it would truncate its metrics.jsonl,
     replace its config.yaml, and its checkpoints would prune the new run's away."""
-    metrics, latest = (
-        Path(cfg.log.run_dir) / "metrics.jsonl",
-        checkpoint.latest_name(cfg.checkpoint),
-    )
+    metrics = Path(cfg.log.run_dir) / "metrics.jsonl"
+    latest = checkpoint.latest_name(cfg.checkpoint)
     found = []
     if metrics.exists() and metrics.stat().st_size > 0:
         found.append(f"{metrics}")
@@ -393,9 +391,16 @@ def _advantages(
         seq_index_T=torch.arange(N).repeat_interleave(S),
         mask_T=rollout.batch.mask_NS.reshape(-1),
         kl_T=kl_T,
-        kl_coef=cfg.objective.beta if cfg.objective.advantage == "reinforce_pp" else 0.0,
+        kl_coef=_reward_kl_coef(cfg),
     )
     return adv_T.view(N, S)
+
+
+def _reward_kl_coef(cfg: Config) -> float:
+    """REINFORCE++ (advantage=reinforce_pp) folds beta x the per-token KL to the reference into
+    its returns, so it needs reference log-probs even though its loss has no KL anchor; other
+    advantages take no KL."""
+    return cfg.objective.beta if cfg.objective.advantage == "reinforce_pp" else 0.0
 
 
 def _sync_weights(policy: step.Policy, engine: Any, *, version: int) -> None:
