@@ -82,7 +82,7 @@ def load(spec: str) -> Callable[..., Any]:
         raise RewardFunctionError(f"{where}: {source} has no attribute {name!r}")
     if not callable(fn):
         raise RewardFunctionError(
-            f"{where}: {source}.{name} is a {type(fn).__name__}, not a function; {CONTRACT}"
+            f"{where}: {source}.{name} is not callable (a {type(fn).__name__}); {CONTRACT}"
         )
     try:
         signature = inspect.signature(fn)
