@@ -3,11 +3,11 @@
 
     reward:
       functions: [math_verify, examples/format_reward.py:bare_number]
-      weights: [1.0, 0.2]
+      weights: [1.0, 0.1]
 
 The demo's model answers "a+b=" right after "Answer: " in at most 2 tokens; math_verify (with
 reward.extract [last_number]) pays 1.0 when the last number is the sum, so "7", "A7" and "7A" all
-count for 7. bare_number adds 0.2 when the whole completion is one number: the clean answer.
+count for 7. bare_number adds 0.1 when the whole completion is one number: the clean answer.
 """
 
 import re

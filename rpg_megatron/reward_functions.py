@@ -67,8 +67,9 @@ def load(spec: str) -> Callable[..., Any]:
     source, _, name = spec.rpartition(":")
     where = f"reward.functions entry {spec!r}"
     try:
-        module = _load_file(Path(source), where) if source.endswith(".py") else None
-        if module is None:
+        if source.endswith(".py"):
+            module = _load_file(Path(source), where)
+        else:
             module = importlib.import_module(source)
     except RewardFunctionError:
         raise

@@ -32,7 +32,7 @@ from rpg_megatron.config import (
     RewardConfig,
     RolloutConfig,
 )
-from rpg_megatron.rewards import RewardFunctionError, RewardScorer
+from rpg_megatron.rewards import RewardFunctionError, RewardScorer, batch_metrics
 
 USER_FILE = """
 import time
@@ -176,6 +176,7 @@ def test_two_functions_give_exactly_their_weighted_sum(files, user_module, promp
     batch = _batch(prompts, tok)
     with RewardScorer(_cfg(files, "length_bonus", "digit_match", weights=weights)) as s:
         result = _score(s, batch)
+        part = _score(s, {k: v[:2] for k, v in batch.items()})
     fns = [user_module.length_bonus, user_module.digit_match]
     values = [[_direct(f, batch, i) for i in range(len(SAMPLES))] for f in fns]
     expected = []
@@ -190,6 +191,13 @@ def test_two_functions_give_exactly_their_weighted_sum(files, user_module, promp
     # The data really reached the functions: digit_match read reward_model and extra_info.
     assert values[1] == [1.0, -0.5, None, None, 1.0, -0.5]
     assert result.statuses is None and result.unscored == 0
+    # A step's metrics over several generation batches: over all their samples, not a mean of
+    # the batches' means (dynamic sampling scores up to data.max_gen_batches batches).
+    merged = batch_metrics([result, part])
+    assert merged["reward/length_bonus/mean"] == pytest.approx(
+        statistics.mean(values[0] + values[0][:2])
+    )
+    assert merged["reward/digit_match/none"] == 2 and merged["reward/samples"] == 8
 
 
 def test_math_verify_is_one_of_the_functions(files, user_module, prompts, tok):
@@ -313,6 +321,23 @@ def test_good_functions_pass_the_start_up_check(files, prompts):
     cfg = _cfg(files, "math_verify", "length_bonus", "digit_match", "never", "echo", "async_len")
     with RewardScorer(cfg) as s:
         s.check(prompt=first.text, columns=first.columns, origin=first.origin)
+
+
+def test_a_module_entry_imports_from_the_path(files, prompts, tok, monkeypatch):
+    """ "package.module:function": imported by name in the workers (they inherit sys.path)."""
+    pkg = files["user"].parent / "pkg_i23"
+    pkg.mkdir(exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "rewards.py").write_text(USER_FILE)
+    monkeypatch.syspath_prepend(str(files["user"].parent))
+    batch = _batch(prompts, tok)
+    cfg = RewardConfig(functions=("pkg_i23.rewards:length_bonus",), workers=1)
+    with RewardScorer(cfg) as s:
+        first = prompts.prompts[0]
+        s.check(prompt=first.text, columns=first.columns, origin=first.origin)
+        by_module = _score(s, batch).rewards
+    with RewardScorer(_cfg(files, "length_bonus")) as s:
+        assert by_module == _score(s, batch).rewards
 
 
 def _demo_args(tmp_path: Path, files, spec: str) -> list[str]:
@@ -454,7 +479,7 @@ def test_the_shipped_example_scores_the_demo_as_documented(tok, tmp_path, monkey
             columns=[p.columns] * 4,
         )
     # By hand: last_number finds the sum in the first three; only the first is a bare number.
-    assert result.rewards == [1.0 + 0.2, 1.0, 1.0, 0.0]
+    assert result.rewards == [1.0 + 0.1, 1.0, 1.0, 0.0]
 
 
 # ------------------------------------------------------------------------------ evaluation
