@@ -399,14 +399,29 @@ class DataConfig:
 ExtractorName = Literal["answer_line", "boxed", "last_number"]
 """Answer extractors of rewards.py, by name (rewards.EXTRACTORS maps each to its function)."""
 
+BUILTIN_REWARDS: tuple[str, ...] = ("math_verify",)
+"""Names in `reward.functions` that mean a built-in scorer rather than user code: math_verify
+is rewards.py's answer check, configured by the extract / *_reward fields."""
+
+# "package.module:function" or "path/to/file.py:function" (README "Reward functions").
+_FUNCTION_SPEC = re.compile(
+    r"(?P<source>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:]+\.py):(?P<name>[A-Za-z_]\w*)"
+)
+
+
+def reward_function_name(spec: str) -> str:
+    """The name a `reward.functions` entry is logged under (reward/<name>/mean): the built-in's
+    own name, else the function's name after the colon."""
+    return spec if spec in BUILTIN_REWARDS else spec.rpartition(":")[2]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RewardConfig:
     extract: tuple[ExtractorName, ...] = ("answer_line", "boxed")
-    """Answer extractors tried in order; the first that finds an answer wins. answer_line: the
-    text after the last "Answer:" (the AIME/AMC prompt asks for it); boxed: the last \\boxed{...};
-    last_number: the last number in the response (for a tiny untrained model that only emits
-    digits)."""
+    """math_verify's answer extractors, tried in order; the first that finds an answer wins.
+    answer_line: the text after the last "Answer:" (the AIME/AMC prompt asks for it); boxed: the
+    last \\boxed{...}; last_number: the last number in the response (for a tiny untrained model
+    that only emits digits)."""
     correct_reward: float = 1.0
     """Reward of a response whose extracted answer math-verify judges equal to the ground truth."""
     incorrect_reward: float = 0.0
@@ -416,20 +431,37 @@ class RewardConfig:
     format_reward: float = 0.0
     """Reward of a response in which no extractor found an answer (counted as reward/no_answer)."""
     timeout_s: float = 5.0
-    """Wall-clock limit in seconds of one verification (parse + compare) in a worker process; a
-    worker past it is killed, replaced and the sample counted in reward/timeouts."""
+    """Wall-clock limit in seconds of one verification (parse + compare) or of one call of a user
+    function on one sample, in a worker process; a worker past it is killed, replaced and the
+    sample counted in reward/timeouts (reward/<name>/timeouts for a user function)."""
     workers: int = 2
     """Persistent verifier worker processes (spawned, each ~60 MB with sympy loaded)."""
     overlong_buffer: int = 0
-    """DAPO soft overlong punishment: tokens before `max_response_len` over which the penalty
-    grows linearly from 0 to `overlong_penalty_factor`; 0 turns the penalty off."""
+    """DAPO soft overlong punishment, added once to each sample's reward (after the weighted sum
+    of `functions`): tokens before `max_response_len` over which the penalty grows linearly from
+    0 to `overlong_penalty_factor`; 0 turns the penalty off."""
     max_response_len: int = 0
     """Response length limit in tokens that the overlong penalty refers to (normally the rollout's
     max new tokens); must exceed `overlong_buffer` when the penalty is on."""
     overlong_penalty_factor: float = 1.0
     """Largest overlong penalty, reached at `max_response_len` tokens (DAPO uses 1.0)."""
+    functions: tuple[str, ...] = ("math_verify",)
+    """Reward functions; a sample's reward is the weighted sum of their values (plus the
+    overlong penalty). "math_verify": the built-in answer check configured by the fields above;
+    user functions: "package.module:function" (importable) or "path/to/file.py:function"
+    (relative to the working directory), TRL's contract, see README "Reward functions". Each is
+    logged as reward/<name>/mean, std, none, errors and timeouts (name: after the colon)."""
+    weights: tuple[float, ...] = ()
+    """Weight of each function's value in the sum, aligned with `functions`; empty: 1.0 each."""
+    error_reward: float | None = None
+    """Value a user function gets for a sample on which it raised, returned a wrong type or ran
+    past `timeout_s` (each counted in reward/<name>/errors or timeouts). None: no value, the
+    function is left out of that sample's sum as if it returned None. Set it to the function's
+    worst value when a failure must not pay better than a wrong answer (a program that loops
+    forever under a code checker)."""
 
     def __post_init__(self) -> None:
+        self._check_functions()
         valid = typing.get_args(ExtractorName)
         if not self.extract:
             raise ConfigError(
@@ -463,6 +495,34 @@ class RewardConfig:
         if self.overlong_penalty_factor < 0:
             raise ConfigError(
                 f"reward.overlong_penalty_factor={self.overlong_penalty_factor}: must be >= 0"
+            )
+
+    def _check_functions(self) -> None:
+        if not self.functions:
+            raise ConfigError(
+                "reward.functions=[]: name at least one reward function (the default is "
+                "[math_verify])"
+            )
+        for spec in self.functions:
+            if spec not in BUILTIN_REWARDS and not _FUNCTION_SPEC.fullmatch(spec):
+                raise ConfigError(
+                    f"reward.functions contains {spec!r}: use a built-in "
+                    f"({', '.join(BUILTIN_REWARDS)}), 'package.module:function' or "
+                    "'path/to/file.py:function'"
+                )
+        names = [reward_function_name(s) for s in self.functions]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(
+                f"reward.functions={list(self.functions)}: {', '.join(map(repr, twice))} "
+                "appears twice; each function is logged as reward/<name>/..., so list a "
+                "function once and give functions from different files different names"
+            )
+        if self.weights and len(self.weights) != len(self.functions):
+            raise ConfigError(
+                f"reward.weights={list(self.weights)} has {len(self.weights)} values for "
+                f"{len(self.functions)} reward.functions: give one weight per function, or "
+                "none (1.0 each)"
             )
 
 

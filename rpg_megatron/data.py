@@ -7,7 +7,8 @@ Row layout (one problem per row; exactly the layout of ../shared/data/eval/*.par
     reward_model  {"ground_truth": str, "style": str}        dotted path `DataConfig.answer_key`
     data_source   str, optional (default: the file's stem)   metrics and reward routing
     extra_info    any, optional                              carried through untouched
-Other columns are ignored. Row numbers in messages: parquet rows count from 0 in file order (as
+Every column of a row (these and any other) reaches the user's reward functions unchanged
+(`Prompt.columns`). Row numbers in messages: parquet rows count from 0 in file order (as
 pyarrow and pandas index them); jsonl rows are reported by 1-based line number, as editors show.
 
 Legend: N samples, G groups.
@@ -57,6 +58,8 @@ class PromptRow:
     """The row's `extra_info`, untouched (None when absent)."""
     origin: str
     """Where it came from, `file:row 12` or `file:line 13`; errors and metrics quote it."""
+    columns: dict[str, Any] = field(default_factory=dict)
+    """Every column of the row as read (the user reward functions' **columns); not to mutate."""
 
 
 @dataclass(slots=True)
@@ -94,10 +97,9 @@ def _iter_parquet(path: Path, prompt_key: str, answer_key: str) -> Iterator[tupl
             raise DataError(
                 f"{path}: no column {key!r} (data.{cfg_key}); columns: {', '.join(names)}"
             )
-    wanted = [prompt_key, answer_key.split(".")[0], "data_source", "extra_info"]
-    columns = [c for c in dict.fromkeys(wanted) if c in names]
     row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+    # Every column: user reward functions receive the whole row (reward.functions).
+    for batch in pf.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             yield f"{path}:row {row}", record
             row += 1
@@ -192,6 +194,7 @@ def _validate(record: Any, prompt_key: str, answer_key: str, stem: str, origin: 
         data_source=source if isinstance(source, str) and source else stem,
         extra_info=record.get("extra_info"),
         origin=origin,
+        columns=dict(record),
     )
 
 
@@ -303,6 +306,8 @@ class Prompt:
     """`file:row n` / `file:line n` of the source row."""
     extra_info: Any = None
     """The row's extra_info, untouched."""
+    columns: dict[str, Any] = field(default_factory=dict)
+    """Every column of the source row, as read; user reward functions get them as **columns."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -388,6 +393,7 @@ def load_prompts(
                 data_source=row.data_source,
                 origin=row.origin,
                 extra_info=row.extra_info,
+                columns=row.columns,
             )
         )
     report = LoadReport(

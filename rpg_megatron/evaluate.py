@@ -8,7 +8,8 @@ Each file is one benchmark, named by its file stem. Problems are de-duplicated (
 files repeat each problem 32 times) and each distinct problem gets k samples from one seeded
 `engine.generate` call per benchmark. A sample is correct when math-verify (rewards.RewardScorer)
 judges its extracted answer equal to the ground truth: status "correct", whatever the reward
-values of the training config.
+values of the training config (so `math_verify` must be among reward.functions). The report also
+gives each sample's weighted reward and each benchmark's mean value of every reward function.
 
 Metrics, per benchmark of P problems, problem i with n_i samples of which c_i are correct:
     Mean@k  = 1/P sum_i c_i / n_i                      (average accuracy; the RPG paper's table)
@@ -37,13 +38,18 @@ from rpg_megatron.batch import SamplingParams
 from rpg_megatron.config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
 from rpg_megatron.data import DataError, Prompt, PromptDataset, load_prompts
 from rpg_megatron.megatron.arch import load_config_json
-from rpg_megatron.rewards import RewardResult
+from rpg_megatron.rewards import RewardResult, batch_metrics
 from rpg_megatron.rollout.engine import RolloutEngine
 
 logger = logging.getLogger(__name__)
 
 BUCKET_BYTES = 512 * 2**20
 """Largest weight bucket handed to `engine.update_weights` when loading a checkpoint."""
+
+NEEDS_MATH_VERIFY = (
+    "evaluation counts a sample correct when math_verify says so, but reward.functions has no "
+    "math_verify: add it (with weight 0 in reward.weights to keep it out of the reward)"
+)
 
 
 # ------------------------------------------------------------------------------ estimators
@@ -115,6 +121,8 @@ class ProblemResult:
     """Per sample: generated tokens."""
     finish_reasons: tuple[str, ...]
     """Per sample: "stop" or "length" (truncated at max_new_tokens) or "abort"."""
+    rewards: tuple[float, ...] = ()
+    """Per sample: its reward, the weighted sum of reward.functions (what training would give)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,7 +144,10 @@ class BenchmarkResult:
     generate_s: float
     """Wall-clock seconds of the generate call."""
     score_s: float
-    """Wall-clock seconds of math-verify scoring."""
+    """Wall-clock seconds of scoring (math-verify and the other reward.functions)."""
+    reward_metrics: dict[str, float] = field(default_factory=dict)
+    """"mean": the samples' mean reward; "<function>/mean": each reward function's mean value
+    over the samples it gave one (NaN when none), as reward/<function>/mean in training."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,6 +179,7 @@ class EvalReport:
         for b in self.benchmarks:
             out[f"eval/{b.name}/mean@{self.k}"] = b.mean_at_k
             out.update({f"eval/{b.name}/pass@{kk}": v for kk, v in b.pass_at.items()})
+            out.update({f"eval/{b.name}/reward/{m}": v for m, v in b.reward_metrics.items()})
         return out
 
 
@@ -278,6 +290,9 @@ class Scorer(Protocol):
         ground_truths: Sequence[str],
         *,
         response_lens: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        columns: Sequence[Mapping[str, Any]] | None = None,
     ) -> RewardResult: ...
 
 
@@ -354,9 +369,13 @@ def _evaluate_benchmark(
     scored = scorer.score(
         [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
         [p.ground_truth for p in problems for _ in range(k)],
-        response_lens=[len(c.token_ids) for c in completions],
+        prompts=[p.text for p in problems for _ in range(k)],
+        completion_ids=[c.token_ids for c in completions],
+        columns=[p.columns for p in problems for _ in range(k)],
     )
     t2 = time.monotonic()
+    if scored.statuses is None or scored.answers is None:
+        raise ConfigError(NEEDS_MATH_VERIFY)
     per_problem = []
     for i, p in enumerate(problems):
         sl = slice(i * k, (i + 1) * k)
@@ -369,6 +388,7 @@ def _evaluate_benchmark(
                 answers=tuple(scored.answers[sl]),
                 response_tokens=tuple(len(c.token_ids) for c in completions[sl]),
                 finish_reasons=tuple(c.finish_reason for c in completions[sl]),
+                rewards=tuple(scored.rewards[sl]),
             )
         )
     correct = [r.correct for r in per_problem]
@@ -381,12 +401,21 @@ def _evaluate_benchmark(
         skipped=dict(dataset.report.skipped),
         generate_s=t1 - t0,
         score_s=t2 - t1,
+        reward_metrics={
+            "mean": sum(scored.rewards) / len(scored.rewards),
+            **{f"{f}/mean": v for f, v in _function_means(scored).items()},
+        },
     )
     logger.info(
         "eval %s: %d problems x %d samples, mean@%d %.3f (generate %.1fs, score %.1fs)",
         name, len(problems), k, k, result.mean_at_k, t1 - t0, t2 - t1,
     )  # fmt: skip
     return result, {c.weight_version for c in completions}
+
+
+def _function_means(scored: RewardResult) -> dict[str, float]:
+    metrics = batch_metrics([scored])
+    return {name: metrics[f"reward/{name}/mean"] for name in scored.functions}
 
 
 def load_benchmarks(
@@ -530,9 +559,10 @@ def run_eval(
     rollout_cfg: RolloutConfig,
 ) -> EvalReport:
     """`rpg-megatron eval`: load the benchmarks (first, so a bad row fails before the model
-    loads), the checkpoint into an engine (weight version 0) and the scorer; evaluate; write
-    the report to `out`. `mcore`: `model_dir` is a Megatron dist checkpoint written by
-    `rpg-megatron convert hf-to-mcore` (config.json, conversion.json, weights/, tokenizer)."""
+    loads), start the scorer and probe reward.functions on each benchmark's first row, load the
+    checkpoint into an engine (weight version 0); evaluate; write the report to `out`.
+    `mcore`: `model_dir` is a Megatron dist checkpoint written by `rpg-megatron convert
+    hf-to-mcore` (config.json, conversion.json, weights/, tokenizer)."""
     from rpg_megatron.config_io import to_dict
     from rpg_megatron.convert import ConvertError
     from rpg_megatron.megatron.hf_map import HFMapError
@@ -541,6 +571,8 @@ def run_eval(
 
     if not cfg.files:
         raise ConfigError("eval: no benchmark files; pass --data PATH [PATH ...]")
+    if "math_verify" not in reward_cfg.functions:
+        raise ConfigError(f"reward.functions={list(reward_cfg.functions)}: {NEEDS_MATH_VERIFY}")
     _check_report_path(Path(out))  # before any work: a bad --out would fail only at the end
     flag = "--mcore" if mcore else "--model"
     hf_config, tokenizer = _read_model_dir(model_dir, flag)
@@ -556,18 +588,22 @@ def run_eval(
             f"({longest.origin}, {len(longest.token_ids)} tokens) it exceeds the model's "
             f"max_position_embeddings={limit}; lower --max-new-tokens"
         )
-    engine = make_engine(rollout_cfg, hf_config=hf_config, tokenizer=tokenizer)
-    try:
-        buckets = mcore_buckets(model_dir) if mcore else hf_buckets(model_dir)
+    # The reward functions before any weights load: a bad entry fails in seconds, in one line.
+    with RewardScorer(reward_cfg) as scorer:
+        for dataset in datasets.values():
+            first = dataset.prompts[0]
+            scorer.check(prompt=first.text, columns=first.columns, origin=first.origin)
+        engine = make_engine(rollout_cfg, hf_config=hf_config, tokenizer=tokenizer)
         try:
-            engine.update_weights(buckets, version=0)
-        except (ConvertError, HFMapError):
-            raise  # already name the file or tensor
-        except ValueError as e:  # a tensor the engine's model (built from config.json) rejects
-            raise ConvertError(
-                f"{flag} {model_dir}: its weights do not match its config.json: {e}"
-            ) from None
-        with RewardScorer(reward_cfg) as scorer:
+            buckets = mcore_buckets(model_dir) if mcore else hf_buckets(model_dir)
+            try:
+                engine.update_weights(buckets, version=0)
+            except (ConvertError, HFMapError):
+                raise  # already name the file or tensor
+            except ValueError as e:  # a tensor the engine's model (built from config.json) rejects
+                raise ConvertError(
+                    f"{flag} {model_dir}: its weights do not match its config.json: {e}"
+                ) from None
             report = evaluate(
                 engine,
                 tokenizer,
@@ -585,7 +621,7 @@ def run_eval(
                     "checkpoint_format": "mcore" if mcore else "hf",
                 },
             )
-    finally:
-        engine.shutdown()
+        finally:
+            engine.shutdown()
     write_report(report, out)
     return report

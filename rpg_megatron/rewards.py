@@ -1,17 +1,28 @@
-"""Math answer rewards: extract the answer from a response, check it with math-verify, score it.
+"""Rewards: the built-in math-verify scorer, user reward functions, their weighted sum, all run
+in killable worker processes with counted failures.
 
-    scorer = RewardScorer(cfg.reward)          # starts `workers` verifier processes
-    result = scorer.score(responses, ground_truths, response_lens=lens)
-    result.rewards      # one float per response
-    result.metrics()    # {"reward/correct": 3, "reward/timeouts": 1, ...}  counts, not fractions
+    scorer = RewardScorer(cfg.reward)          # starts `workers` worker processes
+    scorer.check(prompt=p.text, columns=p.columns, origin=p.origin)   # start-up probe
+    result = scorer.score(responses, ground_truths, response_lens=lens, prompts=texts,
+                          completion_ids=ids, columns=rows)
+    result.rewards      # one float per response: sum_f weight_f * value_f (+ overlong penalty)
+    result.metrics()    # {"reward/correct": 3, "reward/fmt/mean": 0.4, ...}
 
-Extraction runs here (linear-time string scans). Verification (math-verify `parse` + `verify`, i.e.
-latex2sympy + sympy) runs in persistent worker processes, because sympy can run for minutes or
-forever on some inputs (`9^{9^{9^{9}}}` still ran after 90 s on our 2-core box) and math-verify's
-own `signal.alarm` timeouts only work in the main thread of the main interpreter. A worker past
-`timeout_s` is SIGKILLed and replaced; its sample is counted as a timeout.
+`reward.functions` lists the functions; "math_verify" is the built-in one below, the others are
+user functions (reward_functions.py: the TRL-style contract, one sample per call). A function's
+value for a sample is a float or None ("does not apply"); a sample's reward is the weighted sum
+over the functions that gave a value, plus the DAPO overlong penalty (<= 0) when it is on. A
+sample no function gave a value gets 0 (plus the penalty) and is counted in reward/unscored.
 
-Every sample ends in exactly one status; each status is a counter in `RewardResult.metrics()`:
+math_verify: extraction runs here (linear-time string scans). Verification (math-verify `parse` +
+`verify`, i.e. latex2sympy + sympy) runs in persistent worker processes, because sympy can run
+for minutes or forever on some inputs (`9^{9^{9^{9}}}` still ran after 90 s on our 2-core box)
+and math-verify's own `signal.alarm` timeouts only work in the main thread of the main
+interpreter. User functions run in the same workers, for the same reason: a worker past
+`timeout_s` on any task is SIGKILLed and replaced; its sample is counted as a timeout.
+
+Every math_verify sample ends in exactly one status; each status is a counter in
+`RewardResult.metrics()`:
 
     correct      math-verify says the answer equals the ground truth      -> correct_reward
     incorrect    it says they differ                                      -> incorrect_reward
@@ -21,27 +32,31 @@ Every sample ends in exactly one status; each status is a counter in `RewardResu
     error        math-verify raised while comparing, or the worker died   -> incorrect_reward
     timeout      verification ran past timeout_s                          -> incorrect_reward
 
-The DAPO overlong penalty (<= 0) is added on top of every status's reward when it is on.
+A user function's call ends in a value, None, an error (it raised, returned a wrong type, or its
+worker died) or a timeout; errors and timeouts are worth `reward.error_reward` (None: no value)
+and are counted in reward/<name>/errors and reward/<name>/timeouts. They never stop the run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import multiprocessing as mp
-import multiprocessing.connection
-import os
+import logging
+import math
 import re
-import signal
-import threading
 import time
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from rpg_megatron.config import RewardConfig
+from rpg_megatron import reward_functions
+from rpg_megatron.config import BUILTIN_REWARDS, RewardConfig, reward_function_name
+from rpg_megatron.reward_functions import RewardFunctionError
+from rpg_megatron.reward_workers import INSTALL_HINT, WorkerPool
+
+__all__ = ["INSTALL_HINT", "RewardFunctionError"]  # re-exported: callers catch / print them
+
+logger = logging.getLogger(__name__)
 
 Status = Literal[
     "correct", "incorrect", "no_answer", "parse_error", "gold_error", "error", "timeout"
@@ -57,12 +72,6 @@ METRIC_NAMES: dict[str, str] = {
     "timeout": "reward/timeouts",
 }
 """Status -> metric name of its per-batch count."""
-
-INSTALL_HINT = "pip install 'math-verify[antlr4_13_2]>=0.9,<0.10'"
-
-# A fresh worker imports sympy + latex2sympy and warms the ANTLR parser (~1 s on one core); a
-# worker not ready after this long means a broken install or a starved machine, not a slow input.
-_STARTUP_TIMEOUT_S = 120.0
 
 
 # ----------------------------------------------------------------------------------- extraction
@@ -215,7 +224,7 @@ def overlong_penalty(length: int, *, max_len: int, buffer: int, factor: float = 
     return -factor * min(1.0, excess / buffer)
 
 
-# ----------------------------------------------------------------------------------- worker side
+# ----------------------------------------------------------------------------------- verification
 def _parse(text: str) -> list[Any]:
     """math-verify parse of one answer or ground truth; [] when nothing parses."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
@@ -260,227 +269,117 @@ def verify_answer(answer: str, gold: str) -> tuple[Status, str]:
     return ("correct" if same else "incorrect"), ""
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    # A worker stuck in sympy never reads its pipe again, so it would outlive a parent killed
-    # with SIGKILL (daemon processes are only reaped on a clean exit). Poll the parent instead.
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent_pid:
-            os._exit(0)
-
-
-def _worker_main(conn: multiprocessing.connection.Connection, parent_pid: int) -> None:
-    """Worker loop: announce readiness, then answer (answer, gold) tasks until None or EOF."""
-    # Ctrl-C reaches the whole process group; the parent decides what happens to the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    try:
-        import logging
-
-        # math-verify warns once that its own timeout is off; that is deliberate here.
-        logging.getLogger("math_verify").setLevel(logging.ERROR)
-        # The first parse builds the ANTLR LaTeX parser (~0.3 s); pay it before taking tasks.
-        verify_answer("1/2", "\\frac{1}{2}")
-    except BaseException as e:
-        conn.send(("startup_error", f"{type(e).__name__}: {e}"))
-        return
-    conn.send(("ready", ""))
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            task = None
-        if task is None:
-            # Skip interpreter teardown: freeing sympy's caches takes most of a second and there
-            # is nothing to flush.
-            os._exit(0)
-        conn.send(verify_answer(*task))
-
-
-# ----------------------------------------------------------------------------------- pool
-@dataclass(slots=True, kw_only=True)
-class _Worker:
-    proc: Any
-    """multiprocessing.Process (spawn context)."""
-    conn: multiprocessing.connection.Connection
-    """Parent end of the duplex pipe to the worker."""
-    started: float
-    """time.monotonic() at spawn, for the startup limit."""
-    ready: bool = False
-    """True once the worker has imported math-verify and said so."""
-    task: int | None = None
-    """Index of the task it is working on, None when idle."""
-    deadline: float = 0.0
-    """time.monotonic() by which the current task must be answered."""
-
-
-def _stop_workers(workers: list[_Worker]) -> None:
-    for w in workers:
-        if w.proc.is_alive():
-            with contextlib.suppress(OSError):  # its pipe may already be broken
-                w.conn.send(None)
-    for w in workers:
-        w.proc.join(timeout=1.0)
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join()
-        w.conn.close()
-
-
-class _VerifierPool:
-    """Persistent verifier processes with a per-task wall-clock limit. Not thread-safe."""
-
-    def __init__(self, *, workers: int, timeout_s: float) -> None:
-        # spawn, not fork: the trainer process holds CUDA contexts and NCCL/Gloo threads, which
-        # a forked child would inherit in a broken state.
-        self._ctx = mp.get_context("spawn")
-        self._timeout_s = timeout_s
-        self._workers = [self._spawn() for _ in range(workers)]
-        self.restarts = 0
-        """Workers killed (timeout) or found dead and replaced since the pool started."""
-        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
-
-    def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_worker_main, args=(child, os.getpid()), name="rpg-reward-verifier", daemon=True
-        )
-        proc.start()
-        # Drop our copy of the child's end so a dead worker shows up as EOF on `parent`.
-        child.close()
-        return _Worker(proc=proc, conn=parent, started=time.monotonic())
-
-    def _replace(self, i: int) -> None:
-        w = self._workers[i]
-        w.proc.kill()
-        w.proc.join()
-        w.conn.close()
-        self._workers[i] = self._spawn()  # same list object: the finalizer sees the new worker
-        self.restarts += 1
-
-    def run(self, tasks: Sequence[tuple[str, str]]) -> list[tuple[Status, str]]:
-        """(status, detail) of each (answer, gold) task, in order. Returns within about
-        ceil(len(tasks) / workers) * timeout_s plus worker restarts, whatever the inputs."""
-        try:
-            return self._run(tasks)
-        except BaseException:
-            # Interrupted (Ctrl-C, a worker that cannot start): a busy worker would later send
-            # the answer of this call's task as if it belonged to the next call's; kill it.
-            for i, w in enumerate(self._workers):
-                if w.task is not None:
-                    w.task = None
-                    self._replace(i)
-            raise
-
-    def _run(self, tasks: Sequence[tuple[str, str]]) -> list[tuple[Status, str]]:
-        results: list[tuple[Status, str] | None] = [None] * len(tasks)
-        next_task = done = 0
-        while done < len(tasks):
-            now = time.monotonic()
-            for i, w in enumerate(self._workers):
-                if w.ready and w.task is None and next_task < len(tasks):
-                    try:
-                        w.conn.send(tasks[next_task])
-                    except OSError:
-                        # It died while idle (OOM killer, a stray kill): replace it; the task
-                        # stays queued for the next free worker.
-                        self._replace(i)
-                        continue
-                    w.task, w.deadline = next_task, now + self._timeout_s
-                    next_task += 1
-            waiting = [w for w in self._workers if not w.ready or w.task is not None]
-            deadlines = [w.deadline if w.ready else w.started + _STARTUP_TIMEOUT_S for w in waiting]
-            multiprocessing.connection.wait(
-                [obj for w in waiting for obj in (w.conn, w.proc.sentinel)],
-                timeout=max(0.0, min(deadlines) - now),
-            )
-            now = time.monotonic()
-            for i, w in enumerate(self._workers):
-                message = self._receive(w)
-                if not w.ready:
-                    self._check_startup(w, message, now)
-                    continue
-                if w.task is None:
-                    continue
-                if message is not None:
-                    results[w.task] = message
-                elif not w.proc.is_alive():
-                    results[w.task] = ("error", f"verifier exited with code {w.proc.exitcode}")
-                elif now >= w.deadline:
-                    results[w.task] = ("timeout", f"verification ran past {self._timeout_s} s")
-                else:
-                    continue
-                done += 1
-                w.task = None
-                if message is None:
-                    self._replace(i)
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
-
-    @staticmethod
-    def _receive(w: _Worker) -> Any:
-        try:
-            return w.conn.recv() if w.conn.poll() else None
-        except (EOFError, OSError):
-            return None  # died without answering; the caller sees the dead process
-
-    def _check_startup(self, w: _Worker, message: Any, now: float) -> None:
-        if message is not None and message[0] == "ready":
-            w.ready = True
-            return
-        if message is not None or not w.proc.is_alive():
-            reason = message[1] if message is not None else f"exit code {w.proc.exitcode}"
-            raise RuntimeError(
-                f"reward verifier worker failed to start ({reason}); the reward section needs "
-                f"math-verify with a LaTeX parser: {INSTALL_HINT}"
-            )
-        if now - w.started > _STARTUP_TIMEOUT_S:
-            raise RuntimeError(
-                f"reward verifier worker not ready after {_STARTUP_TIMEOUT_S:.0f} s; check that "
-                f"`python -c 'import math_verify'` works ({INSTALL_HINT}) and the machine has "
-                "free cores, or lower reward.workers"
-            )
-
-    def close(self) -> None:
-        self._finalizer()
-
-
 # ----------------------------------------------------------------------------------- scoring
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FunctionScores:
+    """One reward function's values on a batch and how its calls ended."""
+
+    values: list[float | None]
+    """Value of each sample (aligned with the batch); None: it does not apply, or it failed and
+    reward.error_reward is None. math_verify always has a value (its status reward)."""
+    weight: float
+    """Its weight in the sum (reward.weights)."""
+    none: int = 0
+    """Calls that returned None ("does not apply")."""
+    errors: int = 0
+    """Calls that raised, returned a wrong type, or whose worker died (math_verify: status
+    error)."""
+    timeouts: int = 0
+    """Calls past reward.timeout_s, killed (math_verify: status timeout)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RewardResult:
     rewards: list[float]
-    """Reward of each response (status reward plus overlong penalty), aligned with the input."""
-    statuses: list[Status]
-    """Outcome of each response; see the module docstring."""
-    answers: list[str | None]
-    """Extracted answer of each response, None when no extractor found one."""
+    """Reward of each response: sum over functions with a value of weight x value, plus the
+    overlong penalty (0 plus the penalty when no function gave a value); aligned with the input."""
+    functions: dict[str, FunctionScores]
+    """Per function, by its name (config.reward_function_name), in reward.functions order."""
+    statuses: list[Status] | None
+    """math_verify's outcome of each response (see the module docstring); None when math_verify
+    is not among reward.functions."""
+    answers: list[str | None] | None
+    """math_verify's extracted answer of each response, None where no extractor found one (the
+    whole field is None without math_verify)."""
     details: list[str]
-    """Why a response was not judged correct/incorrect normally ("" otherwise), for debugging."""
+    """Why math_verify did not judge a response correct/incorrect normally ("" otherwise, and
+    for every response without math_verify), for debugging."""
     overlong_penalties: list[float]
     """Overlong penalty (<= 0) included in each reward; all 0 when the penalty is off."""
+    unscored: int
+    """Responses for which no function gave a value (their reward is just the penalty)."""
     elapsed_s: float
     """Wall-clock seconds the whole score() call took."""
 
     def metrics(self) -> dict[str, float]:
-        """Counts per status (METRIC_NAMES), penalized responses and samples, plus time."""
-        out = {name: 0.0 for name in METRIC_NAMES.values()}
-        for status in self.statuses:
-            out[METRIC_NAMES[status]] += 1
-        out["reward/overlong"] = float(sum(p < 0 for p in self.overlong_penalties))
-        out["reward/samples"] = float(len(self.statuses))
-        out["time/reward_s"] = self.elapsed_s
-        return out
+        """This batch's `batch_metrics`."""
+        return batch_metrics([self])
+
+
+def batch_metrics(results: Sequence[RewardResult]) -> dict[str, float]:
+    """Metrics over the responses of several score() calls (a step's generation batches):
+    math_verify's counts per status (METRIC_NAMES), penalized, unscored and all responses, time,
+    and per function reward/<name>/mean and std (over the values it gave; NaN when it gave
+    none, std NaN below 2 values, as TRL's nanmean / Bessel-corrected nanstd), none, errors and
+    timeouts (counts)."""
+    out: dict[str, float] = {}
+    if results and results[0].statuses is not None:
+        out.update({name: 0.0 for name in METRIC_NAMES.values()})
+        for r in results:
+            for status in r.statuses or ():
+                out[METRIC_NAMES[status]] += 1
+    out["reward/overlong"] = float(sum(p < 0 for r in results for p in r.overlong_penalties))
+    out["reward/unscored"] = float(sum(r.unscored for r in results))
+    out["reward/samples"] = float(sum(len(r.rewards) for r in results))
+    out["time/reward_s"] = sum(r.elapsed_s for r in results)
+    for name in results[0].functions if results else ():
+        scores = [r.functions[name] for r in results]
+        values = [v for s in scores for v in s.values if v is not None]
+        mean = sum(values) / len(values) if values else math.nan
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else None
+        out[f"reward/{name}/mean"] = mean
+        out[f"reward/{name}/std"] = math.sqrt(var) if var is not None else math.nan
+        for field in ("none", "errors", "timeouts"):
+            out[f"reward/{name}/{field}"] = float(sum(getattr(s, field) for s in scores))
+    return out
 
 
 class RewardScorer:
-    """Scores batches of responses; owns the verifier processes. Close it (or use `with`)."""
+    """Scores batches of responses with reward.functions; owns the worker processes. Close it
+    (or use `with`)."""
 
     def __init__(self, cfg: RewardConfig) -> None:
-        # Fail here, not after the first rollout, when the package is missing.
-        if importlib.util.find_spec("math_verify") is None:
-            raise ImportError(f"the reward section needs math-verify; {INSTALL_HINT}")
         self.cfg = cfg
-        self._pool = _VerifierPool(workers=cfg.workers, timeout_s=cfg.timeout_s)
+        self._names = [reward_function_name(s) for s in cfg.functions]
+        self._weights = list(cfg.weights) or [1.0] * len(cfg.functions)
+        self._user = [s for s in cfg.functions if s not in BUILTIN_REWARDS]
+        self._math_verify = "math_verify" in cfg.functions
+        # Fail here, not after the first rollout, when the package is missing.
+        if self._math_verify and importlib.util.find_spec("math_verify") is None:
+            raise ImportError(
+                f"reward.functions contains math_verify, which needs math-verify; {INSTALL_HINT}"
+            )
+        self._pool = WorkerPool(
+            workers=cfg.workers,
+            timeout_s=cfg.timeout_s,
+            specs=tuple(self._user),
+            math_verify=self._math_verify,
+        )
+
+    def check(self, *, prompt: str, columns: Mapping[str, Any], origin: str) -> None:
+        """Start-up check of the user functions: the workers import them (an import error or a
+        signature without prompts / completions / completion_ids raises RewardFunctionError),
+        then each is called once on this dataset row with an empty completion (a model can
+        produce one) and must accept the row's columns and return one float or None.
+        Call it before building the model; it costs one worker start (seconds)."""
+        kwargs = reward_functions.sample_kwargs(prompt, "", [], columns)
+        tasks = [("probe", j, kwargs) for j in range(len(self._user))]
+        for spec, (kind, why) in zip(self._user, self._pool.run(tasks), strict=True):
+            if kind != "ok":
+                raise RewardFunctionError(
+                    f"reward.functions entry {spec!r}: {why} on the start-up probe call (the row "
+                    f"{origin} with an empty completion); {reward_functions.CONTRACT}"
+                )
 
     def score(
         self,
@@ -488,16 +387,31 @@ class RewardScorer:
         ground_truths: Sequence[str],
         *,
         response_lens: Sequence[int] | None = None,
+        prompts: Sequence[str] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        columns: Sequence[Mapping[str, Any]] | None = None,
     ) -> RewardResult:
-        """Rewards of `responses[i]` against `ground_truths[i]`; `response_lens[i]` is the
-        response length in tokens, needed only when reward.overlong_buffer > 0."""
+        """Rewards of `responses[i]` (decoded completions) against `ground_truths[i]`.
+        `response_lens[i]`: its length in tokens, for the overlong penalty (default: the length
+        of `completion_ids[i]`). User functions also need `prompts[i]` (the prompt text),
+        `completion_ids[i]` and `columns[i]` (its dataset row's columns, data.Prompt.columns)."""
         t0 = time.monotonic()
         cfg = self.cfg
         n = len(responses)
-        if len(ground_truths) != n:
+        if response_lens is None and completion_ids is not None:
+            response_lens = [len(ids) for ids in completion_ids]
+        given = {"ground truths": ground_truths, "prompts": prompts}
+        given |= {"completion_ids": completion_ids, "columns": columns}
+        for what, seq in given.items():
+            if seq is not None and len(seq) != n:
+                raise ValueError(
+                    f"score(): {n} responses but {len(seq)} {what}; pass one per response "
+                    "(repeat a prompt's for each of its samples)"
+                )
+        if self._user and (prompts is None or completion_ids is None or columns is None):
             raise ValueError(
-                f"score(): {n} responses but {len(ground_truths)} ground truths; pass one "
-                "ground truth per response (repeat it for each sample of a prompt)"
+                f"score(): reward.functions {self._user} need prompts, completion_ids and "
+                "columns, one per response"
             )
         if cfg.overlong_buffer > 0 and (response_lens is None or len(response_lens) != n):
             got = "none" if response_lens is None else len(response_lens)
@@ -506,24 +420,28 @@ class RewardScorer:
                 f"count per response ({n}); got {got}"
             )
 
-        answers = [extract_answer(r, cfg.extract) for r in responses]
-        statuses: list[Status] = ["no_answer"] * n
-        details = [""] * n
-        # Samples of one prompt often agree: verify each distinct (answer, gold) pair once.
-        pending: dict[tuple[str, str], list[int]] = {}
-        for i, (answer, gold) in enumerate(zip(answers, ground_truths, strict=True)):
-            if answer is None:
-                continue
-            if answer.strip() == gold.strip():
-                statuses[i] = "correct"  # identical strings need no sympy (most AIME answers)
-            else:
-                pending.setdefault((answer, gold), []).append(i)
-        tasks = list(pending)
-        for task, (status, detail) in zip(tasks, self._pool.run(tasks), strict=True):
-            for i in pending[task]:
-                statuses[i], details[i] = status, detail
+        tasks: list[tuple[Any, ...]] = []
+        if self._user:
+            assert prompts is not None and completion_ids is not None and columns is not None
+            calls = [
+                reward_functions.sample_kwargs(*sample)
+                for sample in zip(prompts, responses, completion_ids, columns, strict=True)
+            ]
+            tasks = [("call", j, kwargs) for j in range(len(self._user)) for kwargs in calls]
+        mv = _MathVerifyBatch(responses, ground_truths, cfg) if self._math_verify else None
+        replies = self._pool.run(tasks + (mv.tasks if mv is not None else []))
 
-        base = {"correct": cfg.correct_reward, "no_answer": cfg.format_reward}
+        scores: dict[str, FunctionScores] = {}
+        user_replies = iter(replies[: len(tasks)])
+        for spec, name, weight in zip(cfg.functions, self._names, self._weights, strict=True):
+            if spec == "math_verify":
+                assert mv is not None
+                scores[name] = mv.finish(replies[len(tasks) :], weight)
+            else:
+                scores[name] = self._user_scores(
+                    name, [next(user_replies) for _ in range(n)], weight
+                )
+
         penalties = [
             overlong_penalty(
                 int(response_lens[i]),
@@ -535,21 +453,65 @@ class RewardScorer:
             else 0.0
             for i in range(n)
         ]
-        rewards = [
-            base.get(s, cfg.incorrect_reward) + p for s, p in zip(statuses, penalties, strict=True)
-        ]
+        rewards, unscored = [], 0
+        for i in range(n):
+            total, applied = 0.0, False
+            for s in scores.values():
+                v = s.values[i]
+                if v is not None:
+                    total, applied = total + s.weight * v, True
+            unscored += not applied
+            rewards.append(total + penalties[i])
+        if unscored:
+            logger.warning(
+                "reward: %d of %d responses got no value from any of reward.functions (each "
+                "returned None, failed or timed out); their reward is 0 plus the overlong "
+                "penalty (reward/unscored)",
+                unscored,
+                n,
+            )
         return RewardResult(
             rewards=rewards,
-            statuses=statuses,
-            answers=answers,
-            details=details,
+            functions=scores,
+            statuses=mv.statuses if mv is not None else None,
+            answers=mv.answers if mv is not None else None,
+            details=mv.details if mv is not None else [""] * n,
             overlong_penalties=penalties,
+            unscored=unscored,
             elapsed_s=time.monotonic() - t0,
         )
 
+    def _user_scores(
+        self, name: str, replies: list[tuple[str, Any]], weight: float
+    ) -> FunctionScores:
+        """One user function's values from its calls' replies; failures counted and logged."""
+        values: list[float | None] = []
+        counts = {"none": 0, "errors": 0, "timeouts": 0}
+        first_failure = ""
+        for kind, payload in replies:
+            if kind == "ok":
+                values.append(payload)
+                counts["none"] += payload is None
+                continue
+            counts["timeouts" if kind == "timeout" else "errors"] += 1
+            first_failure = first_failure or payload
+            values.append(self.cfg.error_reward)
+        if first_failure:
+            logger.warning(
+                "reward function %s: %d errors and %d timeouts in %d calls (value: "
+                "reward.error_reward=%s); first: %s",
+                name,
+                counts["errors"],
+                counts["timeouts"],
+                len(replies),
+                self.cfg.error_reward,
+                first_failure,
+            )
+        return FunctionScores(values=values, weight=weight, **counts)
+
     @property
     def restarts(self) -> int:
-        """Verifier workers replaced so far (after a timeout or a crash)."""
+        """Reward workers replaced so far (after a timeout or a crash)."""
         return self._pool.restarts
 
     def close(self) -> None:
@@ -561,3 +523,38 @@ class RewardScorer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _MathVerifyBatch:
+    """The built-in math_verify on one batch: extraction here, one verification task per
+    distinct (answer, ground truth) pair for the workers, statuses -> status rewards."""
+
+    def __init__(self, responses: Sequence[str], ground_truths: Sequence[str], cfg: RewardConfig):
+        self.cfg = cfg
+        n = len(responses)
+        self.answers = [extract_answer(r, cfg.extract) for r in responses]
+        self.statuses: list[Status] = ["no_answer"] * n
+        self.details = [""] * n
+        # Samples of one prompt often agree: verify each distinct (answer, gold) pair once.
+        self._pending: dict[tuple[str, str], list[int]] = {}
+        for i, (answer, gold) in enumerate(zip(self.answers, ground_truths, strict=True)):
+            if answer is None:
+                continue
+            if answer.strip() == gold.strip():
+                self.statuses[i] = "correct"  # identical strings need no sympy (most AIME answers)
+            else:
+                self._pending.setdefault((answer, gold), []).append(i)
+        self.tasks = [("verify", answer, gold) for answer, gold in self._pending]
+
+    def finish(self, replies: Sequence[tuple[str, Any]], weight: float) -> FunctionScores:
+        for indices, (status, detail) in zip(self._pending.values(), replies, strict=True):
+            for i in indices:
+                self.statuses[i], self.details[i] = status, detail
+        cfg = self.cfg
+        base = {"correct": cfg.correct_reward, "no_answer": cfg.format_reward}
+        return FunctionScores(
+            values=[base.get(s, cfg.incorrect_reward) for s in self.statuses],
+            weight=weight,
+            errors=self.statuses.count("error"),
+            timeouts=self.statuses.count("timeout"),
+        )

@@ -59,13 +59,13 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     prompts = data.load_prompts(cfg.data, tokenizer)
     _check_before_build(cfg, dp=ctx.dp, hf_config=hf_config, prompts=prompts)
+    scorer = _start_scorer(cfg, prompts.prompts[0], is_main=is_main)
     policy = step.build_policy(
         arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx
     )
     objective = build_objective(cfg.objective)
     sampler = data.PromptSampler(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer) if is_main else None
-    scorer = rewards.RewardScorer(cfg.reward) if is_main else None
     eval_sets = (
         evaluate.load_benchmarks(cfg.eval.files, cfg.data, tokenizer)
         if is_main and cfg.eval.files and cfg.eval.every
@@ -303,6 +303,11 @@ def _check_before_build(
             f"max_position_embeddings={limit}; lower rollout.max_new_tokens or "
             "data.max_prompt_tokens"
         )
+    if cfg.eval.files and "math_verify" not in cfg.reward.functions:
+        raise ConfigError(
+            f"eval.files with reward.functions={list(cfg.reward.functions)}: "
+            f"{evaluate.NEEDS_MATH_VERIFY}"
+        )
     if bool(cfg.eval.files) != bool(cfg.eval.every):
         raise ConfigError(
             f"eval.files={list(cfg.eval.files)} with eval.every={cfg.eval.every}: in-training "
@@ -314,6 +319,33 @@ def _check_before_build(
             f"log.wandb_project={cfg.log.wandb_project!r}: wandb is not installed; "
             "pip install wandb, or set log.wandb_project=null"
         )
+
+
+def _start_scorer(
+    cfg: Config, prompt: data.Prompt, *, is_main: bool
+) -> rewards.RewardScorer | None:
+    """Rank 0's reward workers, with reward.functions imported and probed on the first prompt
+    (RewardScorer.check) before any model is built. When that fails every rank raises the same
+    one-line error (a rank left waiting in a later collective would hang instead)."""
+    scorer, problem = None, ("", "")
+    if is_main:
+        try:
+            scorer = rewards.RewardScorer(cfg.reward)
+            scorer.check(prompt=prompt.text, columns=prompt.columns, origin=prompt.origin)
+        except (rewards.RewardFunctionError, ImportError, RuntimeError) as e:
+            if scorer is not None:
+                scorer.close()
+            problem = (type(e).__name__, str(e))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    kind, message = problem
+    if kind == "RewardFunctionError":
+        raise rewards.RewardFunctionError(message)
+    if kind:  # math-verify missing, or a reward worker that cannot start
+        raise ConfigError(f"reward: {message}")
+    return scorer
 
 
 def _resume_line(cfg: Config, first: int, iterations: int, *, found: bool) -> str:

@@ -18,6 +18,7 @@ from rpg_megatron import data
 from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import Config, ConfigError
 from rpg_megatron.megatron import step
+from rpg_megatron.rewards import RewardResult, batch_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def collect(
     """
     rc, n = cfg.rollout, cfg.rollout.n_samples
     counts: dict[str, float] = {}
+    scored_batches: list[RewardResult] = []
 
     def generate(b: int) -> list[tuple[tuple, list[float]]]:
         """One generation batch as (group = (prompt ids, completions, rewards), rewards)."""
@@ -78,10 +80,14 @@ def collect(
         if rc.mode == "colocated":
             engine.sleep()
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        gold = [p.ground_truth for p in prompts for _ in range(n)]
-        scored = scorer.score(texts, gold, response_lens=[len(c.token_ids) for c in completions])
-        for k, v in scored.metrics().items():
-            counts[k] = counts.get(k, 0.0) + v
+        scored = scorer.score(
+            texts,
+            [p.ground_truth for p in prompts for _ in range(n)],
+            prompts=[p.text for p in prompts for _ in range(n)],
+            completion_ids=[c.token_ids for c in completions],
+            columns=[p.columns for p in prompts for _ in range(n)],
+        )
+        scored_batches.append(scored)
         groups = []
         for i in range(len(prompts)):
             rs = scored.rewards[i * n : (i + 1) * n]
@@ -120,6 +126,8 @@ def collect(
         )
     else:
         groups = [g for g, _ in generate(0)]
+    # Over every generated sample of the step, as the counts were (not only the kept groups).
+    counts.update(batch_metrics(scored_batches))
     return _pad(groups, counts, n)
 
 
