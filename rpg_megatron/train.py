@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards, rundir
-from rpg_megatron.config import Config, ConfigError
+from rpg_megatron.config import Config, ConfigError, RolloutConfig
 from rpg_megatron.config_io import save_config
 from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
@@ -349,7 +349,11 @@ def _check_before_build(
 
 
 def _check_context(
-    prompts: data.PromptDataset, new_tokens: int | None, limit: int, name: str, rollout: Any
+    prompts: data.PromptDataset,
+    new_tokens: int | None,
+    limit: int,
+    name: str,
+    rollout: RolloutConfig,
 ) -> None:
     """The longest prompt plus `new_tokens` must fit the model's context of `limit` positions.
     The embedded engine refuses such a prompt mid-run; no engine can generate a response longer
