@@ -86,18 +86,6 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     )
     objective = build_objective(cfg.objective)
     sampler = data.PromptSampler(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    # Rank 0's engine and reward workers: a missing engine package fails there alone.
-    engine, scorer = rundir.agreed(
-        lambda: (
-            (
-                make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer),
-                rewards.RewardScorer(cfg.reward),
-            )
-            if is_main
-            else (None, None)
-        )
-    )
-
     # A checkpoint or data cursor that does not fit fails on every rank before rank 0 writes
     # config.yaml or opens the metrics below.
     start = rundir.agreed(lambda: _resume(cfg, policy, sampler)) if resume else None
@@ -110,6 +98,11 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     first = 0 if start is None else start["iteration"]
     # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
     iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
+    # Rank 0's engine and reward workers, once everything else is known to be usable (SGLang
+    # servers take minutes to start); a missing engine package fails there alone.
+    engine, scorer = rundir.agreed(
+        lambda: _rank0_services(cfg, hf_config, tokenizer) if is_main else (None, None)
+    )
     if is_main and resume:
         print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
@@ -239,6 +232,16 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         engine.shutdown()
         scorer.close()
     return run_dir
+
+
+def _rank0_services(cfg: Config, hf_config: dict[str, Any], tokenizer: Any) -> tuple[Any, Any]:
+    """(rollout engine, reward scorer); the engine is shut down if the scorer cannot start."""
+    engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer)
+    try:
+        return engine, rewards.RewardScorer(cfg.reward)
+    except BaseException:
+        engine.shutdown()
+        raise
 
 
 def _mean_over_steps(stats: list[dict[str, float]]) -> dict[str, float]:
