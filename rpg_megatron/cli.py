@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="run RL training (launch one process per rank with torchrun for TP/PP/DP > 1)",
+        help="run RL training (N ranks: --nproc-per-node N, or under torchrun)",
     )
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, parsed as YAML values")

@@ -125,7 +125,11 @@ def _one_line(e: BaseException) -> str:
 
 def _iter_jsonl(path: Path, bad: _BadRows) -> Iterator[tuple[str, Any]]:
     # Bytes, decoded per line: a bad byte is then one bad row, not an error for the whole file.
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as e:  # no permission
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
