@@ -33,8 +33,7 @@ test: lint
 demo: $(STAMP)
 	rm -rf runs/demo  # each demo is a fresh run (training refuses to write over an earlier one)
 	$(BIN)/python -m rpg_megatron.tiny runs/demo
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node 2 \
-		-m rpg_megatron.cli train examples/tiny_cpu.yaml
+	OMP_NUM_THREADS=1 $(BIN)/rpg-megatron train examples/tiny_cpu.yaml --nproc-per-node 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

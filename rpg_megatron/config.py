@@ -9,6 +9,7 @@ overrides into these classes (strict: unknown keys and wrong types are errors to
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
@@ -436,6 +437,9 @@ class RewardConfig:
     sample counted in reward/timeouts (reward/<name>/timeouts for a user function)."""
     workers: int = 2
     """Persistent verifier worker processes (spawned, each ~60 MB with sympy loaded)."""
+    max_workers: int = 64
+    """Most `workers` accepted: a guard against a typo spawning thousands of processes; raise
+    it on a machine that can run more."""
     overlong_buffer: int = 0
     """DAPO soft overlong punishment, added once to each sample's reward (after the weighted sum
     of `functions`): tokens before `max_response_len` over which the penalty grows linearly from
@@ -481,6 +485,12 @@ class RewardConfig:
             raise ConfigError(f"reward.timeout_s={self.timeout_s}: must be > 0 seconds")
         if self.workers < 1:
             raise ConfigError(f"reward.workers={self.workers}: must be >= 1")
+        if self.workers > self.max_workers:
+            raise ConfigError(
+                f"reward.workers={self.workers}: more than reward.max_workers="
+                f"{self.max_workers} verifier processes (~60 MB each); lower reward.workers, "
+                "or raise reward.max_workers"
+            )
         if self.overlong_buffer < 0:
             raise ConfigError(
                 f"reward.overlong_buffer={self.overlong_buffer}: must be >= 0 (0 turns it off)"
@@ -541,20 +551,27 @@ class EvalConfig:
     every: int = 0
     """In-training validation every this many optimizer iterations (and after the last); 0 turns
     it off."""
-    max_new_tokens: int = 1024
-    """SamplingParams.max_new_tokens of eval samples."""
-    temperature: float = 1.0
-    """SamplingParams.temperature of eval samples (0 = greedy; then all k samples agree)."""
-    top_p: float = 1.0
-    """SamplingParams.top_p of eval samples."""
+    max_new_tokens: int | None = None
+    """SamplingParams.max_new_tokens of eval samples; None: rollout.max_new_tokens (Config
+    fills it in, so a run's saved config.yaml gives `rpg-megatron eval` the run's own)."""
+    temperature: float | None = None
+    """SamplingParams.temperature of eval samples (0 = greedy; then all k samples agree);
+    None: rollout.temperature."""
+    top_p: float | None = None
+    """SamplingParams.top_p of eval samples; None: rollout.top_p."""
     top_k: int | None = None
-    """SamplingParams.top_k of eval samples; None disables it."""
+    """SamplingParams.top_k of eval samples; None: rollout.top_k (whose None disables it)."""
     seed: int = 0
     """Sampling seed: the same seed, weights and files give the same report."""
+    max_samples: int = 100_000
+    """Most samples one evaluation generates in all (distinct problems x k over every
+    benchmark): a guard against a typo such as k=1000000; raise it for larger sweeps."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"eval.k={self.k}: must be >= 1 sample per problem")
+        if self.max_samples < 1:
+            raise ConfigError(f"eval.max_samples={self.max_samples}: must be >= 1")
         bad = [p for p in self.pass_at if not 1 <= p <= self.k]
         if bad:
             raise ConfigError(
@@ -574,14 +591,20 @@ class EvalConfig:
         return tuple(sorted({*self.pass_at, self.k}))
 
     def sampling(self) -> SamplingParams:
-        """The SamplingParams of every eval generate call."""
+        """The SamplingParams of every eval generate call (a field left None takes
+        RolloutConfig's default: Config has filled them from its rollout section)."""
+        defaults = RolloutConfig()
         return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            **{
+                name: getattr(defaults if getattr(self, name) is None else self, name)
+                for name in EVAL_FROM_ROLLOUT
+            },
             seed=self.seed,
         )
+
+
+EVAL_FROM_ROLLOUT: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", "top_k")
+"""EvalConfig's sampling fields that default to the run's rollout values."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -772,6 +795,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        # eval samples like the rollout unless eval.* says otherwise: fill the unset fields in
+        # now, so that the config.yaml a run saves states them for `rpg-megatron eval`.
+        unset = {n: getattr(self.rollout, n) for n in EVAL_FROM_ROLLOUT}
+        unset = {n: v for n, v in unset.items() if getattr(self.eval, n) is None}
+        if unset:
+            object.__setattr__(self, "eval", dataclasses.replace(self.eval, **unset))
 
 
 _SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)((?::\d{2}){0,2})")

@@ -109,8 +109,10 @@ class SafetensorsReader:
         index = hf_dir / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                weight_map: dict[str, str] = json.loads(index.read_bytes())["weight_map"]
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map values must be file names")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # + UnicodeDecodeError
                 raise ConvertError(f"{index}: not a safetensors index ({e})") from None
             files = sorted(set(weight_map.values()))
         else:

@@ -16,14 +16,15 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards
-from rpg_megatron.config import Config, ConfigError
+from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards, rundir
+from rpg_megatron.config import Config, ConfigError, RolloutConfig
 from rpg_megatron.config_io import save_config
 from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
@@ -38,41 +39,57 @@ _log = logging.getLogger(__name__)
 
 def train(cfg: Config, *, resume: bool = False) -> Path:
     """Run `cfg`; returns the run directory (metrics.jsonl, checkpoints, reward.png)."""
-    if not resume:
-        # Before parallel.init: its rendezvous waits for every rank, so no rank has written
-        # anything of this run while another still checks.
-        _refuse_earlier_run(cfg)
     ctx = parallel.init(cfg.parallel)
+    lock = None
     try:
+        # Rank 0 takes the run directory's lock before any rank writes there, and every rank
+        # hears whether it did: a second job of the same run stops on all its ranks.
+        lock = rundir.agreed(lambda: rundir.acquire(cfg.log.run_dir) if ctx.rank == 0 else None)
+        if not resume:
+            rundir.agreed(lambda: _refuse_earlier_run(cfg))
         return _train(cfg, ctx, resume=resume)
     finally:
+        if lock is not None:
+            lock.release()
         parallel.destroy()
 
 
-def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
-    from transformers import AutoTokenizer
-
-    run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
+def _inputs(cfg: Config, *, is_main: bool) -> tuple[dict[str, Any], Any, Any, Any, Any]:
+    """(config.json, HFArch, tokenizer, prompts, eval benchmarks): every file the run reads
+    before it builds anything. Reads only; errors name the file (and row)."""
     hf_dir = Path(cfg.model.hf_path)
     hf_config = load_config_json(hf_dir)
-    arch = read_hf_config(hf_config)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    arch = read_hf_config(hf_config, source=hf_dir / "config.json")
+    tokenizer = data.load_tokenizer(hf_dir, chat_template=cfg.data.chat_template)
     prompts = data.load_prompts(cfg.data, tokenizer)
-    _check_before_build(cfg, dp=ctx.dp, hf_config=hf_config, prompts=prompts)
+    eval_sets = (
+        evaluate.load_benchmarks(cfg.eval.files, cfg.data, tokenizer)
+        if is_main and cfg.eval.files and cfg.eval.every
+        else {}
+    )
+    return hf_config, arch, tokenizer, prompts, eval_sets
+
+
+def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
+    run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
+    hf_dir = Path(cfg.model.hf_path)
+
+    def inputs() -> tuple[dict[str, Any], Any, Any, Any, Any]:
+        got = _inputs(cfg, is_main=is_main)
+        _check_before_build(cfg, dp=ctx.dp, hf_config=got[0], prompts=got[3], eval_sets=got[4])
+        return got
+
+    # Every rank reads its inputs, and all agree that they are usable, before any builds.
+    hf_config, arch, tokenizer, prompts, eval_sets = rundir.agreed(inputs)
     scorer = _start_scorer(cfg, prompts.prompts[0], is_main=is_main)
     policy = step.build_policy(
         arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx
     )
     objective = build_objective(cfg.objective)
     sampler = data.PromptSampler(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer) if is_main else None
-    eval_sets = (
-        evaluate.load_benchmarks(cfg.eval.files, cfg.data, tokenizer)
-        if is_main and cfg.eval.files and cfg.eval.every
-        else {}
-    )
-
-    start = _resume(cfg, policy, sampler) if resume else None
+    # A checkpoint or data cursor that does not fit fails on every rank before rank 0 writes
+    # config.yaml or opens the metrics below.
+    start = rundir.agreed(lambda: _resume(cfg, policy, sampler)) if resume else None
     if start is None:
         _initial_weights(cfg, policy)
     needs_ref = objective.needs_ref or _reward_kl_coef(cfg) > 0
@@ -82,6 +99,9 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     first = 0 if start is None else start["iteration"]
     # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
     iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
+    # Rank 0's engine, once everything else is known to be usable (SGLang servers take minutes
+    # to start); a missing engine package fails there alone.
+    engine = rundir.agreed(lambda: _rank0_engine(cfg, hf_config, tokenizer, scorer))
     if is_main and resume:
         print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
@@ -213,6 +233,19 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     return run_dir
 
 
+def _rank0_engine(
+    cfg: Config, hf_config: dict[str, Any], tokenizer: Any, scorer: rewards.RewardScorer | None
+) -> Any:
+    """Rank 0's rollout engine (None elsewhere); the reward workers stop if it cannot start."""
+    if scorer is None:
+        return None
+    try:
+        return make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer)
+    except BaseException:
+        scorer.close()
+        raise
+
+
 def _mean_over_steps(stats: list[dict[str, float]]) -> dict[str, float]:
     """Each metric averaged over the iteration's optimizer steps (optim.minibatches x
     update_epochs); every step's token means weigh the same."""
@@ -251,12 +284,18 @@ def _refuse_earlier_run(cfg: Config) -> None:
 
 
 def _check_before_build(
-    cfg: Config, *, dp: int, hf_config: dict[str, Any], prompts: data.PromptDataset
+    cfg: Config,
+    *,
+    dp: int,
+    hf_config: dict[str, Any],
+    prompts: data.PromptDataset,
+    eval_sets: Mapping[str, data.PromptDataset] | None = None,
 ) -> None:
     """What would otherwise fail only after the model is built and the first rollout is done:
     the step's batch must split into minibatches and DP x micro-batches, the longest prompt
-    plus the response budget must fit the embedded engine's context, eval.files and eval.every
-    come together, wandb must import."""
+    plus the response budget must fit the model's context (training and validation prompts),
+    validation's samples stay within eval.max_samples, eval.files and eval.every come together,
+    wandb must import."""
     rollout, optim = cfg.rollout, cfg.optim
     per_iteration = optim.minibatches * optim.update_epochs
     if optim.steps % per_iteration:
@@ -295,14 +334,12 @@ def _check_before_build(
             "(optim.max_tokens_per_microbatch)"
         )
     limit = hf_config.get("max_position_embeddings")
-    longest = max(len(p.token_ids) for p in prompts.prompts)
-    if rollout.engine == "embedded" and limit and longest + rollout.max_new_tokens > limit:
-        raise ConfigError(
-            f"rollout.max_new_tokens={rollout.max_new_tokens}: the longest prompt has {longest} "
-            f"tokens, so responses could reach {longest + rollout.max_new_tokens} > the model's "
-            f"max_position_embeddings={limit}; lower rollout.max_new_tokens or "
-            "data.max_prompt_tokens"
-        )
+    if isinstance(limit, int):
+        _check_context(prompts, rollout.max_new_tokens, limit, "rollout.max_new_tokens", rollout)
+        for dataset in (eval_sets or {}).values():
+            _check_context(dataset, cfg.eval.max_new_tokens, limit, "eval.max_new_tokens", rollout)
+    if eval_sets:
+        evaluate.check_sample_budget(cfg.eval, eval_sets, k_name="eval.k")
     if cfg.eval.files and "math_verify" not in cfg.reward.functions:
         raise ConfigError(
             f"eval.files with reward.functions={list(cfg.reward.functions)}: "
@@ -341,11 +378,37 @@ def _start_scorer(
         dist.broadcast_object_list(box, src=0)
         problem = box[0]
     kind, message = problem
-    if kind == "RewardFunctionError":
-        raise rewards.RewardFunctionError(message)
-    if kind:  # math-verify missing, or a reward worker that cannot start
-        raise ConfigError(f"reward: {message}")
-    return scorer
+    if not kind:
+        return scorer
+    error: Exception = (
+        rewards.RewardFunctionError(message)
+        if kind == "RewardFunctionError"
+        else ConfigError(f"reward: {message}")  # math-verify missing, a worker cannot start
+    )
+    # The CLI prints one line for the job: rank 0's (see rundir.agreed).
+    error.quiet = not is_main  # type: ignore[attr-defined]
+    raise error
+
+
+def _check_context(
+    prompts: data.PromptDataset,
+    new_tokens: int | None,
+    limit: int,
+    name: str,
+    rollout: RolloutConfig,
+) -> None:
+    """The longest prompt plus `new_tokens` must fit the model's context of `limit` positions.
+    The embedded engine refuses such a prompt mid-run; no engine can generate a response longer
+    than the context, whatever its prompt."""
+    longest = max(prompts.prompts, key=lambda p: len(p.token_ids))
+    n = len(longest.token_ids)
+    new_tokens = new_tokens or 0
+    if new_tokens > limit or (rollout.engine == "embedded" and n + new_tokens > limit):
+        raise ConfigError(
+            f"{name}={new_tokens}: the longest prompt ({longest.origin}) has {n} tokens, so "
+            f"a sequence could reach {n + new_tokens} > the model's max_position_embeddings="
+            f"{limit}; lower {name} or data.max_prompt_tokens (longer prompts are bad rows)"
+        )
 
 
 def _resume_line(cfg: Config, first: int, iterations: int, *, found: bool) -> str:
