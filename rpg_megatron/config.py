@@ -178,9 +178,10 @@ class ObjectiveConfig:
             # beta=0 says "no KL" and is true of every objective; only a KL weight is refused.
             if value != defaults[key] and not (key == "beta" and value == 0):
                 shown = list(value) if isinstance(value, tuple) else value
+                fix = "set objective.beta=0" if key == "beta" else "remove it"
                 raise ConfigError(
                     f"objective.{key}={shown!r} does not apply to objective.name={name} "
-                    f"({why}); remove it or leave it at its default {defaults[key]!r}"
+                    f"({why}); {fix} or leave it at its default {defaults[key]!r}"
                 )
         if (
             rpg
