@@ -19,12 +19,15 @@ clip c = 10 (the authors' clip_ratio_c). Per variant only the objective changes 
 
 Every run trains the same number of rollouts and optimizer steps from the same seeded initial
 policy per seed (parallel.seed, data.seed = 1234 + seed), one process and one thread each,
-`--jobs` at a time. Reported per variant (mean +- std over seeds): final reward (mean of the
-last 10% of rollouts), rollouts until the 10-rollout moving mean first reaches `--threshold`
-(mean over the seeds that reach it, and how many do), and the logged `kl` (each objective's own
-per-token estimate of its divergence to its anchor, averaged over the run: for RPG/REINFORCE++
-the anchor is pi_old of that rollout, for GRPO the initial policy; not comparable across
-divergences). Reward-vs-rollout does not depend on machine load; the wall times do.
+`--jobs` at a time. The reward is the accuracy of every sample generated in the rollout
+(reward/correct / reward/samples; the task's reward is 1 correct, 0 otherwise): with dynamic
+sampling, reward/mean covers only the kept groups and would overstate DAPO. Reported per variant
+(mean +- std over seeds): final reward (mean of the last 10% of rollouts), rollouts until the
+10-rollout moving mean first reaches `--threshold` (mean over the seeds that reach it, and how
+many do), the logged `kl` (each objective's own per-token estimate of its divergence to its
+anchor, averaged over the run: for RPG/REINFORCE++ the anchor is pi_old of that rollout, for
+GRPO the initial policy; not comparable across divergences) and the samples generated per run
+(DAPO generates more). Reward-vs-rollout does not depend on machine load; the wall times do.
 
     python bench/variants.py                          # 33 runs (~1 h on 2 loaded cores)
     python bench/variants.py --variants RPG-URKL,GRPO --seeds 1 --rollouts 4
@@ -122,7 +125,9 @@ class Run:
     seed: int
     """0-based seed index."""
     reward: list[float]
-    """reward/mean per rollout."""
+    """Accuracy of all samples generated per rollout (reward/correct / reward/samples)."""
+    generated: int
+    """Samples generated over the run (more than trained with dynamic sampling)."""
     kl: list[float]
     """Logged kl per rollout (nan where the objective has none)."""
     wall_s: float
@@ -162,7 +167,8 @@ def train_one(variant: str, seed: int, args: argparse.Namespace, demo: Path, wor
     return Run(
         variant=variant,
         seed=seed,
-        reward=[r["reward/mean"] for r in rows],
+        reward=[r["reward/correct"] / r["reward/samples"] for r in rows],
+        generated=int(sum(r["reward/samples"] for r in rows)),
         kl=[math.nan if r.get("kl") is None else r["kl"] for r in rows],
         wall_s=wall,
     )
@@ -213,12 +219,13 @@ def summarize(runs: list[Run], threshold: float) -> tuple[list[dict[str, Any]], 
                 "seeds": len(mine),
                 "kl": kls,
                 "wall_s": statistics.fmean(r.wall_s for r in mine),
+                "generated": statistics.fmean(r.generated for r in mine),
             }
         )
     lines = [
         f"| variant | final reward (last 10%) | rollouts to {threshold} (seeds reaching) "
-        "| kl (own estimate, run mean) | wall s / run |",
-        "|---|---:|---:|---:|---:|",
+        "| kl (own estimate, run mean) | samples generated / run | wall s / run |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         to = (
@@ -227,13 +234,16 @@ def summarize(runs: list[Run], threshold: float) -> tuple[list[dict[str, Any]], 
             else f"- (0/{r['seeds']})"
         )
         kl = "-" if all(math.isnan(k) for k in r["kl"]) else _ms([k * 1e3 for k in r["kl"]], 3)
-        lines.append(f"| {r['variant']} | {_ms(r['final'])} | {to} | {kl} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {r['variant']} | {_ms(r['final'])} | {to} | {kl} | {r['generated']:,.0f} "
+            f"| {r['wall_s']:.0f} |"
+        )
     lines.append("")
     lines.append("kl column in units of 1e-3.")
     return rows, "\n".join(lines)
 
 
-def plot(runs: list[Run], path: Path, *, smooth: int = 5) -> None:
+def plot(runs: list[Run], path: Path, *, steps_per_rollout: int, smooth: int = 5) -> None:
     """Reward vs rollout: per variant the mean over seeds of the `smooth`-rollout moving mean,
     with a band of +-1 std over seeds. Left panel: the differentiable RPG forms, right: the
     REINFORCE forms; the three baselines (dashed) in both."""
@@ -264,10 +274,11 @@ def plot(runs: list[Run], path: Path, *, smooth: int = 5) -> None:
             ax.plot(x, mean, color=color, ls="--" if base else "-", lw=1.6, label=name)
             ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.12)
         ax.set_title(title)
-        ax.set_xlabel("rollout (each = optimizer steps per rollout, see the table)")
+        ax.set_xlabel(f"rollout ({steps_per_rollout} optimizer steps each)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    axes[0].set_ylabel(f"reward/mean ({smooth}-rollout moving mean; band: +-1 std over seeds)")
+    axes[0].set_ylabel(f"accuracy of generated samples ({smooth}-rollout moving mean)")
+    fig.suptitle("Mean over seeds; band: +-1 std over seeds", fontsize=9, y=0.995)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         rows, table = summarize(runs, args.threshold)
         if args.plot is not None and runs:
-            plot(runs, args.plot)
+            plot(runs, args.plot, steps_per_rollout=args.minibatches)
     header = (
         f"examples/tiny_cpu.yaml + {' '.join(common_overrides(args))}; {args.rollouts} rollouts "
         f"x {args.prompts} prompts x {args.samples} samples, {args.minibatches} optimizer "
