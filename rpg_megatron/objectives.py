@@ -232,9 +232,9 @@ class RPG:
             loss = loss + self.beta * _clamp(self.kl_loss(w, log_rho, u), self.kl_clamp)
         else:
             w_kl, log_rho_kl = w.detach(), log_rho.detach()
-            if self.kl_weight == "clipped":  # Remark F.2: C from w_bar; rho_bar = w_bar / u
-                w_low, w_high, _ = _bounds(self.clip, None)
-                w_kl = w_kl.clamp(w_low, w_high)
+            if self.kl_weight == "clipped" and self.clip is not None:  # else w_bar = w
+                # Remark F.2: C from w_bar, and rho_bar = w_bar / u (w_bar >= 1 - eps_low > 0)
+                w_kl = w_kl.clamp(1.0 - self.clip[0], 1.0 + self.clip[1])
                 log_rho_kl = w_kl.log() - log_u
             c_kl = self.beta * _clamp(self.kl_part(w_kl, log_rho_kl, u), self.kl_clamp)
             if self.clip_style == "hard":
