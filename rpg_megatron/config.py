@@ -112,7 +112,9 @@ class ObjectiveConfig:
     w_bar = clip(w, 1 - eps_low, 1 + eps_high) (Remark F.2, the authors' code)."""
     clip_style: Literal["rpg", "hard"] = "rpg"
     """RPG REINFORCE form: rpg = RPG-Style Clip (Algorithm 2); hard = the authors' hard clamp
-    -SG(w_bar A + C) log pi_theta, no branches and no dual clip."""
+    -SG(w_bar A + C) log pi_theta, no branches and no dual clip (dual_clip_c must be null or
+    its default, which hard ignores). C follows kl_weight: the authors' rpg_rf_<kl> is hard +
+    clipped."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """GRPO: per-token estimator of the KL penalty (GRPO uses k3)."""
     kl_importance_weight: bool = False
