@@ -104,7 +104,17 @@ class ObjectiveConfig:
     dual_clip_c: float | None = 3.0
     """Dual-clip bound c > 1 for negative advantages; None disables it."""
     kl_clamp: float | None = None
-    """Clamp each token's KL component to [-kl_clamp, kl_clamp] (the authors' code uses 10)."""
+    """RPG, GRPO: clamp each token's KL value to [-kl_clamp, kl_clamp] (RPG differentiable: the
+    KL term, for FKL u log(pi_ref/pi_theta); RPG REINFORCE: the KL part of the weight; GRPO:
+    the penalty). The authors clamp RKL/UFKL/URKL and GRPO's k3 to 10, FKL not at all."""
+    kl_weight: Literal["raw", "clipped"] = "raw"
+    """RPG REINFORCE form: the KL part C of the weight from the raw w (Algorithm 2) or from
+    w_bar = clip(w, 1 - eps_low, 1 + eps_high) (Remark F.2, the authors' code)."""
+    clip_style: Literal["rpg", "hard"] = "rpg"
+    """RPG REINFORCE form: rpg = RPG-Style Clip (Algorithm 2); hard = the authors' hard clamp
+    -SG(w_bar A + C) log pi_theta, no branches and no dual clip (dual_clip_c must be null or
+    its default, which hard ignores). C follows kl_weight: the authors' rpg_rf_<kl> is hard +
+    clipped."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """GRPO: per-token estimator of the KL penalty (GRPO uses k3)."""
     kl_importance_weight: bool = False
@@ -132,6 +142,59 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.kl_clamp={self.kl_clamp}: must be > 0 or null")
         if self.ref_reset_every < 0:
             raise ConfigError(f"objective.ref_reset_every={self.ref_reset_every}: must be >= 0")
+        self._refuse_fields_that_do_not_apply()
+
+    def _refuse_fields_that_do_not_apply(self) -> None:
+        """A field the chosen objective ignores is an error unless it is left at its default:
+        a value set there would otherwise be silently without effect."""
+        name, rpg = self.name, self.name == "rpg"
+        kl_fields = ("kl_clamp", "ref_reset_every", "ref_reset_kl_target")
+        rpg_only = ("kl", "normalized", "form", "kl_weight", "clip_style")
+        ignored: dict[str, str] = {}
+        if name != "rpg":
+            ignored |= dict.fromkeys(rpg_only, "an RPG field")
+        if name != "grpo":
+            ignored |= dict.fromkeys(("kl_estimator", "kl_importance_weight"), "a GRPO field")
+        if name == "dapo":
+            ignored |= dict.fromkeys(("beta", *kl_fields), "DAPO has no KL term")
+        elif name == "reinforce_pp":
+            ignored["kl_clamp"] = "REINFORCE++'s loss has no KL term"
+            if self.advantage != "reinforce_pp":
+                why = "only objective.advantage=reinforce_pp puts beta x KL into the rewards"
+                ignored |= dict.fromkeys(("beta", "ref_reset_every", "ref_reset_kl_target"), why)
+        if self.beta == 0:
+            why = "objective.beta=0 turns the KL term off"
+            ignored |= dict.fromkeys(kl_fields, why)
+            if rpg:
+                ignored["kl_weight"] = why
+            if name == "grpo":
+                ignored |= dict.fromkeys(("kl_estimator", "kl_importance_weight"), why)
+        if rpg and self.clip is None:
+            ignored["kl_weight"] = "objective.clip=null leaves w unclipped, so w_bar = w"
+        if rpg and self.form == "differentiable":
+            why = "form=differentiable; it shapes the REINFORCE form's weight"
+            ignored |= dict.fromkeys(("kl_weight", "clip_style"), why)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, why in ignored.items():
+            value = getattr(self, key)
+            # beta=0 says "no KL" and is true of every objective; only a KL weight is refused.
+            if value != defaults[key] and not (key == "beta" and value == 0):
+                shown = list(value) if isinstance(value, tuple) else value
+                fix = "set objective.beta=0" if key == "beta" else "remove it"
+                raise ConfigError(
+                    f"objective.{key}={shown!r} does not apply to objective.name={name} "
+                    f"({why}); {fix} or leave it at its default {defaults[key]!r}"
+                )
+        if (
+            rpg
+            and self.clip_style == "hard"
+            and self.dual_clip_c not in (None, defaults["dual_clip_c"])
+        ):
+            raise ConfigError(
+                f"objective.dual_clip_c={self.dual_clip_c} does not apply to objective.name=rpg "
+                "with clip_style=hard (the hard clamp has no dual clip); remove it or set "
+                "clip_style=rpg"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
