@@ -108,6 +108,7 @@ def _float16(rank: int, world: int, full: dict, batch: step.TrainBatch, scale: f
     try:
         policy = _build(ParallelConfig(), OPTIM, ModelConfig(dtype="float16"))
         _load(policy, full)
+        policy.optimizer.reload_model_params()  # the fp32 master copies follow the load
         opts = getattr(policy.optimizer, "chained_optimizers", None) or [policy.optimizer]
         if scale is None:  # Megatron's initial 2^32 overflows at first: update() gets through
             stats = step.update(policy, batch, OBJ, objective_cfg=ObjectiveConfig())
