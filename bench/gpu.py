@@ -3,11 +3,12 @@
 Device-tool calls for a session lent an H100/H200 (15 minutes of device time in all, start-up,
 transfers and idle included; the box goes back after 30 s idle: make the calls back to back):
 
-  0. Here, before any device call (no device time; ~5 min on a busy 2-core machine):
+  0. Here, before any device call (no device time; 7 min on a busy 2-core machine):
          python3 bench/gpu_pack.py       # -> .gpu-pack/, 32 MiB: megatron-core 0.19.2 and
                                          #    0.16.1, TE 2.20.2 (sm_90 cubins only), their needs
-     For the fallback below only: python3 bench/gpu_pack.py --all-archs --out .gpu-full
-                                         # -> .gpu-full, .gpu-full2, ... (60 MiB each)
+     For the fallback below, also before call 1 (25 min here; the box will not wait):
+         python3 bench/gpu_pack.py --all-archs --out .gpu-full
+                                         # -> .gpu-full, .gpu-full2..4 (60 MiB), .gpu-full5
   1. run(carry=[".gpu-pack"], timeout_s=600, command="bash bench/gpu.sh --deadline 540")
      Start-up ~1-2 min, ~35 MiB carried, then at most 540 s: about 11.5 minutes.
   2. Only if its last line says stopped=deadline and status() shows budget_left_s >= 200, at
