@@ -71,6 +71,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.gpu_pack import stash, unpack  # noqa: E402
+
 PHASES = ("install", "a", "b", "c")
 MCORE = ("0.19.2", "0.16.1")
 RESERVE_S = 15.0
@@ -330,65 +334,7 @@ def plan(*, dry: bool, tests: str, workers: int) -> dict[str, list[Check]]:
     }
 
 
-# --------------------------------------------------------------------------- installation
-def stash(packs: list[Path], dest: Path) -> list[str]:
-    """Copy the bundle parts and manifests of the carried folders to `dest`, where a later
-    call finds them while the box stays warm (manifests renamed by their bundle's tag)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for folder in packs:
-        for f in sorted(folder.glob("part.*")):
-            shutil.copy2(f, dest / f.name)
-            copied.append(f.name)
-        for f in sorted(folder.glob("manifest*.json")):
-            tag = json.loads(f.read_text())["sha256"][:12]
-            shutil.copy2(f, dest / f"manifest.{tag}.json")
-            copied.append(f.name)
-    return copied
-
-
-def unpack(packs: list[Path], site: Path) -> dict:
-    """Extract to `site` the first bundle, by the order of `packs`, whose manifest and every
-    part (part.<i>.<tag>) are in `packs`, after checking its sha256. Returns its manifest.
-    FileNotFoundError names the parts missing of the first manifest found."""
-    import hashlib
-
-    manifests = [m for f in packs for m in sorted(f.glob("manifest*.json"))]
-    if not manifests:
-        raise FileNotFoundError(f"no manifest.json in {', '.join(map(str, packs)) or 'nothing'}")
-    chosen, first_missing = None, None
-    for m in manifests:
-        manifest = json.loads(m.read_text())
-        tag = manifest["sha256"][:12]
-        found = {p.name: p for f in packs for p in f.glob(f"part.*.{tag}")}
-        want = [f"part.{i}.{tag}" for i in range(manifest["parts"])]
-        missing = [w for w in want if w not in found]
-        if not missing:
-            chosen = (manifest, [found[w] for w in want])
-            break
-        first_missing = first_missing or missing
-    if chosen is None:
-        raise FileNotFoundError(
-            f"bundle parts missing: {', '.join(first_missing or [])} (carry or stash them)"
-        )
-    manifest, parts = chosen
-    site.mkdir(parents=True, exist_ok=True)
-    bundle = site / "bundle.tar.xz"
-    digest = hashlib.sha256()
-    with bundle.open("wb") as out:
-        for part in parts:
-            data = part.read_bytes()
-            digest.update(data)
-            out.write(data)
-    if digest.hexdigest() != manifest["sha256"]:
-        raise ValueError(f"bundle sha256 {digest.hexdigest()} != manifest {manifest['sha256']}")
-    with tarfile.open(bundle) as tar:
-        tar.extractall(site, filter="data")
-    bundle.unlink()
-    (site / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
-
-
+# --------------------------------------------------------------------------- environments
 def environments(site: Path | None, mcore: str) -> dict[str, dict[str, str]]:
     """PYTHONPATH for 'plain' (no TE) and 'te' runs; `site` None: this interpreter's own."""
     base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -500,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         if check.argv[1:2] == ("bench/train_step.py",):
             _copy_new_sections(doc, doc_start, args.out / "benchmarks.md")
     _phase_done(run, phase, phase_t0)
-    run.figure("mcore", imported or mcore)
+    run.figure("mcore", imported or (mcore if site is not None else "not-checked"))
     return _finish(run, args, doc, doc_start)
 
 

@@ -24,6 +24,9 @@ PYTHONPATH: base/ (pure-Python needs of TE and the project the box lacks), te/ (
 the slim library, TE's torch extension built on the box for torch 2.11+cu130, from
 ../shared/gpu), mcore-0.19.2/ and mcore-0.16.1/ (one of them per run).
 
+On the box, bench/gpu.py calls `stash` (keep a call's parts for a later one) and `unpack`
+(the first complete bundle, checked against its sha256).
+
 Last line: bundle_mib=<size> parts=<n> carry=<folders> verified=<sm_90 cubins checked or no>.
 """
 
@@ -295,6 +298,63 @@ def pack(root: Path, out: Path, manifest: dict) -> list[Path]:
     manifest = {**manifest, "parts": len(parts), "bytes": total, "sha256": digest.hexdigest()}
     (parts[0] / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return parts
+
+
+# ------------------------------------------------------------------ on the GPU box
+def stash(packs: list[Path], dest: Path) -> list[str]:
+    """Copy the bundle parts and manifests of the carried folders to `dest`, where a later
+    call finds them while the box stays warm (manifests renamed by their bundle's tag)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for folder in packs:
+        for f in sorted(folder.glob("part.*")):
+            shutil.copy2(f, dest / f.name)
+            copied.append(f.name)
+        for f in sorted(folder.glob("manifest*.json")):
+            tag = json.loads(f.read_text())["sha256"][:12]
+            shutil.copy2(f, dest / f"manifest.{tag}.json")
+            copied.append(f.name)
+    return copied
+
+
+def unpack(packs: list[Path], site: Path) -> dict:
+    """Extract to `site` the first bundle, by the order of `packs`, whose manifest and every
+    part (part.<i>.<tag>) are in `packs`, after checking its sha256. Returns its manifest.
+    FileNotFoundError names the parts missing of the first manifest found."""
+    manifests = [m for f in packs for m in sorted(f.glob("manifest*.json"))]
+    if not manifests:
+        raise FileNotFoundError(f"no manifest.json in {', '.join(map(str, packs)) or 'nothing'}")
+    chosen, first_missing = None, None
+    for m in manifests:
+        manifest = json.loads(m.read_text())
+        tag = manifest["sha256"][:12]
+        found = {p.name: p for f in packs for p in f.glob(f"part.*.{tag}")}
+        want = [f"part.{i}.{tag}" for i in range(manifest["parts"])]
+        missing = [w for w in want if w not in found]
+        if not missing:
+            chosen = (manifest, [found[w] for w in want])
+            break
+        first_missing = first_missing or missing
+    if chosen is None:
+        raise FileNotFoundError(
+            f"bundle parts missing: {', '.join(first_missing or [])} (carry or stash them)"
+        )
+    manifest, parts = chosen
+    site.mkdir(parents=True, exist_ok=True)
+    bundle = site / "bundle.tar.xz"
+    digest = hashlib.sha256()
+    with bundle.open("wb") as out:
+        for part in parts:
+            data = part.read_bytes()
+            digest.update(data)
+            out.write(data)
+    if digest.hexdigest() != manifest["sha256"]:
+        raise ValueError(f"bundle sha256 {digest.hexdigest()} != manifest {manifest['sha256']}")
+    with tarfile.open(bundle) as tar:
+        tar.extractall(site, filter="data")
+    bundle.unlink()
+    (site / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

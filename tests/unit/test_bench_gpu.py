@@ -145,10 +145,10 @@ def test_bundle_round_trip_in_parts(tmp_path, monkeypatch):
     assert len(parts) >= 3
     site = tmp_path / "site"
     with pytest.raises(FileNotFoundError, match=r"missing: part\.1\.[0-9a-f]{12} "):
-        gpu.unpack([parts[0], *parts[2:]], site)
+        gpu_pack.unpack([parts[0], *parts[2:]], site)
     stash = tmp_path / "stash"
-    gpu.stash(parts[:2], stash)  # as calls 1-2 would, then the last call carries the rest
-    manifest = gpu.unpack([stash, *parts[2:]], site)
+    gpu_pack.stash(parts[:2], stash)  # as calls 1-2 would, then the last call carries the rest
+    manifest = gpu_pack.unpack([stash, *parts[2:]], site)
     assert manifest["parts"] == len(parts) and manifest["keep_arch"] == 90
     assert (site / "te" / "transformer_engine" / "lib.so").read_bytes() == payload
     assert (site / "base" / "mod.py").read_text() == "x = 1\n"
@@ -159,7 +159,7 @@ def test_bundle_round_trip_in_parts(tmp_path, monkeypatch):
     data[-1] ^= 0xFF
     (broken / last.name).write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
-        gpu.unpack([stash, *parts[2:-1], broken], tmp_path / "site2")
+        gpu_pack.unpack([stash, *parts[2:-1], broken], tmp_path / "site2")
 
 
 def _elf_with_fatbin(containers: list[list[tuple]]) -> tuple[bytes, list]:
@@ -337,7 +337,7 @@ def test_parts_of_two_bundles_never_mix(tmp_path, monkeypatch):
         (root / "te" / "lib.so").write_bytes(os.urandom(100_000))
         bundles[name] = (root, gpu_pack.pack(root, tmp_path / f".gpu-{name}", {"keep_arch": None}))
     full_first_only = [bundles["full"][1][0]]  # its manifest and part.0, not part.1
-    got = gpu.unpack([*full_first_only, *bundles["slim"][1]], tmp_path / "site")
+    got = gpu_pack.unpack([*full_first_only, *bundles["slim"][1]], tmp_path / "site")
     slim_root = bundles["slim"][0]
     assert (
         got["sha256"] == json.loads((bundles["slim"][1][0] / "manifest.json").read_text())["sha256"]
@@ -346,4 +346,4 @@ def test_parts_of_two_bundles_never_mix(tmp_path, monkeypatch):
         slim_root / "te" / "lib.so"
     ).read_bytes()
     with pytest.raises(FileNotFoundError, match=r"missing: part\.1\."):
-        gpu.unpack(full_first_only, tmp_path / "site2")
+        gpu_pack.unpack(full_first_only, tmp_path / "site2")
