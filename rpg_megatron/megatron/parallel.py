@@ -539,6 +539,10 @@ class RankFailed(RuntimeError):
     """A rank started by `spawn_local` raised; the message carries its rank and traceback."""
 
 
+class NotEnoughGPUs(RankFailed):
+    """`spawn_local` was asked for more ranks than CUDA GPUs: no rank was started."""
+
+
 def spawn_local(
     world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 3600.0
 ) -> list[Any]:
@@ -550,12 +554,23 @@ def spawn_local(
     For CPU tools and tests that need several ranks without a launcher (conversion at TP > 1,
     bench/train_step.py at TP = 2, tests/dist). `fn` and its arguments must be picklable
     (module-level functions). Each rank gets cpu_count // world_size threads. A failing rank's
-    traceback is raised here as `RankFailed`.
+    traceback is raised here as `RankFailed`; with CUDA present but fewer GPUs than ranks,
+    `NotEnoughGPUs` is raised before any rank starts.
     """
     import io
     import tempfile
 
     import torch.multiprocessing as mp
+
+    if torch.cuda.is_available() and world_size > torch.cuda.device_count():
+        # Two ranks on one GPU: NCCL refuses a communicator with duplicate GPUs
+        # ("Duplicate GPU detected"), and parallel.init sets the device to LOCAL_RANK.
+        raise NotEnoughGPUs(
+            f"spawn_local: {world_size} ranks need {world_size} GPUs (NCCL takes one GPU per "
+            f"rank) and this machine has {torch.cuda.device_count()}; run on a machine with "
+            f"{world_size} GPUs, or hide CUDA (CUDA_VISIBLE_DEVICES=) to run the ranks on "
+            "CPU over gloo"
+        )
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -609,7 +624,7 @@ def _spawned_rank(
     try:
         backend = "gloo"
         if torch.cuda.is_available():  # TE's context parallelism needs NCCL's GPU send/recv
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.cuda.set_device(rank)  # spawn_local checked: one GPU per rank
             backend = "nccl"
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
         result = fn(rank, world, *args)

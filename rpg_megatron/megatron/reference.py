@@ -113,20 +113,39 @@ class Reference:
 
 
 def _snapshot(policy: step.Policy) -> dict[str, Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in policy.gpt.named_parameters()}
+    """This rank's weights on the host: pinned memory when the policy is on CUDA, so the
+    copies of every reference pass run at full PCIe speed without blocking the host."""
+    pin = policy.ctx.device.type == "cuda"
+    weights = {}
+    for n, p in policy.gpt.named_parameters():
+        weights[n] = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+        weights[n].copy_(p.detach(), non_blocking=pin)
+    if pin:  # checkpoints read the anchor on the host
+        torch.cuda.current_stream(policy.ctx.device).synchronize()
+    return weights
 
 
 @contextlib.contextmanager
 def _loaded(policy: step.Policy, weights: dict[str, Tensor]) -> Iterator[None]:
-    """Temporarily put `weights` into the policy's parameters (live weights staged on CPU)."""
+    """Temporarily put `weights` into the policy's parameters; the live weights wait in a
+    host buffer like the anchor's (pinned on CUDA: torch's caching host allocator hands the
+    same blocks back on the next pass).
+
+    On CUDA every copy is non-blocking and on the current stream, where the forward pass
+    also runs, so stream order alone keeps them right: each parameter is read into the
+    buffer before the anchor overwrites it, and restored after the pass; the host never
+    touches the buffers meanwhile (copies from pinned memory keep it alive until done).
+    """
     params = dict(policy.gpt.named_parameters())
-    live = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    pin = policy.ctx.device.type == "cuda"
+    live = {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for n, p in params.items()}
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n])
+            live[n].copy_(p, non_blocking=pin)
+            p.copy_(weights[n], non_blocking=pin)
     try:
         yield
     finally:
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(live[n])
+                p.copy_(live[n], non_blocking=pin)

@@ -173,7 +173,12 @@ def build_policy(
 
     model_lib.validate(arch, model_cfg, par, optim=optim_cfg)
     gpt = model_lib.build_gpt(
-        arch, model_cfg, par, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage
+        arch,
+        model_cfg,
+        par,
+        pre_process=ctx.is_first_stage,
+        post_process=ctx.is_last_stage,
+        main_grad=True,  # wrapped in Megatron DDP right below
     )
     if ctx.device.type == "cuda":
         gpt.cuda(ctx.device)
@@ -188,6 +193,13 @@ def build_policy(
     # q/k-norm grads, tied-embedding sync across stages, and the 1 / global-count scaling.
     gpt.config.finalize_model_grads_func = finalize_model_grads
     optimizer = _build_optimizer(optim_cfg, model_cfg, [ddp])
+    # The schedules multiply each micro-batch's loss by this before backward
+    # (megatron-core 0.16.1 schedules.backward_step), and the optimizer divides the gradients
+    # by the same scale (MixedPrecisionOptimizer._unscale_main_grads_and_check_for_nan):
+    # Megatron-LM's training loop sets it to optimizer.scale_loss. Without it float16's
+    # DynamicGradScaler unscales gradients that were never scaled (2^-32 too small). The scale
+    # is 1 for float32 and bfloat16.
+    gpt.config.grad_scale_func = optimizer.scale_loss
     return Policy(
         arch=arch,
         model_cfg=model_cfg,
@@ -525,6 +537,21 @@ def _reduce_logs(out: list[dict[str, Tensor]], ctx: ParallelContext, ps: Any) ->
     return sums
 
 
+_SCALE_RETRIES = 33
+"""Overflowing float16 steps retried per minibatch: Megatron's DynamicGradScaler starts at 2^32
+and halves on every overflow after the first (hysteresis 2), so the 34th try runs at its
+minimum scale of 1; an overflow there is a real inf/nan."""
+
+
+def _dynamic_loss_scale(policy: Policy) -> bool:
+    """True when the optimizer has float16's DynamicGradScaler (megatron-core 0.16.1
+    get_megatron_optimizer builds one for fp16 without a constant loss scale)."""
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    opts = getattr(policy.optimizer, "chained_optimizers", None) or [policy.optimizer]
+    return any(isinstance(getattr(o, "grad_scaler", None), DynamicGradScaler) for o in opts)
+
+
 def update(
     policy: Policy,
     batch: TrainBatch,
@@ -552,14 +579,19 @@ def update(
             if not policy.schedule_free:
                 for group in policy.optimizer.param_groups:
                     group["lr"] = lr
-            logs = forward_backward(
-                policy,
-                batch.rows(slice(m * per, (m + 1) * per)),
-                objective,
-                aggregation=objective_cfg.aggregation,
-                with_entropy=with_entropy,
-            )
-            ok, grad_norm, _ = policy.optimizer.step()
+            for retry in range(_SCALE_RETRIES + 1):
+                logs = forward_backward(
+                    policy,
+                    batch.rows(slice(m * per, (m + 1) * per)),
+                    objective,
+                    aggregation=objective_cfg.aggregation,
+                    with_entropy=with_entropy,
+                )
+                ok, grad_norm, _ = policy.optimizer.step()
+                # float16: an overflow means the dynamic loss scale was too high; Megatron has
+                # lowered it and skipped the step, so the same minibatch is tried again.
+                if ok or retry == _SCALE_RETRIES or not _dynamic_loss_scale(policy):
+                    break
             if not ok:
                 raise FloatingPointError(f"optimizer step {policy.steps_done}: inf/nan gradient")
             policy.steps_done += 1
