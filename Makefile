@@ -1,16 +1,37 @@
 # Entry points: `make demo` and `make test`. Both create .venv on first use.
-PY ?= python3.11
+
+# The interpreter: the first of python3.12 and python3.11 that runs here (Ubuntu 24.04 ships
+# only 3.12, Debian 12 only 3.11). Each candidate is run, not just looked up on PATH: a pyenv
+# shim exists for every installed version but fails outside the versions it is set to.
+# `make PY=/path/to/python3.X ...` overrides the choice.
+PY_CANDIDATES ?= python3.12 python3.11
+ifndef PY
+PY := $(firstword $(foreach p,$(PY_CANDIDATES),$(shell $(p) -c "import sys; \
+	assert sys.version_info[:2] in ((3, 11), (3, 12))" >/dev/null 2>&1 && echo $(p))))
+endif
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo clean
+# The two ends of the supported megatron-core range (pyproject.toml): .venv holds the oldest,
+# .venv-mcore-latest the newest, and `make test` runs both.
+MCORE_OLDEST := 0.16.1
+MCORE_LATEST := 0.19.2
+LATEST_VENV := .venv-mcore-latest
+LATEST_STAMP := $(LATEST_VENV)/.installed-$(MCORE_LATEST)
+
+.PHONY: install test test-mcore-latest lint format demo clean print-py
+
+print-py:
+	@echo $(PY)
 
 $(STAMP): pyproject.toml
+	@test -n "$(PY)" || { echo "make: none of $(PY_CANDIDATES) runs here; install Python 3.12 \
+	or 3.11, or pass PY=/path/to/python3.X"; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The CPU wheel first, pinned, so that no dependency pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,nemo]'
+	$(BIN)/pip install --quiet -e '.[dev,nemo]' megatron-core==$(MCORE_OLDEST)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +49,31 @@ format: $(STAMP)
 test: lint
 	-bash tools/slurm_local.sh || echo "tools/slurm_local.sh failed: Slurm tests will skip"
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) test-mcore-latest
+
+# megatron-core $(MCORE_LATEST) in a second venv, for the suites that run Megatron's schedules,
+# DDP and optimizer (tests/dist, tests/e2e) and the unit tests of what we take from megatron-core
+# (the version logic, CPU patches and docs/megatron-core.md; the model config); the other unit
+# tests run once, in .venv.
+# Its wheel's metadata asks for Python >= 3.12 but it ships a cp311 build that runs on 3.11, so
+# it goes in with --ignore-requires-python, and with --no-deps so pip keeps the torch pinned
+# first (its own requirements, torch/numpy/packaging, are ours too). It imports triton at
+# start-up (pipeline_parallel.schedules and models.gpt.gpt_model import
+# transformer.moe.paged_stash, whose kernels are triton.jit), which a CUDA torch brings along
+# and the CPU wheel does not. Rebuilt when pyproject.toml or MCORE_LATEST changes.
+$(LATEST_STAMP): pyproject.toml
+	@test -n "$(PY)" || { echo "make: none of $(PY_CANDIDATES) runs here"; exit 1; }
+	test -x $(LATEST_VENV)/bin/python || $(PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install --quiet torch==2.13.0
+	$(LATEST_VENV)/bin/pip install --quiet -e '.[dev]'
+	$(LATEST_VENV)/bin/pip install --quiet --no-deps --ignore-requires-python \
+		megatron-core==$(MCORE_LATEST) triton==3.8.0
+	rm -f $(LATEST_VENV)/.installed-*
+	touch $(LATEST_STAMP)
+
+test-mcore-latest: $(LATEST_STAMP)
+	$(LATEST_VENV)/bin/python -m pytest -q tests/dist tests/e2e tests/unit/test_compat.py \
+		tests/unit/test_parallel.py tests/unit/test_model.py
 
 # The tiny end-to-end RPG run on CPU: 2 gloo processes (data parallel), a few minutes.
 demo: $(STAMP)
@@ -36,4 +82,4 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/rpg-megatron train examples/tiny_cpu.yaml --nproc-per-node 2
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .ruff_cache

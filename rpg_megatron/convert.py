@@ -261,7 +261,7 @@ def hf_to_mcore(
     overwrite: bool = False,
 ) -> Path:
     """Convert an HF safetensors checkpoint to a Megatron checkpoint directory; returns it."""
-    from megatron.core.package_info import __version__ as mcore_version
+    from rpg_megatron.megatron.compat import mcore_version
 
     hf = Path(hf_dir).absolute()
     _check_out(Path(out_dir), src=hf, flag="--hf", overwrite=overwrite)
@@ -280,7 +280,9 @@ def hf_to_mcore(
             tp=tp,
             pp=pp,
             padded_vocab_size=padded_vocab_size(arch.vocab_size, tp),
-            megatron_core=mcore_version,
+            # Not package_info.__version__: megatron-core 0.19 appends the git hash of a
+            # checkout its venv sits in (ours), which says nothing about megatron-core.
+            megatron_core=str(mcore_version()),
             rpg_megatron=__version__,
         )
         (tmp / CONVERSION).write_text(json.dumps(asdict(record), indent=2) + "\n")

@@ -7,7 +7,7 @@ combination Megatron would reject, or that cannot run here, before any process g
 a bad config fails in milliseconds with a message naming the field.
 
 Attention mask: pass `attention_mask=None` to the model. The layer spec declares a causal mask,
-and on CPU `parallel.apply_cpu_compat` makes megatron build it on CPU. RoPE ignores
+and on CPU `compat.apply_cpu_compat` makes megatron build it on CPU. RoPE ignores
 `position_ids`: a padded row [B, S] holds one sequence at positions 0..S-1 (right padding is
 harmless under the causal mask); a packed batch [1, T] holds several sequences and needs
 `PackedSeqParams` (THD, `cu_seqlens`), which make RoPE restart at every sequence and attention

@@ -9,6 +9,7 @@ Corrupt inputs must fail with an error naming the tensor or file, before --out e
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -51,6 +52,7 @@ def test_hf_mcore_hf_is_bit_exact_and_logits_match(hf_dirs, tmp_path, family):
     ]  # fmt: skip
     record = json.loads((mc / "conversion.json").read_text())
     assert record["dtype"] == ("bfloat16" if "bf16" in family else "float32")
+    assert record["megatron_core"] == importlib.metadata.version("megatron-core")
     back = convert.mcore_to_hf(mc, tmp_path / "hf")
     _assert_same_hf(back, src)
     assert (back / "config.json").read_bytes() == (src / "config.json").read_bytes()
