@@ -635,10 +635,14 @@ def _group_id(group: dict[str, Any]) -> tuple:
 
 
 def _adam_step(inner: Any) -> float | None:
-    """The optimizer's step count: torch Adam keeps it per parameter, TE/Apex FusedAdam per
-    group; Megatron supports only one shared count (MegatronOptimizer._extract_common...)."""
-    steps = {float(s["step"]) for s in inner.state.values() if "step" in s}
-    steps |= {float(g["step"]) for g in inner.param_groups if "step" in g}
+    """The optimizer's step count: torch Adam keeps it per parameter (a 'step' its groups get
+    from DistributedOptimizer.load_state_dict is a stale copy), TE/Apex FusedAdam per group;
+    Megatron supports only one count shared by all (MegatronOptimizer._extract_common_per_
+    param_step)."""
+    if isinstance(inner, torch.optim.Adam):
+        steps = {float(s["step"]) for s in inner.state.values() if "step" in s}
+    else:
+        steps = {float(g["step"]) for g in inner.param_groups if "step" in g}
     if len(steps) > 1:
         raise RuntimeError(f"optimizer step counts differ between parameters: {sorted(steps)}")
     return steps.pop() if steps else None
@@ -800,10 +804,10 @@ def _restore_optimizer_common(policy: Policy, saved: dict[str, Any]) -> None:
 
                 ids = dict(zip(_GROUP_IDS, _group_id(group), strict=True))
                 raise CheckpointError(f"the checkpoint has no optimizer param group {ids}")
-            group.update({k: v for k, v in values.items() if k in group or k == "step"})
-            if step is not None and "step" in group:
-                group["step"] = type(group["step"])(step)
-        if step is not None and isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            group.update({k: v for k, v in values.items() if k in group})
+            if step is not None and not isinstance(inner, torch.optim.Adam):
+                group["step"] = int(step)  # TE/Apex FusedAdam count per group
+        if step is not None and isinstance(inner, torch.optim.Adam):
             for state in inner.state.values():
                 state["step"] = torch.tensor(float(step))
         if scaler is not None and getattr(opt, "grad_scaler", None) is not None:

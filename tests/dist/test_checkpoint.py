@@ -202,7 +202,9 @@ def _reader(rank, world, ckpt, model_dir, par, distributed):
         start = train._resume(cfg, policy, ref, cursor)
         loaded_cursor, moments = cursor.at, _gathered_moments(policy)
         trace = _steps(policy, ref, cursor, start, STEPS)
+        _, common = step.checkpoint_state(policy)  # the next save sees one step count
         return {
+            "adam_step": common["optimizer"]["step"],
             "start": start,
             "cursor_after_load": loaded_cursor,
             "moments": moments,
@@ -266,6 +268,7 @@ def test_resume_at_another_layout_follows_the_uninterrupted_run(writer, model_di
     assert _hashes(ckpt) == before  # reading writes nothing
     for res in results:
         assert res["start"] == SAVE_AT and res["cursor_after_load"] == SAVE_AT
+        assert res["adam_step"] == STEPS
         # The resharded Adam moments are the writer's, value for value.
         assert res["moments"].keys() == writer["moments"].keys()
         for name, moments in writer["moments"].items():
