@@ -454,13 +454,15 @@ def load_mcore(model_chunk: Any, mcore_dir: str | os.PathLike[str]) -> None:
                 f"{src}: checkpoint of a model with (layers, hidden, heads) = {want}, but "
                 f"the model was built with {have}; check model.hf_path"
             )
+    request = gpt.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(gpt.sharded_state_dict(), str(weights))
+        state = dist_checkpointing.load(request, str(weights))
     except Exception as e:  # torch's EOFError / UnpicklingError name no file
         raise ConvertError(
             f"{weights}: unreadable Megatron checkpoint ({type(e).__name__}: {e})"
         ) from None
-    gpt.load_state_dict(state, strict=True)
+    # A training step's common state (step, data cursor, ...) comes back beside the weights.
+    gpt.load_state_dict({k: state[k] for k in request}, strict=True)
 
 
 def mcore_to_hf(

@@ -156,7 +156,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
         _prepare(run)
     over = (*PACKED, *DISTOPT)
     run = {"cwd": REPO, "env": env, "capture_output": True}
-    subprocess.run(_torchrun(straight, 6, *over), check=True, **run)
+    hf_every = "checkpoint.save_hf_every=3"  # <run_dir>/hf/step_00000003 (weights only)
+    subprocess.run(_torchrun(straight, 6, *over, hf_every), check=True, **run)
 
     proc = subprocess.Popen(
         _torchrun(broken, 6, *over),
@@ -189,6 +190,30 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     hf_model = AutoModelForCausalLM.from_pretrained(broken / "hf")
     assert {n for n, _ in hf_model.named_parameters()} <= a.keys()
+
+    # Any training checkpoint exports and evaluates as the policy it holds: a step directory
+    # (or the checkpoint directory, through `latest`) gives the weights of the HF exports.
+    hf3 = straight / "hf" / "step_00000003"
+    assert (hf3 / "config.json").is_file()  # the final export kept it
+    cli = [sys.executable, "-m", "rpg_megatron.cli"]
+    for src, want in ((straight / "ck" / "step_00000003", hf3), (straight / "ck", straight / "hf")):
+        out_dir = tmp_path / f"export-{src.name}"
+        convert = [*cli, "convert", "mcore-to-hf", "--mcore", str(src), "--out", str(out_dir)]
+        subprocess.run(convert, check=True, **run)
+        x, y = tiny_hf.read_safetensors(out_dir), tiny_hf.read_safetensors(want)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    answers = {}
+    for flag, src in (("--mcore", straight / "ck" / "step_00000006"), ("--model", straight / "hf")):
+        report = tmp_path / f"eval{flag}.json"
+        evaluate = [
+            *cli, "eval", flag, str(src), "--config", str(straight / "config.yaml"),
+            "--data", str(straight / "train.parquet"), "--k", "1", "--max-new-tokens", "2",
+            "--out", str(report), "reward.workers=1",
+        ]  # fmt: skip
+        subprocess.run(evaluate, check=True, **run)
+        problems = json.loads(report.read_text())["benchmarks"][0]["problems"]
+        answers[flag] = [p["answers"] for p in problems]
+    assert answers["--mcore"] == answers["--model"] and len(answers["--model"]) > 1
 
     # Rank 1's shard of the last checkpoint, cut short.
     shard = broken / "ck" / "step_00000006" / "weights" / "__1_0.distcp"
