@@ -286,10 +286,7 @@ def resolve_mcore_dir(path: str | os.PathLike[str], flag: str = "--mcore") -> Pa
     format with what to do."""
     src = Path(path).absolute()
     if not src.is_dir():
-        raise ConvertError(
-            f"{flag} {src}: no such directory; expected a Megatron checkpoint written by "
-            "`rpg-megatron convert hf-to-mcore` or a training step directory (step_N)"
-        )
+        return src  # the caller's own check names it
     if not (src / WEIGHTS).is_dir() and (src / "latest").is_file():
         src = src / (src / "latest").read_text().strip()
     if any(src.glob("rank_*.pt")):
@@ -438,6 +435,11 @@ def load_mcore(model_chunk: Any, mcore_dir: str | os.PathLike[str]) -> None:
 
     from rpg_megatron.megatron import export
 
+    if not Path(mcore_dir).is_dir():  # train's model.init_from, eval --mcore
+        raise ConvertError(
+            f"{mcore_dir}: no such directory; expected a Megatron checkpoint written by "
+            "`rpg-megatron convert hf-to-mcore` or a training step directory (step_N)"
+        )
     src = resolve_mcore_dir(mcore_dir, "model.init_from")
     weights = src / WEIGHTS
     if not (weights / "metadata.json").is_file():

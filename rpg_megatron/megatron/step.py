@@ -175,6 +175,13 @@ def build_policy(
     gpt = model_lib.build_gpt(
         arch, model_cfg, par, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage
     )
+    dtype = getattr(torch, model_cfg.dtype)
+    if any(p.dtype != dtype for p in gpt.parameters()):
+        # The local spec's torch RMSNorm (megatron-core 0.16.1 WrappedTorchNorm, CPU) keeps its
+        # weights in float32 whatever params_dtype says; TE's norms follow params_dtype. One
+        # dtype, as on GPU, and as Float16OptimizerWithFloat16Params.sharded_state_dict needs
+        # (it maps only 16-bit parameters to checkpoint keys).
+        gpt.to(dtype)
     if ctx.device.type == "cuda":
         gpt.cuda(ctx.device)
     ddp = DistributedDataParallel(

@@ -81,9 +81,11 @@ class _Cursor:
         self.at = state["at"]
 
 
-def _config(ckpt: str, model_dir: str, par: ParallelConfig, optim: OptimConfig) -> Config:
+def _config(
+    ckpt: str, model_dir: str, par: ParallelConfig, optim: OptimConfig, dtype: str = "float32"
+) -> Config:
     return Config(
-        model=ModelConfig(hf_path=model_dir, dtype="float32"),
+        model=ModelConfig(hf_path=model_dir, dtype=dtype, logprob_chunk_tokens=7),
         parallel=par,
         optim=optim,
         objective=OBJ_CFG,
@@ -111,13 +113,20 @@ def _steps(policy, ref, cursor, first: int, last: int, *, save=None) -> list[dic
 
 # ------------------------------------------------------------------------- moments, gathered
 def _local_moments(policy: step.Policy) -> dict[str, dict[str, torch.Tensor]]:
-    """exp_avg / exp_avg_sq of each of this rank's parameters, in the parameter's shape."""
+    """exp_avg, exp_avg_sq and the float32 main copy ("param") of each of this rank's
+    parameters, in the parameter's shape, read out of the optimizer itself."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     (opt,) = policy.optimizer.chained_optimizers
     params = dict(policy.gpt.named_parameters())
     if not isinstance(opt, DistributedOptimizer):
-        return {n: {k: opt.optimizer.state[p][k].clone() for k in _MOMENTS} for n, p in params.items()}
+        out = {}
+        for n, p in params.items():
+            main = getattr(p, "main_param", None)  # bf16: Float16Optimizer's fp32 copy
+            main = p if main is None else main
+            state = opt.optimizer.state[main]
+            out[n] = {"param": main.detach().clone(), **{k: state[k].clone() for k in _MOMENTS}}
+        return out
     # Megatron's own gather of the DP shards (DistributedOptimizer.get_parameter_state_dp_zero):
     # per grad buffer one flat tensor per state, each parameter at its param_index_map range.
     world = opt.get_parameter_state_dp_zero(use_gloo_comm=True, return_on_all_ranks=True)
@@ -126,7 +135,8 @@ def _local_moments(policy: step.Policy) -> dict[str, dict[str, torch.Tensor]]:
     for gbuf_idx, buffer in enumerate(opt.buffers):
         (flat,) = world[gbuf_idx].values()
         for p, (start, end, _) in buffer.param_index_map.items():
-            out[name_of[id(p)]] = {k: flat[k][start:end].view(p.shape).clone() for k in _MOMENTS}
+            keys = ("param", *_MOMENTS)
+            out[name_of[id(p)]] = {k: flat[k][start:end].view(p.shape).clone() for k in keys}
     return out
 
 
@@ -174,12 +184,12 @@ def _weights(policy: step.Policy) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------- the runs
-def _writer(rank, world, ckpt, model_dir, distributed):
+def _writer(rank, world, ckpt, model_dir, distributed, dtype="float32"):
     """STEPS steps at (tp=1, dp=2), a checkpoint after SAVE_AT, the moments at that point."""
     try:
         par = ParallelConfig()
-        cfg = _config(ckpt, model_dir, par, _optim(distributed, world))
-        policy = _build(par, cfg.optim)
+        cfg = _config(ckpt, model_dir, par, _optim(distributed, world), dtype)
+        policy = _build(par, cfg.optim, cfg.model)
         ref, cursor, saved = Reference(policy, OBJ_CFG), _Cursor(), {}
 
         def save(done: int) -> None:
@@ -192,12 +202,12 @@ def _writer(rank, world, ckpt, model_dir, distributed):
         parallel.destroy()
 
 
-def _reader(rank, world, ckpt, model_dir, par, distributed):
+def _reader(rank, world, ckpt, model_dir, par, distributed, dtype="float32"):
     """Resume the writer's checkpoint at `par`, then the remaining steps."""
     try:
         dp = world // (par.tp * par.pp)
-        cfg = _config(ckpt, model_dir, par, _optim(distributed, dp))
-        policy = _build(par, cfg.optim)
+        cfg = _config(ckpt, model_dir, par, _optim(distributed, dp), dtype)
+        policy = _build(par, cfg.optim, cfg.model)
         ref, cursor = Reference(policy, OBJ_CFG), _Cursor()
         start = train._resume(cfg, policy, ref, cursor)
         loaded_cursor, moments = cursor.at, _gathered_moments(policy)
@@ -261,7 +271,9 @@ def test_distributed_and_plain_optimizer_give_the_same_metrics(writer, plain):
     ],
     ids=["same-layout-distributed", "tp2-plain", "pp2-distributed"],
 )
-def test_resume_at_another_layout_follows_the_uninterrupted_run(writer, model_dir, par, distributed):
+def test_resume_at_another_layout_follows_the_uninterrupted_run(
+    writer, model_dir, par, distributed
+):
     ckpt = Path(writer["ckpt"])
     before = _hashes(ckpt)
     results = spawn(2, _reader, str(ckpt), model_dir, par, distributed)
@@ -287,6 +299,25 @@ def test_resume_at_another_layout_follows_the_uninterrupted_run(writer, model_di
                 assert torch.equal(res["weights"][name], w), name
             else:
                 torch.testing.assert_close(res["weights"][name], w, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed_precision_optimizers_resume_with_their_fp32_main_copies(model_dir, tmp_path):
+    """bfloat16 weights: Megatron's DistributedOptimizer writes (tp=1, dp=2), its
+    Float16OptimizerWithFloat16Params reads at (tp=2, dp=1): moments and float32 main copies
+    arrive value for value; the steps after follow the writer's within bf16 rounding (the
+    weights are rounded copies of the main ones, in another summation order)."""
+    ckpt = str(tmp_path / "ckpt")
+    writer = spawn(2, _writer, ckpt, model_dir, True, "bfloat16")[0]
+    assert writer["moments"]["embedding.word_embeddings.weight"]["param"].dtype == torch.float32
+    results = spawn(2, _reader, ckpt, model_dir, ParallelConfig(tp=2), False, "bfloat16")
+    for res in results:
+        assert res["start"] == SAVE_AT and res["adam_step"] == STEPS
+        for name, moments in writer["moments"].items():
+            for k, t in moments.items():
+                assert torch.equal(res["moments"][name][k], t), (name, k)
+        for got, want in zip(res["trace"], writer["trace"][SAVE_AT:], strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2)
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -321,7 +352,13 @@ def _damage(step_dir: Path, how: str) -> str:
     return str(part)
 
 
-BAD = ("truncated-shard", "missing-shard", "corrupt-metadata", "cut-off-meta-json", "garbage-common")
+BAD = (
+    "truncated-shard",
+    "missing-shard",
+    "corrupt-metadata",
+    "cut-off-meta-json",
+    "garbage-common",
+)
 
 
 def _try_resume(rank, world, dirs, model_dir):
