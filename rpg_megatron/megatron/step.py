@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rpg_megatron.advantages import Aggregation
+from rpg_megatron.checkpoint import CheckpointError
 from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import model as model_lib
 from rpg_megatron.megatron import packing
@@ -664,6 +665,7 @@ def checkpoint_state(policy: Policy) -> tuple[dict[str, Any], dict[str, Any]]:
 
     import torch.nn as nn
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+    from megatron.core.optimizer.optimizer import FP32Optimizer
 
     model_sd = policy.gpt.sharded_state_dict()
     optim_sd = policy.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
@@ -671,8 +673,6 @@ def checkpoint_state(policy: Policy) -> tuple[dict[str, Any], dict[str, Any]]:
     # A flat list: keys repeat within a rank (the layers of a stage share one key, at other
     # offsets), and DP ranks > 0 of the distributed optimizer hold nothing (rank 0 writes).
     stored = [_canonical(v) for v in nested_values(tensors)]
-    from megatron.core.optimizer.optimizer import FP32Optimizer
-
     if all(isinstance(opt, FP32Optimizer) for opt in _sub_optimizers(policy)):
         # Plain fp32 optimizer: the weights are the main copy; store them under its name too.
         for v in nested_values(model_sd):
@@ -729,8 +729,6 @@ def checkpoint_request(
     wanted += [v.key for v in nested_values(sharded) if isinstance(v, tensors)]
     missing = sorted({k for k in wanted if k not in stored})
     if missing:
-        from rpg_megatron.checkpoint import CheckpointError
-
         raise CheckpointError(
             f"the checkpoint lacks {len(missing)} entries this run needs, e.g. {missing[:3]}: "
             "was it written for another model (model.hf_path) or optimizer (optim.optimizer)?"
@@ -807,8 +805,6 @@ def _restore_optimizer_common(policy: Policy, saved: dict[str, Any]) -> None:
         for group in inner.param_groups:
             values = by_id.get(_group_id(group))
             if values is None:
-                from rpg_megatron.checkpoint import CheckpointError
-
                 ids = dict(zip(_GROUP_IDS, _group_id(group), strict=True))
                 raise CheckpointError(f"the checkpoint has no optimizer param group {ids}")
             group.update({k: v for k, v in values.items() if k in group})
