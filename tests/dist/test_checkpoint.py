@@ -242,9 +242,10 @@ def writer(tmp_path_factory, model_dir) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def plain(model_dir) -> dict[str, Any]:
-    """The same STEPS with Megatron's plain (non-distributed) optimizer, no checkpoint."""
-    return spawn(2, _writer, "", model_dir, False)[0]
+def plain(tmp_path_factory, model_dir) -> dict[str, Any]:
+    """The same STEPS with Megatron's plain (non-distributed) optimizer, and its checkpoint."""
+    ckpt = tmp_path_factory.mktemp("plain_ckpt")
+    return {"ckpt": ckpt, **spawn(2, _writer, str(ckpt), model_dir, False)[0]}
 
 
 def _close(got: dict[str, float], want: dict[str, float], rel: float) -> None:
@@ -318,6 +319,18 @@ def test_bf16_mixed_precision_optimizers_resume_with_their_fp32_main_copies(mode
         for got, want in zip(res["trace"], writer["trace"][SAVE_AT:], strict=True):
             assert got["loss"] == pytest.approx(want["loss"], rel=2e-2)
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-2)
+
+
+def test_a_plain_optimizers_checkpoint_resumes_under_the_distributed_one(plain, model_dir):
+    """The other direction of optim.distributed_optimizer: the plain fp32 optimizer has no main
+    copy of its own (the weights are), so the checkpoint stores one for this reader."""
+    for res in spawn(2, _reader, str(plain["ckpt"]), model_dir, ParallelConfig(), True):
+        assert res["start"] == SAVE_AT and res["adam_step"] == STEPS
+        for name, moments in plain["moments"].items():
+            for k, t in moments.items():
+                assert torch.equal(res["moments"][name][k], t), (name, k)
+        for got, want in zip(res["trace"], plain["trace"][SAVE_AT:], strict=True):
+            _close(got, want, rel=1e-6)
 
 
 def _hashes(root: Path) -> dict[str, str]:
