@@ -268,14 +268,14 @@ def find_latest(cfg: CheckpointConfig) -> Found | None:
                     f"{pointer} names {path}, which does not exist; write the name of a complete "
                     f"step directory of {cfg.dir} into {pointer}, or start a fresh run"
                 )
-            found = inspect(path)
+            found = check_step_dir(path)
     except CheckpointError as e:
         error = str(e)
     agree(error)
     return found
 
 
-def inspect(path: Path) -> Found:
+def check_step_dir(path: Path) -> Found:
     """Check one step directory (this process only): meta.json, the format, the dist
     checkpoint's files. Raises CheckpointError naming the first bad file."""
     meta_path = path / "meta.json"
