@@ -264,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = conv_sub.add_parser(
         "mcore-to-hf", help="Megatron checkpoint (any TP/PP) -> safetensors + config.json"
     )
-    m.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
+    m.add_argument(
+        "--mcore",
+        required=True,
+        help="Megatron checkpoint directory: converted, a training step_N, or checkpoint.dir",
+    )
     m.add_argument("--out", required=True, help="new HF model directory")
     for q in (h, m):
         q.add_argument(
@@ -278,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF model dir: config.json, *.safetensors, tokenizer")
     src.add_argument(
-        "--mcore", help="Megatron dist checkpoint dir (from `rpg-megatron convert hf-to-mcore`)"
+        "--mcore",
+        help="Megatron checkpoint dir: from `convert hf-to-mcore`, a training step_N, or "
+        "checkpoint.dir (its latest step)",
     )
     e.add_argument(
         "--data", nargs="+", required=True, help="benchmark files (.parquet/.jsonl), one each"

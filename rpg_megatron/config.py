@@ -673,18 +673,24 @@ EVAL_FROM_ROLLOUT: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
-    """Where checkpoints go; each is a directory `step_<n>` written to a temp name and renamed."""
+    """Where checkpoints go; each is a directory `step_<n>` written to a temp name and renamed.
+    Megatron's distributed format: `--resume` continues at any tp/pp/dp and either
+    optim.distributed_optimizer; `convert mcore-to-hf --mcore` and `eval --mcore` read a step."""
     every: int = 0
     """Save every this many optimizer steps; 0 saves only at the end."""
     keep: int = 2
     """How many recent checkpoints to keep (>= 1: the newest is the one `--resume` reads)."""
+    save_hf_every: int = 0
+    """Also write the policy as a Hugging Face model to `<log.run_dir>/hf/step_<n>` every this
+    many steps (0: only the final `<log.run_dir>/hf` of a completed run)."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ConfigError(
-                f"checkpoint.every={self.every}: must be >= 0 (a step count; 0 saves only at the "
-                "end)"
-            )
+        for name in ("every", "save_hf_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"checkpoint.{name}={getattr(self, name)}: must be >= 0 (a step count; 0 "
+                    "turns the periodic save off)"
+                )
         if self.keep < 1:
             raise ConfigError(
                 f"checkpoint.keep={self.keep}: must be >= 1 (how many of the newest "

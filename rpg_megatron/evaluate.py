@@ -576,9 +576,10 @@ def run_eval(
     loads), start the scorer and probe reward.functions on each benchmark's first row, load the
     checkpoint into an engine (weight version 0); evaluate; write the report to `out`.
     `mcore`: `model_dir` is a Megatron dist checkpoint written by `rpg-megatron convert
-    hf-to-mcore` (config.json, conversion.json, weights/, tokenizer)."""
+    hf-to-mcore` (config.json, conversion.json, weights/, tokenizer), a training step directory
+    (the same files), or a checkpoint.dir (the step `latest` names)."""
     from rpg_megatron.config_io import to_dict
-    from rpg_megatron.convert import ConvertError
+    from rpg_megatron.convert import ConvertError, resolve_mcore_dir
     from rpg_megatron.megatron.hf_map import HFMapError
     from rpg_megatron.rewards import RewardScorer
     from rpg_megatron.rollout import make_engine
@@ -589,6 +590,8 @@ def run_eval(
         raise ConfigError(f"reward.functions={list(reward_cfg.functions)}: {NEEDS_MATH_VERIFY}")
     _check_report_path(Path(out))  # before any work: a bad --out would fail only at the end
     flag = "--mcore" if mcore else "--model"
+    if mcore:
+        model_dir = resolve_mcore_dir(model_dir)
     hf_config, tokenizer = _read_model_dir(model_dir, flag, data_cfg)
     datasets = load_benchmarks(
         cfg.files, data_cfg, tokenizer, field="--data", skip_hint="pass --on-bad-row skip"

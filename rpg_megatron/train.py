@@ -72,7 +72,6 @@ def _inputs(cfg: Config, *, is_main: bool) -> tuple[dict[str, Any], Any, Any, An
 
 def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
-    hf_dir = Path(cfg.model.hf_path)
 
     def inputs() -> tuple[dict[str, Any], Any, Any, Any, Any]:
         got = _inputs(cfg, is_main=is_main)
@@ -87,16 +86,16 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     )
     objective = build_objective(cfg.objective)
     sampler = data.PromptSampler(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+    needs_ref = objective.needs_ref or _reward_kl_coef(cfg) > 0
+    # The anchor exists before the resume reads it back (one collective load of both).
+    ref = Reference(policy, cfg.objective) if needs_ref and resume else None
     # A checkpoint or data cursor that does not fit fails on every rank before rank 0 writes
     # config.yaml or opens the metrics below.
-    start = rundir.agreed(lambda: _resume(cfg, policy, sampler)) if resume else None
+    start = rundir.agreed(lambda: _resume(cfg, policy, ref, sampler)) if resume else None
     if start is None:
         _initial_weights(cfg, policy)
-    needs_ref = objective.needs_ref or _reward_kl_coef(cfg) > 0
-    ref = Reference(policy, cfg.objective) if needs_ref else None
-    if ref is not None and start is not None:
-        ref.load_state_dict(start["reference"])
-    first = 0 if start is None else start["iteration"]
+        ref = Reference(policy, cfg.objective) if needs_ref else None
+    first = 0 if start is None else start
     # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
     iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
     # Rank 0's engine, once everything else is known to be usable (SGLang servers take minutes
@@ -206,20 +205,16 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             or stop
         ):
             _save(cfg, policy, ref, sampler, iteration=done)
+        hf_every = cfg.checkpoint.save_hf_every
+        if hf_every and done % hf_every == 0 and done < iterations:
+            _export(cfg, policy, run_dir / "hf" / f"step_{done:08d}", write=is_main)
         if stop:
             if is_main:
                 print(f"preempted: checkpoint of step {done} written; rerun with --resume")
             break
     else:
         if first < iterations:  # the run completed now: its policy for eval and other stacks
-            convert.export_policy(
-                policy.chunks,
-                arch,
-                run_dir / "hf",
-                src_hf_dir=hf_dir,
-                dtype=getattr(torch, cfg.model.dtype),
-                write=is_main,
-            )
+            _export(cfg, policy, run_dir / "hf", write=is_main)
 
     sink.close()
     if is_main:
@@ -509,21 +504,51 @@ def _sync_weights(policy: step.Policy, engine: Any, *, version: int) -> None:
     engine.update_weights(buckets, version)
 
 
+def _export(cfg: Config, policy: step.Policy, out: Path, *, write: bool) -> None:
+    """The policy as a Hugging Face model in `out` (collective; rank 0 writes). The final
+    `<log.run_dir>/hf` keeps the `step_*` exports of checkpoint.save_hf_every inside it."""
+    convert.export_policy(
+        policy.chunks,
+        policy.arch,
+        out,
+        src_hf_dir=cfg.model.hf_path,
+        dtype=getattr(torch, cfg.model.dtype),
+        write=write,
+    )
+
+
+def _layout(ctx: parallel.ParallelContext) -> dict[str, int]:
+    return {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
+
+
 def _save(
     cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any, *, iteration: int
 ) -> None:
-    ctx = policy.ctx
-    model = {"policy": step.state_dict(policy)}
+    """Policy, optimizer, reference, RNG and data cursor as Megatron's distributed checkpoint;
+    the step directory is also a Megatron checkpoint of the policy (convert/eval --mcore)."""
+    sharded, common = step.checkpoint_state(policy)
     if ref is not None:
-        model["reference"] = ref.state_dict()
+        sharded["reference"], common["reference"] = ref.checkpoint_state(policy)
+    common["data"] = sampler.state_dict()
+    hf_dir = Path(cfg.model.hf_path)
+    conversion = convert.training_conversion(policy.arch, hf_dir, cfg.model.dtype, policy.ctx)
+
+    def side_files(tmp: Path) -> None:
+        convert.write_side_files(hf_dir, tmp, conversion)
+
     checkpoint.save(
         cfg.checkpoint,
         step=iteration,
-        layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
-        model=model,
-        optimizer=None,
-        extra={"steps_done": policy.steps_done, "data": sampler.state_dict()},
+        layout=_layout(policy.ctx),
+        sharded=sharded,
+        common=common,
+        meta={
+            "dtype": cfg.model.dtype,
+            "optimizer": cfg.optim.optimizer,
+            "distributed_optimizer": cfg.optim.distributed_optimizer,
+        },
         run_config=cfg,
+        side_files=side_files,
     )
 
 
@@ -540,25 +565,51 @@ def _initial_weights(cfg: Config, policy: step.Policy) -> None:
         return
     if source in ("auto", "hf"):
         convert.load_hf(policy.chunks[0], hf_dir, tp_rank=policy.ctx.tp_rank, tp=policy.ctx.tp)
-    else:
+    else:  # a converted checkpoint or a training step directory (its policy weights)
         convert.load_mcore(policy.chunks[0], source)
     # Mixed precision keeps float32 main copies of the weights: refresh them from the model.
     policy.optimizer.reload_model_params()
     _log.info("initial weights: %s", hf_dir if source in ("auto", "hf") else source)
 
 
-def _resume(cfg: Config, policy: step.Policy, sampler: Any) -> dict[str, Any] | None:
-    """Restore policy, optimizer, RNG and data cursor from the newest checkpoint, if any."""
-    ctx = policy.ctx
-    state: dict[str, Any] = {}
-    got = checkpoint.load_latest(
-        cfg.checkpoint,
-        layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
-        load_model=state.update,
-        load_optimizer=None,
-    )
-    if got is None:
+def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any) -> int | None:
+    """Restore policy, optimizer, reference, RNG and data cursor from the newest checkpoint,
+    at this run's layout whatever the writer's; returns its iteration, or None when there is
+    none. Every rank agrees the checkpoint is good before any rank goes on (checkpoint.py)."""
+    found = checkpoint.find_latest(cfg.checkpoint)
+    if found is None:
         return None
-    step.load_state_dict(policy, state["policy"], steps_done=got.extra["steps_done"])
-    sampler.load_state_dict(got.extra["data"])
-    return {"iteration": got.step, "reference": state.get("reference")}
+    ctx = policy.ctx
+    error, request, apply = None, None, None
+    try:
+        request, apply = step.checkpoint_request(policy, found.keys)
+        if ref is not None:
+            if not any(k.startswith("reference.") for k in found.keys):
+                raise checkpoint.CheckpointError(
+                    f"{found.path}: no reference policy stored, but this run's objective needs "
+                    "one (objective.beta / advantage changed since it was written?)"
+                )
+            request["reference"] = ref.checkpoint_request(policy)
+    except checkpoint.CheckpointError as e:
+        error = f"{found.path}: {e}"
+    checkpoint.agree(error)
+    loaded = checkpoint.load(found, request, layout=_layout(ctx))
+    apply(loaded.state, loaded.common)
+    if ref is not None:
+        ref.apply_checkpoint(loaded.state["reference"], loaded.common["reference"])
+    sampler.load_state_dict(loaded.common["data"])
+    if not loaded.rng_restored:
+        checkpoint.reseed(cfg.parallel.seed, found.step)
+        if ctx.rank == 0:
+            was = " ".join(f"{k}={v}" for k, v in found.layout.items())
+            now = " ".join(f"{k}={v}" for k, v in _layout(ctx).items())
+            _log.info(
+                "resume: %s was written at %s, this run is %s: model and optimizer state "
+                "resharded; RNG streams re-derived from parallel.seed=%d and step %d",
+                found.path,
+                was,
+                now,
+                cfg.parallel.seed,
+                found.step,
+            )
+    return found.step

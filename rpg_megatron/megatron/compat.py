@@ -10,13 +10,13 @@ and tests/unit/test_compat.py checks that list against the installed release.
 CPU: without CUDA, `parallel.init` first calls `apply_cpu_compat()`. The patches in
 `CPU_PATCHES` let megatron-core run a GPTModel (local layer spec) forward and backward with TP,
 PP and DP over gloo, through `get_forward_backward_func` schedules, Megatron's
-DistributedDataParallel, `finalize_model_grads` and the (non-distributed) Megatron optimizer.
-Each row names the symbol, the releases it applies to (`versions`, matched against the imported
-one), the function that fails on CPU and why. With CUDA nothing is patched. What still does not
-work on CPU (checked in `model.validate`): Megatron's distributed optimizer and bf16/fp16
-Megatron optimizers (both compare `param.type()` with 'torch.cuda.*Tensor'), sequence
-parallelism (the torch RMSNorm fallback asserts it off) and context parallelism (needs
-Transformer Engine).
+DistributedDataParallel, `finalize_model_grads` and Megatron's optimizers: FP32Optimizer, the
+float16/bfloat16 mixed-precision optimizer and the DistributedOptimizer (whose parameter/grad
+buffers then shard over gloo), with their `sharded_state_dict` checkpoints. Each row names the
+symbol, the releases it applies to (`versions`, matched against the imported one), the function
+that fails on CPU and why. With CUDA nothing is patched. What still does not work on CPU
+(checked in `model.validate`): sequence parallelism (the torch RMSNorm fallback asserts it off)
+and context parallelism (needs Transformer Engine).
 """
 
 from __future__ import annotations
@@ -268,6 +268,31 @@ def _tensor_cuda_is_identity(original: Callable[..., Any]) -> Callable[..., Any]
     return wrapper
 
 
+def _cuda_type_names(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # `t.type()` without arguments names a CPU float tensor as its CUDA counterpart
+        # ('torch.FloatTensor' -> 'torch.cuda.FloatTensor') for the duration of this call only;
+        # `t.type(dtype)` (a conversion) is untouched. Not thread-safe, like
+        # _tensor_cuda_is_identity: optimizers are built on the main thread.
+        saved = torch.Tensor.type
+
+        def type_(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+            name = saved(self, *a, **k)
+            if a or k or not isinstance(name, str) or self.is_cuda:
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
+
+        torch.Tensor.type = type_  # type: ignore[method-assign,assignment]
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.Tensor.type = saved  # type: ignore[method-assign]
+
+    wrapper._rpg_cpu_compat = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 _MC = "megatron.core"
 _ALL = ">=0.16.1"  # every release in MCORE_TESTED (read in 0.16.1 and 0.19.2)
 CPU_PATCHES: tuple[CpuPatch, ...] = (
@@ -378,6 +403,41 @@ CPU_PATCHES: tuple[CpuPatch, ...] = (
         "weight.data.cuda() before all-reducing tied embeddings across the first and last "
         "pipeline stage (pp > 1 with tie_word_embeddings; 0.16.1, 0.19.2); Tensor.cuda is the "
         "identity during that call only.",
+        make=_tensor_cuda_is_identity,
+    ),
+    CpuPatch(
+        target=f"{_MC}.optimizer.distrib_optimizer.DistributedOptimizer.__init__",
+        versions=_ALL,
+        works_around="DistributedOptimizer.__init__ and the _build_model_and_main_param_groups it "
+        "calls sort parameters by param.type() in 'torch.cuda.{Float,Half,BFloat16}Tensor' and "
+        "raise TypeError for anything else, so CPU parameters are refused (0.16.1, 0.19.2); "
+        "during the call Tensor.type() names CPU tensors as their torch.cuda counterparts (the "
+        "sharding itself is device-independent).",
+        make=_cuda_type_names,
+    ),
+    CpuPatch(
+        target=f"{_MC}.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
+        versions=_ALL,
+        works_around="Float16OptimizerWithFloat16Params.__init__ (bf16/fp16 training) makes the "
+        "fp32 main copies only for param.type() in 'torch.cuda.{Half,BFloat16}Tensor' and raises "
+        "TypeError for CPU parameters (0.16.1, 0.19.2); Tensor.type() names them as CUDA types "
+        "during the call.",
+        make=_cuda_type_names,
+    ),
+    CpuPatch(
+        target=f"{_MC}.optimizer.grad_scaler.torch",
+        versions=_ALL,
+        works_around="optimizer.grad_scaler.ConstantGradScaler / DynamicGradScaler.__init__ "
+        "(fp16, or a set loss_scale) create their scale tensors with device='cuda' (0.16.1, "
+        "0.19.2).",
+        make=_cpu_torch,
+    ),
+    CpuPatch(
+        target=f"{_MC}.optimizer.grad_scaler.DynamicGradScaler.load_state_dict",
+        versions=_ALL,
+        works_around="DynamicGradScaler.load_state_dict (fp16 resume) moves the saved scale with "
+        "state_dict['scale'].cuda(torch.cuda.current_device()) (0.16.1, 0.19.2); Tensor.cuda is "
+        "the identity during that call only.",
         make=_tensor_cuda_is_identity,
     ),
 )

@@ -42,7 +42,8 @@ def validate(
     """Raise ConfigError for a combination Megatron rejects or this machine cannot run.
 
     Pure: touches no process group, so it runs before `parallel.init`. `optim` adds the checks
-    that only matter for training with Megatron's optimizer.
+    that only matter for training (sequence packing). Megatron's distributed and bf16/fp16
+    optimizers run on CPU too (`parallel.CPU_PATCHES`), so they are not refused here.
     """
     if arch.family not in FAMILIES:
         raise ConfigError(
@@ -112,20 +113,6 @@ def validate(
             "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); "
             "set parallel.sequence_parallel=false"
         )
-    if optim is not None and not cuda:
-        if optim.distributed_optimizer:
-            # megatron-core 0.16.1 DistributedOptimizer._build_model_and_main_param_groups
-            # accepts only param.type() in torch.cuda.{Float,Half,BFloat16}Tensor.
-            raise ConfigError(
-                "optim.distributed_optimizer=true needs CUDA (megatron-core's distributed "
-                "optimizer rejects CPU tensors); set optim.distributed_optimizer=false"
-            )
-        if model_cfg.dtype != "float32":
-            # Same 'torch.cuda.*Tensor' check in Float16OptimizerWithFloat16Params.__init__.
-            raise ConfigError(
-                f"model.dtype={model_cfg.dtype!r}: on CPU Megatron's optimizer trains only "
-                "float32 parameters; set model.dtype=float32"
-            )
 
 
 def transformer_config(

@@ -7,7 +7,6 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from rpg_megatron import checkpoint, train
 from rpg_megatron.config import (
@@ -32,13 +31,11 @@ def test_a_fresh_run_refuses_a_directory_holding_an_earlier_run(tmp_path):
         train.train(cfg)
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
     (run / "metrics.jsonl").unlink()
-    model = torch.nn.Linear(4, 3)
-    checkpoint.save(
-        cfg.checkpoint, step=4, layout={}, model=model.state_dict(), optimizer=None, extra={}
-    )
+    ck.mkdir()  # an earlier run's checkpoint pointer (its step directory does not matter)
+    (ck / "latest").write_text("step_00000004")
     with pytest.raises(ConfigError, match=r"checkpoint .*step_00000004.*--resume"):
         train.train(cfg)
-    assert checkpoint.latest_dir(cfg.checkpoint) == ck / "step_00000004"
+    assert checkpoint.latest_name(cfg.checkpoint) == "step_00000004"
 
 
 def _sizes_cfg(**over):
