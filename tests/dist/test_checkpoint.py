@@ -39,6 +39,7 @@ from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.objectives import build_objective
 from tests.dist.test_step import HF, N, S, V, _build, _global, _layer_offset
 from tests.distributed import spawn
+from tests.unit.test_checkpoint import damage_common
 
 pytestmark = pytest.mark.slow
 
@@ -358,8 +359,7 @@ def _damage(step_dir: Path, how: str) -> str:
         part = step_dir / "meta.json"
         part.write_text(part.read_text()[:25])
     elif how == "garbage-common":
-        part = weights / "common.pt"
-        part.write_bytes(b"\0" * 64)
+        part = damage_common(weights)
     else:
         raise AssertionError(how)
     return str(part)
