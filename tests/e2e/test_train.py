@@ -148,8 +148,8 @@ DISTOPT = ("optim.distributed_optimizer=true",)
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     """SIGKILL of every rank after step 4 (the checkpoint of step 3 exists), then --resume:
     the metrics and the final weights equal the uninterrupted run's bit for bit. Then a shard
-    of the last checkpoint is truncated: --resume stops on every rank with a line naming the
-    file before any rank prints a resume line or writes into the run directory."""
+    of the last checkpoint is truncated: --resume stops every rank, with one line naming the
+    file, before any rank prints a resume line or writes into the run directory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for run in (straight, broken):
@@ -225,7 +225,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert out.returncode != 0
     assert b"resume:" not in out.stdout  # no rank announced a resume
     lines = [x for x in out.stderr.decode().splitlines() if x.startswith("rpg-megatron train:")]
-    assert len(lines) == 2 and lines[0] == lines[1]  # both ranks, the same one line
+    # One line for the job: rundir.agreed lets the lowest failing rank print it and the others
+    # exit quietly (tests/dist/test_checkpoint.py: every rank reaches the same decision).
+    assert len(lines) == 1, out.stderr.decode()[-3000:]
     assert str(shard) in lines[0] and "truncated" in lines[0]
     assert _files(broken) == before  # config.yaml, metrics, TensorBoard, checkpoints untouched
 
