@@ -1,6 +1,11 @@
 """Training checkpoints in Megatron's distributed format: written atomically by every rank,
 resumed at any parallel layout.
 
+This module answers what goes on disk and how it is validated: it takes any sharded state dict
+and common state and knows nothing of what a key means. Which Megatron state of the policy
+(model, optimizer, step count, param groups) maps to which sharded key is
+megatron/sharded_state.py's; the reference policy's is megatron/reference.py's.
+
 Layout under `checkpoint.dir`:
 
     step_00000012/          one complete checkpoint

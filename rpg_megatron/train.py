@@ -26,7 +26,7 @@ import torch.distributed as dist
 from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards, rundir
 from rpg_megatron.config import Config, ConfigError, RolloutConfig
 from rpg_megatron.config_io import save_config
-from rpg_megatron.megatron import export, parallel, step
+from rpg_megatron.megatron import export, parallel, sharded_state, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.metrics import MetricsSink, plot, read_metrics
@@ -526,7 +526,7 @@ def _save(
 ) -> None:
     """Policy, optimizer, reference, RNG and data cursor as Megatron's distributed checkpoint;
     the step directory is also a Megatron checkpoint of the policy (convert/eval --mcore)."""
-    sharded, common = step.checkpoint_state(policy)
+    sharded, common = sharded_state.checkpoint_state(policy)
     if ref is not None:
         sharded["reference"], common["reference"] = ref.checkpoint_state(policy)
     common["data"] = sampler.state_dict()
@@ -582,7 +582,7 @@ def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: An
     ctx = policy.ctx
     error, request, apply = None, None, None
     try:
-        request, apply = step.checkpoint_request(policy, found.keys)
+        request, apply = sharded_state.checkpoint_request(policy, found.keys)
         if ref is not None:
             if not any(k.startswith("reference.") for k in found.keys):
                 raise checkpoint.CheckpointError(

@@ -34,7 +34,7 @@ from rpg_megatron.config import (
     OptimConfig,
     ParallelConfig,
 )
-from rpg_megatron.megatron import hf_map, parallel, step
+from rpg_megatron.megatron import hf_map, parallel, sharded_state, step
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.objectives import build_objective
 from tests.dist.test_step import HF, N, S, V, _build, _global, _layer_offset
@@ -213,7 +213,7 @@ def _reader(rank, world, ckpt, model_dir, par, distributed, dtype="float32"):
         start = train._resume(cfg, policy, ref, cursor)
         loaded_cursor, moments = cursor.at, _gathered_moments(policy)
         trace = _steps(policy, ref, cursor, start, STEPS)
-        _, common = step.checkpoint_state(policy)  # the next save sees one step count
+        _, common = sharded_state.checkpoint_state(policy)  # the next save sees one step count
         return {
             "adam_step": common["optimizer"]["step"],
             "start": start,
