@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards
+from rpg_megatron.batch import TrainBatch
 from rpg_megatron.config import Config, ConfigError
 from rpg_megatron.config_io import save_config
 from rpg_megatron.megatron import export, parallel, step
@@ -114,7 +115,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         old_logp = step.logprobs(policy, batch)
         ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp) if ref is not None else None
         adv = _advantages(cfg, rollout, old_logp, ref_logp)
-        batch = step.TrainBatch(
+        batch = TrainBatch(
             tokens_NS=batch.tokens_NS,
             mask_NS=batch.mask_NS,
             adv_NS=adv,

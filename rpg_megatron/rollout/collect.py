@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from rpg_megatron import data
-from rpg_megatron.batch import Completion, SamplingParams
+from rpg_megatron.batch import Completion, SamplingParams, TrainBatch
 from rpg_megatron.config import Config, ConfigError
-from rpg_megatron.megatron import step
 from rpg_megatron.rewards import RewardResult, batch_metrics
 
 logger = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ logger = logging.getLogger(__name__)
 class Rollout:
     """One scored rollout batch, right-padded (built on rank 0, broadcast to all)."""
 
-    batch: step.TrainBatch
+    batch: TrainBatch
     """tokens and response mask of every sample (old/ref/adv filled later)."""
     sample_logp_NS: torch.Tensor
     """Engine log-probs of the response tokens (0 elsewhere), same alignment as tokens."""
@@ -154,7 +153,7 @@ def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
         **counts,
     }
     return Rollout(
-        batch=step.TrainBatch(
+        batch=TrainBatch(
             tokens_NS=tokens,
             mask_NS=mask,
             lengths_N=torch.tensor([len(p) + len(c.token_ids) for p, c in rows]),
