@@ -47,8 +47,14 @@ class SamplingParams:
     """Do not stop at the model's `eos_token_id` (stop_token_ids still apply)."""
     seed: int | None = None
     """Base seed. The same seed, weights and prompts give the same completions; prompt i of the
-    batch draws from its own stream derived from (seed, i), so repeated prompts differ. None
-    draws fresh entropy (not reproducible)."""
+    batch draws from its own stream derived from (seed, stream_offset + i) (`stream_seed`), so
+    repeated prompts differ. None draws fresh entropy (not reproducible)."""
+    stream_offset: int = 0
+    """Index in the whole batch of this call's first prompt, when the batch is spread over
+    several engines in contiguous shares (rollout/dispatch.py): prompt i of the call is prompt
+    stream_offset + i of the batch and draws that prompt's stream, so the completions do not
+    depend on how many engines share the batch. `Completion.prompt_index` stays the position in
+    the call."""
 
     def __post_init__(self) -> None:
         for name in ("stop", "stop_token_ids"):
@@ -83,6 +89,11 @@ class SamplingParams:
             )
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"SamplingParams.seed={self.seed}: must be >= 0, or None")
+        if self.stream_offset < 0:
+            raise ValueError(
+                f"SamplingParams.stream_offset={self.stream_offset}: must be >= 0 (the index of "
+                "the call's first prompt in the whole batch)"
+            )
 
     @property
     def greedy(self) -> bool:

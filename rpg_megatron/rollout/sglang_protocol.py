@@ -55,8 +55,9 @@ def generate_payload(
 ) -> dict[str, Any]:
     """Body of one batched /generate request (sglang GenerateReqInput, batch form).
 
-    Prompt j of the chunk is prompt `first_index + j` of the generate call; its sampling seed
-    depends on that global index only, so chunking does not change the samples.
+    Prompt j of the chunk is prompt `first_index + j` of the generate call, and prompt
+    `params.stream_offset + first_index + j` of the whole batch; its sampling seed depends on
+    that batch-wide index only, so neither chunking nor the engine count changes the samples.
     """
     base: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
@@ -73,7 +74,7 @@ def generate_payload(
     for j in range(len(prompts)):
         sp = dict(base)
         if seed is not None:
-            sp["sampling_seed"] = stream_seed(seed, first_index + j)
+            sp["sampling_seed"] = stream_seed(seed, params.stream_offset + first_index + j)
         per_prompt.append(sp)
     return {
         "input_ids": [list(map(int, p)) for p in prompts],
