@@ -24,6 +24,18 @@ build) is excluded from the per-step times and reported separately.
     python bench/e2e.py --record             # append the table to docs/benchmarks.md
 
 Last line, exactly: step_ratio=<ours / TRL median seconds per step>
+
+`--compare engines` (`compare_engines`) instead times generation on 2 gloo ranks (torchrun,
+one thread each) with an embedded engine on every rank (rollout.placement=dp_rank) against one
+engine on rank 0 (placement=rank0), one run after the other on the same work: the same recipe,
+seeds and prompts, so the same completions, which the bench checks from the runs' rollout dumps.
+Each step's samples are generated and scored in shares (rollout/dispatch.py), so with two
+engines both cores generate. The figure is `time/generate_s` (generation, scoring and the
+gather), median over the steps after the first:
+
+    python bench/e2e.py --compare engines [--steps 8] [--max-new-tokens 16] [--record]
+
+Last line, exactly: engines_speedup=<rank 0 alone / an engine per rank, generate s per step>
 """
 
 from __future__ import annotations
@@ -241,6 +253,87 @@ def trl_worker(demo: Path, result: Path, args: argparse.Namespace) -> None:
     os.replace(tmp, result)
 
 
+# ------------------------------------------------------------------------------ engines
+def run_engines(
+    demo: Path, out: Path, placement: str, *, steps: int, prompts: int, samples: int, tokens: int
+) -> dict[str, Any]:
+    """`steps` training steps on 2 ranks with rollout.placement=`placement`; per-step metrics
+    and the token ids of every step's rollout (from rollout.dump_dir)."""
+    import torch
+
+    run_dir = out / f"engines_{placement}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "rpg_megatron.cli", "train", str(CONFIG)]
+    cmd += [f"model.hf_path={demo / 'model'}", f"data.train_files=[{demo / 'train.parquet'}]"]
+    cmd += [f"log.run_dir={run_dir}", f"checkpoint.dir={run_dir / 'checkpoints'}"]
+    cmd += [f"optim.steps={steps}", "checkpoint.every=1000", f"rollout.placement={placement}"]
+    cmd += [f"rollout.prompts_per_step={prompts}", f"rollout.n_samples={samples}"]
+    cmd += [f"rollout.max_new_tokens={tokens}", f"rollout.dump_dir={run_dir / 'dump'}"]
+    _run(cmd, 1, run_dir.with_suffix(".log"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    dumps = sorted((run_dir / "dump").glob("step_*.pt"))
+    return {
+        "generate_s": [r["time/generate_s"] for r in rows],
+        "step_s": [r["time/step_s"] for r in rows],
+        "samples": [int(r["reward/samples"]) for r in rows],
+        "response_len": [r["response_len/mean"] for r in rows],
+        "tokens": [torch.load(d)["tokens_NS"] for d in dumps],
+        "engine_ranks": sorted({int(x) for d in dumps for x in torch.load(d)["engine_rank_N"]}),
+    }
+
+
+def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--compare engines`: an engine per rank against rank 0 alone (module docstring)."""
+    import torch
+
+    from rpg_megatron.tiny import prepare_demo
+
+    steps, tokens = args.steps or 8, args.max_new_tokens or 16
+    prompts, samples = args.prompts or 32, args.samples or 8
+    work = {"steps": steps, "prompts": prompts, "samples": samples, "tokens": tokens}
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_e2e.") as tmp:
+        out = args.work_dir or Path(tmp)
+        demo = prepare_demo(out / "demo")
+        alone = run_engines(demo, out, "rank0", **work)
+        spread = run_engines(demo, out, "dp_rank", **work)
+    same = len(alone["tokens"]) == len(spread["tokens"]) == steps and all(
+        torch.equal(a, b) for a, b in zip(alone["tokens"], spread["tokens"], strict=True)
+    )
+    if not same:
+        raise RuntimeError("the two placements generated different completions: not the same work")
+    lines = [
+        "| engines | ranks that generated | steps | samples x new tokens / step "
+        "| generate s (median) | step s (median) | generated tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, d in (("rank 0 alone (placement=rank0)", alone), ("one per rank (dp_rank)", spread)):
+        gen = _median(d["generate_s"])
+        tok_s = d["samples"][0] * _median(d["response_len"]) / gen
+        lines.append(
+            f"| {name} | {', '.join(map(str, d['engine_ranks']))} | {steps} "
+            f"| {d['samples'][0]} x {tokens} | {gen:.3f} | {_median(d['step_s']):.3f} "
+            f"| {tok_s:.0f} |"
+        )
+    speedup = _median(alone["generate_s"]) / _median(spread["generate_s"])
+    text = (
+        "\n".join(lines)
+        + "\n\nsame completions (token ids of every step): yes"
+        + f"\ngenerate s per step, rank 0 alone / one engine per rank: {speedup:.3f}"
+        + f"\n1-minute load average at start: {load:.1f}\n"
+    )
+    print(text)
+    if args.record:
+        record(
+            "e2e engines: an embedded engine per rank vs rank 0 alone (2 gloo ranks)",
+            f"python bench/e2e.py {' '.join(argv)}",
+            text,
+        )
+    print(f"engines_speedup={speedup:.3f}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- report
 def _run(cmd: list[str], threads: int, log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
@@ -291,7 +384,15 @@ def table(ours: dict, trl: dict, *, threshold: float, window: int, load: float) 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps per system")
+    p.add_argument(
+        "--compare",
+        choices=("trl", "engines"),
+        default="trl",
+        help="trl: ours vs TRL's GRPOTrainer; engines: an engine per rank vs rank 0 alone",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (250; engines: 8)"
+    )
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (default: yaml)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: yaml)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both runs")
@@ -303,11 +404,16 @@ def main(argv: list[str] | None = None) -> int:
         "--trl-worker", nargs=2, type=Path, metavar=("DEMO", "RESULT"), help=argparse.SUPPRESS
     )
     p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="engines: new tokens per sample (16)"
+    )
     args = p.parse_args(argv)
     if args.trl_worker:
         trl_worker(*args.trl_worker, args)
         return 0
+    if args.compare == "engines":
+        return compare_engines(args, argv)
+    args.steps = args.steps or 250
 
     import yaml
 
