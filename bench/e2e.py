@@ -25,15 +25,16 @@ build) is excluded from the per-step times and reported separately.
 
 Last line, exactly: step_ratio=<ours / TRL median seconds per step>
 
-`--compare engines` (`compare_engines`) instead times generation on 2 gloo ranks (torchrun,
-one thread each) with an embedded engine on every rank (rollout.placement=dp_rank) against one
-engine on rank 0 (placement=rank0), one run after the other on the same work: the same recipe,
-seeds and prompts, so the same completions, which the bench checks from the runs' rollout dumps.
-Each step's samples are generated and scored in shares (rollout/dispatch.py), so with two
-engines both cores generate. The figure is `time/generate_s` (generation, scoring and the
-gather), median over the steps after the first:
+`--compare engines` (`compare_engines`) instead times a step's generation phase, the
+trainer's collect() (generation, reward scoring, the gather: what `time/generate_s` measures), on
+2 gloo ranks with one thread each, each with an embedded engine and reward workers as
+rollout.placement=dp_rank gives them: spread over both engines (rollout/dispatch.py), against
+rank 0 alone (placement=rank0). The two alternate round by round in the same processes, on the
+same prompts, seed and (random-init) weights, so they do the same work, which the bench checks
+(same token ids), and a load that drifts during the run falls on both. Medians over the rounds
+after the first:
 
-    python bench/e2e.py --compare engines [--steps 8] [--max-new-tokens 16] [--record]
+    python bench/e2e.py --compare engines [--steps 20] [--max-new-tokens 16] [--record]
 
 Last line, exactly: engines_speedup=<rank 0 alone / an engine per rank, generate s per step>
 """
@@ -254,72 +255,103 @@ def trl_worker(demo: Path, result: Path, args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------ engines
-def run_engines(
-    demo: Path, out: Path, placement: str, *, steps: int, prompts: int, samples: int, tokens: int
-) -> dict[str, Any]:
-    """`steps` training steps on 2 ranks with rollout.placement=`placement`; per-step metrics
-    and the token ids of every step's rollout (from rollout.dump_dir)."""
-    import torch
+def engines_worker(
+    rank: int, world: int, demo: Path, steps: int, prompts: int, samples: int, tokens: int
+) -> dict[str, Any] | None:
+    """One rank of `--compare engines` (started by parallel.spawn_local, gloo, one thread):
+    an embedded engine and reward workers, as the trainer gives every rank with
+    placement=dp_rank, then `steps` rounds of the trainer's own collect() on the same prompts
+    and seed, once with rank 0 alone and once spread over both ranks, the order alternating by
+    round so that drifting load falls on both alike. Rank 0 returns the wall times."""
+    import time as time_
 
-    run_dir = out / f"engines_{placement}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    cmd += ["-m", "rpg_megatron.cli", "train", str(CONFIG)]
-    cmd += [f"model.hf_path={demo / 'model'}", f"data.train_files=[{demo / 'train.parquet'}]"]
-    cmd += [f"log.run_dir={run_dir}", f"checkpoint.dir={run_dir / 'checkpoints'}"]
-    cmd += [f"optim.steps={steps}", "checkpoint.every=1000", f"rollout.placement={placement}"]
-    cmd += [f"rollout.prompts_per_step={prompts}", f"rollout.n_samples={samples}"]
-    cmd += [f"rollout.max_new_tokens={tokens}", f"rollout.dump_dir={run_dir / 'dump'}"]
-    _run(cmd, 1, run_dir.with_suffix(".log"))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    dumps = sorted((run_dir / "dump").glob("step_*.pt"))
-    return {
-        "generate_s": [r["time/generate_s"] for r in rows],
-        "step_s": [r["time/step_s"] for r in rows],
-        "samples": [int(r["reward/samples"]) for r in rows],
-        "response_len": [r["response_len/mean"] for r in rows],
-        "tokens": [torch.load(d)["tokens_NS"] for d in dumps],
-        "engine_ranks": sorted({int(x) for d in dumps for x in torch.load(d)["engine_rank_N"]}),
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rpg_megatron import data
+    from rpg_megatron.config_io import load_config
+    from rpg_megatron.megatron.arch import load_config_json
+    from rpg_megatron.rewards import RewardScorer
+    from rpg_megatron.rollout import make_engine
+    from rpg_megatron.rollout.collect import collect
+    from rpg_megatron.rollout.dispatch import Spread
+
+    cfg = load_config(
+        CONFIG,
+        [
+            f"model.hf_path={demo / 'model'}",
+            f"data.train_files=[{demo / 'train.parquet'}]",
+            f"rollout.prompts_per_step={prompts}",
+            f"rollout.n_samples={samples}",
+            f"rollout.max_new_tokens={tokens}",
+        ],
+    )
+    hf_config = load_config_json(demo / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(demo / "model"))
+    pool = data.load_prompts(cfg.data, tokenizer)
+    torch.manual_seed(cfg.parallel.seed)  # the same random policy on both ranks
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+    engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer)
+    engine.update_weights([list(model.state_dict().items())], version=0)
+    chunk = cfg.rollout.embedded_batch_size
+    arms = {
+        "alone": Spread(ranks=(0,), rank=rank, chunk=chunk, distributed=True),
+        "spread": Spread(ranks=(0, 1), rank=rank, chunk=chunk, distributed=True),
     }
+    times: dict[str, list[float]] = {"alone": [], "spread": []}
+    same, lengths = True, []
+    with RewardScorer(cfg.reward) as scorer:
+        for step in range(steps):
+            order = ["alone", "spread"] if step % 2 == 0 else ["spread", "alone"]
+            got = {}
+            for arm in order:
+                sampler = data.PromptSampler(pool, seed=cfg.data.seed + step, shuffle=True)
+                torch.distributed.barrier()
+                t0 = time_.perf_counter()
+                got[arm] = collect(
+                    engine, scorer, tokenizer, sampler, cfg, seed=step, spread=arms[arm]
+                )
+                times[arm].append(time_.perf_counter() - t0)
+            same &= torch.equal(got["alone"].batch.tokens_NS, got["spread"].batch.tokens_NS)
+            same &= set(got["spread"].engine_rank_N.tolist()) == {0, 1}
+            lengths.append(got["alone"].metrics["response_len/mean"])
+    engine.shutdown()
+    if rank:
+        return None
+    return {**times, "same": same, "response_len": lengths, "samples": prompts * samples}
 
 
 def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
     """`--compare engines`: an engine per rank against rank 0 alone (module docstring)."""
-    import torch
-
+    from rpg_megatron.megatron.parallel import spawn_local
     from rpg_megatron.tiny import prepare_demo
 
-    steps, tokens = args.steps or 8, args.max_new_tokens or 16
+    steps, tokens = args.steps or 20, args.max_new_tokens or 16
     prompts, samples = args.prompts or 32, args.samples or 8
-    work = {"steps": steps, "prompts": prompts, "samples": samples, "tokens": tokens}
     load = os.getloadavg()[0]
+    os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory(prefix="bench_e2e.") as tmp:
-        out = args.work_dir or Path(tmp)
-        demo = prepare_demo(out / "demo")
-        alone = run_engines(demo, out, "rank0", **work)
-        spread = run_engines(demo, out, "dp_rank", **work)
-    same = len(alone["tokens"]) == len(spread["tokens"]) == steps and all(
-        torch.equal(a, b) for a, b in zip(alone["tokens"], spread["tokens"], strict=True)
-    )
-    if not same:
+        demo = prepare_demo((args.work_dir or Path(tmp)) / "demo")
+        result, _ = spawn_local(2, engines_worker, demo, steps, prompts, samples, tokens)
+    if not result["same"]:
         raise RuntimeError("the two placements generated different completions: not the same work")
     lines = [
-        "| engines | ranks that generated | steps | samples x new tokens / step "
-        "| generate s (median) | step s (median) | generated tokens/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| engines | steps | samples x max new tokens | generate s (median) | min | max "
+        "| generated tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, d in (("rank 0 alone (placement=rank0)", alone), ("one per rank (dp_rank)", spread)):
-        gen = _median(d["generate_s"])
-        tok_s = d["samples"][0] * _median(d["response_len"]) / gen
+    tok = result["samples"] * _median(result["response_len"])
+    for name, key in (("rank 0 alone (placement=rank0)", "alone"), ("one per rank", "spread")):
+        xs = result[key][1:] or result[key]
         lines.append(
-            f"| {name} | {', '.join(map(str, d['engine_ranks']))} | {steps} "
-            f"| {d['samples'][0]} x {tokens} | {gen:.3f} | {_median(d['step_s']):.3f} "
-            f"| {tok_s:.0f} |"
+            f"| {name} | {steps} | {result['samples']} x {tokens} | {_median(result[key]):.3f} "
+            f"| {min(xs):.3f} | {max(xs):.3f} | {tok / _median(result[key]):.0f} |"
         )
-    speedup = _median(alone["generate_s"]) / _median(spread["generate_s"])
+    speedup = _median(result["alone"]) / _median(result["spread"])
     text = (
         "\n".join(lines)
-        + "\n\nsame completions (token ids of every step): yes"
+        + "\n\nsame completions in both (token ids of every step): yes; the first round is "
+        "warm-up and left out of the medians"
         + f"\ngenerate s per step, rank 0 alone / one engine per rank: {speedup:.3f}"
         + f"\n1-minute load average at start: {load:.1f}\n"
     )
