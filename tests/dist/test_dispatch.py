@@ -1,0 +1,98 @@
+"""collect() on 2 gloo ranks, each driving an embedded engine and its own reward workers,
+against the same collect() in one process with one engine: with DAPO's dynamic sampling (drop
+groups whose rewards are all equal, draw further batches) both ranks keep the same groups as
+the one-process run, built from the gathered rewards, and their prompt samplers end in the same
+state. A share that fails makes both ranks raise instead of one waiting for the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import spawn
+
+pytestmark = pytest.mark.slow
+
+
+def _setup(demo: Path, *, chunk: int):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rpg_megatron import data
+    from rpg_megatron.config import Config, DataConfig, RewardConfig, RolloutConfig
+    from rpg_megatron.megatron.arch import load_config_json
+    from rpg_megatron.rollout import make_engine
+
+    cfg = Config(
+        rollout=RolloutConfig(
+            n_samples=4, prompts_per_step=6, max_new_tokens=3, embedded_batch_size=chunk
+        ),
+        data=DataConfig(
+            train_files=(str(demo / "train.parquet"),), dynamic_sampling=True, max_gen_batches=3
+        ),
+        reward=RewardConfig(extract=("last_number",), workers=1),
+    )
+    hf_config = load_config_json(demo / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(demo / "model"))
+    prompts = data.load_prompts(cfg.data, tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config), dtype=torch.float32)
+    engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer)
+    engine.update_weights([list(model.state_dict().items())], version=0)
+    return cfg, tokenizer, data.PromptSampler(prompts, seed=0, shuffle=True), engine
+
+
+def _collect(rank: int, world: int, demo: Path) -> list[dict]:
+    """collect() with both ranks' engines working, then with rank 1's failing."""
+    from rpg_megatron.rewards import RewardScorer
+    from rpg_megatron.rollout.collect import collect
+    from rpg_megatron.rollout.dispatch import Spread
+
+    out = []
+    cfg, tok, sampler, engine = _setup(demo, chunk=8)
+    spread = Spread(ranks=tuple(range(world)), rank=rank, chunk=8, distributed=world > 1)
+    with RewardScorer(cfg.reward) as scorer:
+        for fail in (False, True):
+            if fail and rank == 1:
+                engine.generate = lambda *a, **k: (_ for _ in ()).throw(ValueError("engine down"))
+            try:
+                rollout = collect(engine, scorer, tok, sampler, cfg, seed=5, spread=spread)
+            except Exception as e:
+                out.append({"error": f"{type(e).__name__}: {e}"})
+                continue
+            out.append(
+                {
+                    "tokens": rollout.batch.tokens_NS,
+                    "rewards": rollout.rewards_N,
+                    "logp": rollout.sample_logp_NS,
+                    "ranks": rollout.engine_rank_N,
+                    "metrics": {k: v for k, v in rollout.metrics.items() if "time/" not in k},
+                    "sampler": sampler.state_dict(),
+                }
+            )
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from rpg_megatron import tiny
+
+    return tiny.prepare_demo(tmp_path_factory.mktemp("dispatch") / "demo", prompts=64)
+
+
+def test_two_engines_keep_the_groups_one_engine_keeps_and_fail_together(demo):
+    alone, _ = _collect(0, 1, demo)
+    (r0, r0_failed), (r1, r1_failed) = spawn(2, _collect, demo)
+    assert alone["metrics"]["sampling/gen_batches"] > 1  # dynamic sampling drew more batches
+    for got in (r0, r1):
+        assert torch.equal(got["tokens"], alone["tokens"])
+        assert torch.equal(got["rewards"], alone["rewards"])
+        assert torch.equal(got["logp"], alone["logp"])
+        assert got["metrics"] == alone["metrics"]
+        assert got["sampler"] == alone["sampler"]
+    assert torch.equal(r0["ranks"], r1["ranks"]) and set(r0["ranks"].tolist()) <= {0, 1}
+    # Rank 1's engine raises: it re-raises its own error, rank 0 names rank 1 (neither hangs).
+    assert r1_failed == {"error": "ValueError: engine down"}
+    why = "RuntimeError: rollout: the engine of rank 1 failed: ValueError: engine down"
+    assert r0_failed == {"error": why}
