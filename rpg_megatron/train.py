@@ -419,7 +419,7 @@ def _start_engine(
     chunk = placement.dispatch_chunk(rc)
     if ctx.rank == 0:
         for line in engines.describe(samples=rc.prompts_per_step * rc.n_samples, chunk=chunk):
-            _log.info("%s", line)
+            _log.info("rollout: %s", line)
     engine = placement.start_engine(
         engines, rc, rank=ctx.rank, hf_config=hf_config, tokenizer=tokenizer
     )

@@ -111,13 +111,12 @@ class Layout:
 
     def describe(self, *, samples: int | None = None, chunk: int | None = None) -> list[str]:
         """Lines saying which rank drives which engine on which node (and GPUs and ports), and,
-        given the samples per generation batch and the dispatch chunk, how a batch is split."""
+        given the samples per generation batch and the dispatch chunk, how a batch is split
+        (the trainer logs them, `plan` and `launch --dry-run` print them)."""
         n = len(self.engines)
         lines = []
         if self.kind == "attached":
-            lines.append(
-                f"rollout: rank 0 drives the attached SGLang servers {', '.join(self.attached)}"
-            )
+            lines.append(f"rank 0 drives the attached SGLang servers {', '.join(self.attached)}")
         elif self.kind == "embedded":
             where = {
                 "node": "on the local rank 0 of each node",
@@ -126,13 +125,13 @@ class Layout:
             }[self.placement]
             ranks = ", ".join(f"rank {e.rank} (node {e.node})" for e in self.engines)
             lines.append(
-                f"rollout: {n} embedded engine{'s' if n > 1 else ''} {where} "
+                f"{n} embedded engine{'s' if n > 1 else ''} {where} "
                 f"(placement={self.placement}): {ranks}"
             )
         else:
             total = sum(len(e.servers) for e in self.engines)
             lines.append(
-                f"rollout: {total} SGLang server{'s' if total > 1 else ''} on "
+                f"{total} SGLang server{'s' if total > 1 else ''} on "
                 f"{n} node{'s' if n > 1 else ''} (placement={self.placement}); each node's "
                 "driving rank launches its own, loads their weights and puts them to sleep"
             )
@@ -143,7 +142,7 @@ class Layout:
         if samples is not None and chunk is not None and n > 1:
             sizes = [hi - lo for lo, hi in shares(samples, n, chunk)]
             lines.append(
-                f"rollout: a generation batch's {samples} samples in shares of "
+                f"a generation batch's {samples} samples in shares of "
                 f"{', '.join(map(str, sizes))} (cut at multiples of {chunk}), each scored by "
                 "the rank that generated it, then gathered on every rank"
             )
@@ -275,6 +274,41 @@ def dispatch_chunk(cfg: RolloutConfig) -> int:
     return cfg.embedded_batch_size if cfg.engine == "embedded" else cfg.sglang.prompts_per_request
 
 
+def describe_pool(cfg: RolloutConfig, *, trainer_nodes: int, gpus_per_node: int) -> list[str]:
+    """Lines about a rollout pool (rollout.pool_nodes) as the Slurm job starts it."""
+    sg = cfg.sglang
+    if gpus_per_node % sg.tp_size:
+        raise ConfigError(
+            f"rollout.sglang.tp_size={sg.tp_size} does not divide launch.gpus_per_node="
+            f"{gpus_per_node}: each rollout-pool node runs one server per tp_size GPUs"
+        )
+    per = gpus_per_node // sg.tp_size
+    first, last = trainer_nodes, trainer_nodes + cfg.pool_nodes - 1
+    servers = ", ".join(
+        f"GPUs {_span(range(i * sg.tp_size, (i + 1) * sg.tp_size))} :{sg.base_port + i}"
+        for i in range(per)
+    )
+    return [
+        f"rollout pool: job nodes {first}-{last} ({cfg.pool_nodes} after the {trainer_nodes} "
+        f"trainer node{'s' if trainer_nodes > 1 else ''}), {per * cfg.pool_nodes} SGLang "
+        f"servers, each node: {servers}",
+        f"sglang-router on job node {first} :{sg.router_port} over all of them; trainer rank 0 "
+        "attaches through it and broadcasts weights to every server by NCCL",
+    ]
+
+
+def job_lines(
+    cfg: RolloutConfig, *, nodes: int, ranks_per_node: int, tp: int, pp: int, cp: int
+) -> list[str]:
+    """`describe` (or `describe_pool`) of a job of `nodes` x `ranks_per_node` ranks, laid out
+    in Megatron's rank order, for `plan` and `launch`."""
+    if cfg.pool_nodes:
+        return describe_pool(cfg, trainer_nodes=nodes, gpus_per_node=ranks_per_node)
+    ranks = megatron_ranks(nodes=nodes, ranks_per_node=ranks_per_node, tp=tp, pp=pp, cp=cp)
+    samples = cfg.prompts_per_step * cfg.n_samples
+    return layout(cfg, ranks).describe(samples=samples, chunk=dispatch_chunk(cfg))
+
+
 # ------------------------------------------------------------------------------- ranks
 def megatron_ranks(*, nodes: int, ranks_per_node: int, tp: int, pp: int, cp: int) -> list[RankInfo]:
     """The job's ranks as torchrun numbers them (node by node) and Megatron groups them:
@@ -329,6 +363,10 @@ def start_engine(
     if layout_.kind == "attached" and cfg.pool_nodes:
         sg = cfg.sglang
         wait_healthy([*sg.server_urls, *([sg.router_url] if sg.router_url else [])], sg)
+        if sg.nccl_master_address in ("127.0.0.1", "localhost"):
+            # The pool's servers join the weight broadcast from other nodes, so they need this
+            # rank's own address; which trainer node hosts rank 0 is known only here.
+            cfg = replace(cfg, sglang=replace(sg, nccl_master_address=socket.getfqdn()))
     if layout_.kind == "sglang" and layout_.placement == "node":
         first = me.servers[0]
         # Server i of this node: port base_port + i and GPUs i*tp.. in sglang_protocol's
