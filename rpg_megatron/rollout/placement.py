@@ -146,6 +146,17 @@ class Layout:
                 f"{', '.join(map(str, sizes))} (cut at multiples of {chunk}), each scored by "
                 "the rank that generated it, then gathered on every rank"
             )
+            idle = sizes.count(0)
+            if idle:
+                what = (
+                    "embedded_batch_size"
+                    if self.kind == "embedded"
+                    else "sglang.prompts_per_request"
+                )
+                lines.append(
+                    f"warning: {idle} of the {n} engines get no samples; rollout.{what}="
+                    f"{chunk} <= {samples // n} (samples / engines) would use every engine"
+                )
         return lines
 
 
@@ -260,12 +271,13 @@ def _check_ranks(ranks: Sequence[RankInfo]) -> None:
 def shares(n: int, engines: int, chunk: int) -> list[tuple[int, int]]:
     """[lo, hi) of each engine's contiguous share of n samples: the batch is cut into chunks of
     `chunk` samples (the last one shorter) and the chunks are dealt out in order, as evenly as
-    whole chunks allow. An engine decoding chunk by chunk then sees exactly the decode batches
-    one engine would see for the whole batch; engines past the chunk count get empty shares."""
+    whole chunks allow, the first engines taking the extra ones. An engine decoding chunk by
+    chunk then sees exactly the decode batches one engine would see for the whole batch; with
+    fewer chunks than engines the last engines get empty shares (`describe` says so)."""
     if n < 0 or engines < 1 or chunk < 1:
         raise ValueError(f"shares(n={n}, engines={engines}, chunk={chunk}): need n >= 0, >= 1")
     chunks = -(-n // chunk)
-    bounds = [e * chunks // engines for e in range(engines + 1)]
+    bounds = [-(-e * chunks // engines) for e in range(engines + 1)]
     return [(min(lo * chunk, n), min(hi * chunk, n)) for lo, hi in itertools.pairwise(bounds)]
 
 

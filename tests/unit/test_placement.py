@@ -46,6 +46,11 @@ def test_embedded_placements():
     assert layout(RolloutConfig(placement="dp_rank"), ranks).ranks == (0, 2, 4, 6)
     assert layout(RolloutConfig(placement="rank0"), ranks).ranks == (0,)
     assert all(not e.servers for e in node.engines)
+    text = "\n".join(node.describe(samples=64, chunk=64))
+    assert "shares of 64, 0" in text
+    assert (
+        "warning: 1 of the 2 engines get no samples; rollout.embedded_batch_size=64 <= 32" in text
+    )
 
 
 def test_sglang_one_server_per_tp_gpus_on_every_node(monkeypatch):
@@ -119,11 +124,12 @@ def test_shares_are_contiguous_chunk_aligned_and_even():
         assert len(got) == engines
         assert got[0][0] == 0 and got[-1][1] == n
         assert all(a[1] == b[0] for a, b in itertools.pairwise(got))  # contiguous, in order
-        assert all(lo % chunk == 0 for lo, _ in got)  # every cut at a chunk boundary
+        assert all(lo % chunk == 0 or lo == hi == n for lo, hi in got)  # cut at chunk bounds
         chunks = [-(-(hi - lo) // chunk) for lo, hi in got]
         assert max(chunks) - min(chunks) <= 1  # whole chunks dealt out evenly
     assert shares(256, 2, 64) == [(0, 128), (128, 256)]
-    assert shares(100, 3, 32) == [(0, 32), (32, 64), (64, 100)]
+    assert shares(100, 3, 32) == [(0, 64), (64, 96), (96, 100)]  # 4 chunks: 2, 1, 1
+    assert shares(64, 2, 64) == [(0, 64), (64, 64)]  # one chunk: rank 0's engine takes it
 
 
 def test_node_index_comes_from_torchrun(monkeypatch):
