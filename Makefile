@@ -23,10 +23,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# A single-node Slurm (slurm-wlm + munge, apt, ~20 s cold) for tests/e2e/test_slurm.py; if it
-# cannot start here, that test skips and says why.
+# A single-node Slurm (slurm-wlm + munge, apt, ~20 s cold) for tests/e2e/test_slurm.py and a
+# separate two-node one on this host for tests/e2e/test_slurm_nodes.py; if one cannot start
+# here, its tests skip and say why.
 test: lint
 	-bash tools/slurm_local.sh || echo "tools/slurm_local.sh failed: Slurm tests will skip"
+	-bash tools/slurm_local.sh --nodes 2 || echo "two-node Slurm failed: its test will skip"
 	$(BIN)/python -m pytest -q tests
 
 # The tiny end-to-end RPG run on CPU: 2 gloo processes (data parallel), a few minutes.
