@@ -368,7 +368,42 @@ def start_engine(
     tokenizer: Detokenizer | None = None,
 ) -> RolloutEngine | None:
     """This rank's engine (None when it drives none): launched servers on its node's GPUs and
-    ports; a rollout pool's servers once they answer /health (they start with the job)."""
+    ports; a rollout pool's servers once they answer /health (they start with the job).
+
+    Collective: when an engine fails to start on any rank, every rank raises (the failing
+    rank its own error, the others a RuntimeError naming it) and the engines that did start
+    are shut down; a rank left waiting in the first weight export would hang instead."""
+    import torch.distributed as dist
+
+    engine, error = None, None
+    try:
+        engine = _start(layout_, cfg, rank=rank, hf_config=hf_config, tokenizer=tokenizer)
+    except Exception as e:
+        error = e
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if error is not None:
+            raise error
+        return engine
+    problems: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, None if error is None else f"{type(error).__name__}: {error}")
+    failed = next(((r, p) for r, p in enumerate(problems) if p is not None), None)
+    if failed is None:
+        return engine
+    if engine is not None:
+        engine.shutdown()
+    if error is not None:
+        raise error
+    raise RuntimeError(f"rollout: the engine of rank {failed[0]} did not start: {failed[1]}")
+
+
+def _start(
+    layout_: Layout,
+    cfg: RolloutConfig,
+    *,
+    rank: int,
+    hf_config: Mapping[str, Any],
+    tokenizer: Detokenizer | None,
+) -> RolloutEngine | None:
     me = layout_.engine_of(rank)
     if me is None:
         return None

@@ -2,10 +2,12 @@
 against the same collect() in one process with one engine: with DAPO's dynamic sampling (drop
 groups whose rewards are all equal, draw further batches) both ranks keep the same groups as
 the one-process run, built from the gathered rewards, and their prompt samplers end in the same
-state. A share that fails makes both ranks raise instead of one waiting for the other."""
+state. A share that fails, or an engine that does not start, makes both ranks raise instead of
+one waiting for the other."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,7 @@ def _collect(rank: int, world: int, demo: Path) -> list[dict]:
 
     out = []
     cfg, tok, sampler, engine = _setup(demo, chunk=8)
+    out.append(_start_where_rank1_fails(rank, world, cfg, demo))
     spread = Spread(ranks=tuple(range(world)), rank=rank, chunk=8, distributed=world > 1)
     with RewardScorer(cfg.reward) as scorer:
         for fail in (False, True):
@@ -74,6 +77,34 @@ def _collect(rank: int, world: int, demo: Path) -> list[dict]:
     return out
 
 
+def _start_where_rank1_fails(rank: int, world: int, cfg, demo: Path) -> str:
+    """placement.start_engine with one engine per rank, rank 1's failing to start."""
+    from rpg_megatron.megatron.arch import load_config_json
+    from rpg_megatron.rollout import placement
+
+    ranks = placement.gather_ranks(rank=rank, local_rank=rank, replica_first=True)
+    layout = placement.layout(dataclasses.replace(cfg.rollout, placement="dp_rank"), ranks)
+    assert layout.ranks == tuple(range(world))
+    make = placement.make_engine
+
+    def failing(*args, **kwargs):
+        if rank == 1:
+            raise ValueError("no device")
+        return make(*args, **kwargs)
+
+    placement.make_engine = failing
+    try:
+        engine = placement.start_engine(
+            layout, cfg.rollout, rank=rank, hf_config=load_config_json(demo / "model")
+        )
+        engine.shutdown()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        placement.make_engine = make
+    return "started"
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     from rpg_megatron import tiny
@@ -82,8 +113,13 @@ def demo(tmp_path_factory):
 
 
 def test_two_engines_keep_the_groups_one_engine_keeps_and_fail_together(demo):
-    alone, _ = _collect(0, 1, demo)
-    (r0, r0_failed), (r1, r1_failed) = spawn(2, _collect, demo)
+    _, alone, _ = _collect(0, 1, demo)
+    (start0, r0, r0_failed), (start1, r1, r1_failed) = spawn(2, _collect, demo)
+    # An engine that does not start on rank 1 stops rank 0 too, before any weight export.
+    assert start1 == "ValueError: no device"
+    assert (
+        start0 == "RuntimeError: rollout: the engine of rank 1 did not start: ValueError: no device"
+    )
     assert alone["metrics"]["sampling/gen_batches"] > 1  # dynamic sampling drew more batches
     for got in (r0, r1):
         assert torch.equal(got["tokens"], alone["tokens"])
