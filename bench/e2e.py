@@ -284,6 +284,8 @@ def engines_worker(
             f"rollout.prompts_per_step={prompts}",
             f"rollout.n_samples={samples}",
             f"rollout.max_new_tokens={tokens}",
+            # decode batches of at most half the samples, so both engines get a share
+            f"rollout.embedded_batch_size={min(64, max(1, prompts * samples // 2))}",
         ],
     )
     hf_config = load_config_json(demo / "model")
@@ -298,8 +300,10 @@ def engines_worker(
         "alone": Spread(ranks=(0,), rank=rank, chunk=chunk, distributed=True),
         "spread": Spread(ranks=(0, 1), rank=rank, chunk=chunk, distributed=True),
     }
-    times: dict[str, list[float]] = {"alone": [], "spread": []}
-    same, lengths = True, []
+    times: dict[str, list[float]] = {
+        k: [] for k in ("alone", "spread", "kernel_alone", "kernel_spread")
+    }
+    same, both, lengths = True, True, []
     with RewardScorer(cfg.reward) as scorer:
         for step in range(steps):
             order = ["alone", "spread"] if step % 2 == 0 else ["spread", "alone"]
@@ -313,12 +317,34 @@ def engines_worker(
                 )
                 times[arm].append(time_.perf_counter() - t0)
             same &= torch.equal(got["alone"].batch.tokens_NS, got["spread"].batch.tokens_NS)
-            same &= set(got["spread"].engine_rank_N.tolist()) == {0, 1}
+            both &= set(got["spread"].engine_rank_N.tolist()) == {0, 1}
             lengths.append(got["alone"].metrics["response_len/mean"])
+            for arm in order:  # the machine's own parallel capacity, in the same round
+                torch.distributed.barrier()
+                t0 = time_.perf_counter()
+                if arm == "spread" or rank == 0:
+                    _compute_kernel()
+                torch.distributed.barrier()
+                times[f"kernel_{arm}"].append(time_.perf_counter() - t0)
     engine.shutdown()
     if rank:
         return None
-    return {**times, "same": same, "response_len": lengths, "samples": prompts * samples}
+    return {
+        **times,
+        "same": same,
+        "both": both,
+        "response_len": lengths,
+        "samples": prompts * samples,
+    }
+
+
+def _compute_kernel() -> None:
+    """A fixed single-threaded CPU load (matmuls), about 0.1 s on an idle core."""
+    import torch
+
+    x = torch.full((128, 128), 0.01)
+    for _ in range(300):
+        x = torch.tanh(x @ x)
 
 
 def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
@@ -335,6 +361,8 @@ def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
         result, _ = spawn_local(2, engines_worker, demo, steps, prompts, samples, tokens)
     if not result["same"]:
         raise RuntimeError("the two placements generated different completions: not the same work")
+    if not result["both"]:
+        raise RuntimeError("spread over two engines, one of them generated nothing")
     lines = [
         "| engines | steps | samples x max new tokens | generate s (median) | min | max "
         "| generated tokens/s |",
@@ -348,12 +376,17 @@ def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
             f"| {min(xs):.3f} | {max(xs):.3f} | {tok / _median(result[key]):.0f} |"
         )
     speedup = _median(result["alone"]) / _median(result["spread"])
+    # The same fixed kernel on rank 0 alone and on both ranks at once, in every round: how much
+    # faster two processes get through twice the work here now (2.0 on two idle cores), the
+    # ceiling of engines_speedup on this machine at this load.
+    capacity = 2 * _median(result["kernel_alone"]) / _median(result["kernel_spread"])
     text = (
         "\n".join(lines)
         + "\n\nsame completions in both (token ids of every step): yes; the first round is "
         "warm-up and left out of the medians"
         + f"\ngenerate s per step, rank 0 alone / one engine per rank: {speedup:.3f}"
-        + f"\n1-minute load average at start: {load:.1f}\n"
+        + "\nparallel capacity (2 x a fixed kernel's s on rank 0 alone / on both ranks at once, "
+        f"each round): {capacity:.2f} of 2.00" + f"\n1-minute load average at start: {load:.1f}\n"
     )
     print(text)
     if args.record:

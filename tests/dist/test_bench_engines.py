@@ -1,0 +1,28 @@
+"""bench/e2e.py --compare engines in reduced form (3 rounds, 4 prompts x 8 samples): both
+placements generated the same token ids (the bench refuses to report otherwise), the table has
+a row for each, and the last line is the ratio of the two medians the table prints."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench import e2e
+
+pytestmark = pytest.mark.slow
+
+
+def test_reduced_engines_bench(tmp_path, capsys):
+    argv = ["--compare", "engines", "--steps", "3", "--prompts", "4", "--work-dir", str(tmp_path)]
+    assert e2e.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out if line.startswith("| ")}
+    alone, spread = rows["rank 0 alone (placement=rank0)"], rows["one per rank"]
+    assert alone[2].strip() == spread[2].strip() == "3"
+    assert alone[3].strip() == spread[3].strip() == "32 x 16"
+    assert any("same completions in both (token ids of every step): yes" in x for x in out)
+    match = re.fullmatch(r"engines_speedup=(\d+\.\d{3})", out[-1])
+    assert match, out[-1]
+    ratio = float(alone[4]) / float(spread[4])  # medians as printed, 3 decimals
+    assert float(match.group(1)) == pytest.approx(ratio, rel=0.02)
