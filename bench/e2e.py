@@ -31,12 +31,14 @@ trainer's collect() (generation, reward scoring, the gather: what `time/generate
 rollout.placement=dp_rank gives them: spread over both engines (rollout/dispatch.py), against
 rank 0 alone (placement=rank0). The two alternate round by round in the same processes, on the
 same prompts, seed and (random-init) weights, so they do the same work, which the bench checks
-(same token ids), and a load that drifts during the run falls on both. Medians over the rounds
-after the first:
+(same token ids). The figure is the median over the rounds after the first of each round's
+ratio: the two arms of a round run back to back under the same load, while the load of other
+processes drifts between rounds. Beside it, the machine's parallel capacity in the same rounds
+(a fixed kernel on rank 0 alone vs on both ranks at once), the ceiling of the figure here now:
 
     python bench/e2e.py --compare engines [--steps 20] [--max-new-tokens 16] [--record]
 
-Last line, exactly: engines_speedup=<rank 0 alone / an engine per rank, generate s per step>
+Last line, exactly: engines_speedup=<median per-round generate s, rank 0 alone / engine per rank>
 """
 
 from __future__ import annotations
@@ -375,18 +377,29 @@ def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
             f"| {name} | {steps} | {result['samples']} x {tokens} | {_median(result[key]):.3f} "
             f"| {min(xs):.3f} | {max(xs):.3f} | {tok / _median(result[key]):.0f} |"
         )
-    speedup = _median(result["alone"]) / _median(result["spread"])
-    # The same fixed kernel on rank 0 alone and on both ranks at once, in every round: how much
-    # faster two processes get through twice the work here now (2.0 on two idle cores), the
-    # ceiling of engines_speedup on this machine at this load.
-    capacity = 2 * _median(result["kernel_alone"]) / _median(result["kernel_spread"])
+    # The two arms of a round run back to back, so they see the same load; the load of other
+    # processes drifts between rounds. So the figure is the median of the per-round ratios.
+    ratios = [a / b for a, b in zip(result["alone"], result["spread"], strict=True)]
+    speedup = _median(ratios)
+    # A fixed kernel on rank 0 alone and on both ranks at once, in every round: how much faster
+    # two processes get through twice the work here now (2.0 on two idle cores), the ceiling
+    # of engines_speedup on this machine at this load.
+    capacity = [
+        2 * a / b for a, b in zip(result["kernel_alone"], result["kernel_spread"], strict=True)
+    ]
     text = (
         "\n".join(lines)
         + "\n\nsame completions in both (token ids of every step): yes; the first round is "
         "warm-up and left out of the medians"
-        + f"\ngenerate s per step, rank 0 alone / one engine per rank: {speedup:.3f}"
-        + "\nparallel capacity (2 x a fixed kernel's s on rank 0 alone / on both ranks at once, "
-        f"each round): {capacity:.2f} of 2.00" + f"\n1-minute load average at start: {load:.1f}\n"
+        + "\ngenerate s per step, rank 0 alone / one engine per rank, per round: "
+        + " ".join(f"{r:.2f}" for r in ratios[1:])
+        + f"\nmedian of those: {speedup:.3f} (ratio of the medians above: "
+        f"{_median(result['alone']) / _median(result['spread']):.3f})"
+        + "\nparallel capacity per round (2 x a fixed kernel's s on rank 0 alone / on both "
+        "ranks at once; 2.00 on two idle cores): "
+        + " ".join(f"{c:.2f}" for c in capacity[1:])
+        + f"\nmedian capacity: {_median(capacity):.2f}"
+        + f"\n1-minute load average at start: {load:.1f}\n"
     )
     print(text)
     if args.record:
