@@ -337,8 +337,8 @@ class RolloutConfig:
     (sglang.weight_sync=distributed). 0: no pool."""
     dump_dir: str = ""
     """Directory where rank 0 writes each step's gathered rollout (step_<k>.pt: token ids,
-    masks, engine log-probs, rewards, group ids and the rank that generated each sample), for
-    debugging and comparing runs; "" writes nothing."""
+    masks, engine log-probs, the trainer's log-probs of the same tokens, rewards, group ids and
+    the rank that generated each sample), for debugging and comparing runs; "" writes nothing."""
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "prompts_per_step", "max_new_tokens", "embedded_batch_size"):

@@ -111,11 +111,12 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             group_sizes=_group_sizes(cfg, ctx.dp),
             spread=spread,
         )
-        if is_main and cfg.rollout.dump_dir:
-            rollout.save(Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt")
         t_gen = time.perf_counter()
         batch = rollout.batch
         old_logp = step.logprobs(policy, batch)
+        if is_main and cfg.rollout.dump_dir:
+            dump = Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt"
+            rollout.save(dump, old_logp_NS=old_logp)
         ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp) if ref is not None else None
         adv = _advantages(cfg, rollout, old_logp, ref_logp)
         batch = TrainBatch(
@@ -173,6 +174,9 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
                 "ref/reset": float(reset),
                 "train_rollout_logprob_abs_diff": float(
                     (old_logp - rollout.sample_logp_NS).abs()[mask].mean()
+                ),
+                "train_rollout_logprob_abs_diff/worst_engine": max(
+                    rollout.logprob_diff_by_engine(old_logp).values()
                 ),
                 "time/generate_s": t_gen - t0,
                 "time/logprob_s": t_lp - t_gen,

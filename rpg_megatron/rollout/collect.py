@@ -44,8 +44,20 @@ class Rollout:
     engine_rank_N: torch.Tensor
     """int64: the global rank whose engine generated each sample (rollout.placement)."""
 
-    def save(self, path: Path) -> None:
-        """Write the tensors to `path` (torch.save of a dict; a temporary sibling, then renamed)."""
+    def logprob_diff_by_engine(self, old_logp_NS: Tensor) -> dict[int, float]:
+        """Mean |trainer log-prob - engine log-prob| over the response tokens each engine
+        generated, by its driving rank: an engine that missed a weight update stands out."""
+        diff_NS = (old_logp_NS - self.sample_logp_NS).abs()
+        mask_NS = self.batch.mask_NS > 0
+        out = {}
+        for rank in self.engine_rank_N.unique().tolist():
+            rows_N = self.engine_rank_N == rank
+            out[int(rank)] = float(diff_NS[rows_N][mask_NS[rows_N]].mean())
+        return out
+
+    def save(self, path: Path, *, old_logp_NS: Tensor | None = None) -> None:
+        """Write the tensors (and the trainer's log-probs of the same tokens, if given) to
+        `path`: torch.save of a dict, to a temporary sibling, then renamed."""
         tensors = {
             "tokens_NS": self.batch.tokens_NS,
             "mask_NS": self.batch.mask_NS,
@@ -54,6 +66,7 @@ class Rollout:
             "rewards_N": self.rewards_N,
             "group_ids_N": self.group_ids_N,
             "engine_rank_N": self.engine_rank_N,
+            **({} if old_logp_NS is None else {"old_logp_NS": old_logp_NS}),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
