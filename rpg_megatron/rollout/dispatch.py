@@ -95,7 +95,7 @@ class Spread:
                 if not self.distributed:
                     raise
                 error, part = e, ("error", f"{type(e).__name__}: {e}")
-        parts = self._gather(part)
+        parts = self._gather(part, prompts)
         failed = [(r, p[1]) for r, p in enumerate(parts) if p is not None and p[0] == "error"]
         if failed:
             if error is not None:
@@ -134,15 +134,26 @@ class Spread:
             )
         return comps, score(lo, comps)
 
-    def _gather(self, part: tuple[Any, ...] | None) -> list[Any]:
-        """Every rank's part, indexed by rank."""
+    def _gather(self, part: tuple[Any, ...] | None, prompts: Sequence[list[int]]) -> list[Any]:
+        """Every rank's part, indexed by rank. Every rank builds the batch from its own prompts
+        and the gathered completions, so the ranks must have drawn the same prompts (their
+        samplers move in lockstep); a digest of them travels with the parts and a mismatch
+        raises on every rank instead of training on mismatched rows."""
         if not self.distributed:
             return [part]
         import torch.distributed as dist
 
+        # hash() of int tuples does not depend on PYTHONHASHSEED, so ranks can compare it.
+        digest = hash(tuple(tuple(p) for p in prompts))
         out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, part)
-        return out
+        dist.all_gather_object(out, (digest, part))
+        if len({d for d, _ in out}) > 1:
+            raise RuntimeError(
+                "rollout: the ranks drew different prompts for one generation batch (their "
+                "prompt samplers are out of step); every rank must load the same data files "
+                "with the same data.seed and resume from the same checkpoint"
+            )
+        return [p for _, p in out]
 
 
 def merge_rewards(parts: Sequence[RewardResult]) -> RewardResult:

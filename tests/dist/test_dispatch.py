@@ -3,7 +3,7 @@ against the same collect() in one process with one engine: with DAPO's dynamic s
 groups whose rewards are all equal, draw further batches) both ranks keep the same groups as
 the one-process run, built from the gathered rewards, and their prompt samplers end in the same
 state. A share that fails, or an engine that does not start, makes both ranks raise instead of
-one waiting for the other."""
+one waiting for the other; so do ranks that drew different prompts."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def _setup(demo: Path, *, chunk: int):
 
 def _collect(rank: int, world: int, demo: Path) -> list[dict]:
     """collect() with both ranks' engines working, then with rank 1's failing."""
+    from rpg_megatron.batch import SamplingParams
     from rpg_megatron.rewards import RewardScorer
     from rpg_megatron.rollout.collect import collect
     from rpg_megatron.rollout.dispatch import Spread
@@ -74,6 +75,19 @@ def _collect(rank: int, world: int, demo: Path) -> list[dict]:
                     "sampler": sampler.state_dict(),
                 }
             )
+        vars(engine).pop("generate", None)  # rank 1's engine works again
+        if world > 1:  # rank 1's sampler out of step: it holds other prompts than rank 0
+            prompts = [[3, 4, 5]] * 8 if rank == 0 else [[3, 4, 6]] * 8
+            params = SamplingParams(max_new_tokens=2, seed=0)
+            try:
+                spread.run(
+                    engine,
+                    prompts,
+                    params,
+                    lambda lo, c: scorer.score(["1"] * len(c), ["1"] * len(c)),
+                )
+            except RuntimeError as e:
+                out.append(str(e))
     return out
 
 
@@ -114,7 +128,7 @@ def demo(tmp_path_factory):
 
 def test_two_engines_keep_the_groups_one_engine_keeps_and_fail_together(demo):
     _, alone, _ = _collect(0, 1, demo)
-    (start0, r0, r0_failed), (start1, r1, r1_failed) = spawn(2, _collect, demo)
+    (start0, r0, r0_failed, r0_apart), (start1, r1, r1_failed, r1_apart) = spawn(2, _collect, demo)
     # An engine that does not start on rank 1 stops rank 0 too, before any weight export.
     assert start1 == "ValueError: no device"
     assert (
@@ -132,3 +146,5 @@ def test_two_engines_keep_the_groups_one_engine_keeps_and_fail_together(demo):
     assert r1_failed == {"error": "ValueError: engine down"}
     why = "RuntimeError: rollout: the engine of rank 1 failed: ValueError: engine down"
     assert r0_failed == {"error": why}
+    # Ranks whose samplers drew different prompts refuse the batch, both of them.
+    assert r0_apart == r1_apart and "the ranks drew different prompts" in r0_apart
