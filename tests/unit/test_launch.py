@@ -371,3 +371,14 @@ def test_local_dry_run_shows_the_engines(tmp_path: Path, capsys: pytest.CaptureF
                   dry_run=True)  # fmt: skip
     out = capsys.readouterr().out
     assert "# rollout: 2 embedded engines on the first rank of each data-parallel replica" in out
+
+
+def test_nemo_run_script_shows_the_engines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = launch.LaunchConfig(
+        nodes=2, gpus_per_node=8, partition="h100", workdir=str(tmp_path), log_dir="logs"
+    )
+    script = _nemo_dry_run(cfg, capsys, monkeypatch)
+    assert "# rollout: 2 embedded engines on the local rank 0 of each node" in script
+    assert "rank 0 (node 0), rank 8 (node 1)" in script
