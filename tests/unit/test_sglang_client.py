@@ -1,12 +1,14 @@
-"""SGLangEngine against a fake SGLang HTTP server that checks every body against sglang's schema.
+"""SGLangEngine against a fake SGLang HTTP server that mirrors sglang 0.5.23's rules.
 
 Independent truth: tests/fixtures/sglang_schemas.json is dumped from sglang 0.5.23 itself
 (tools/check_sglang_schemas.py: dataclass / msgspec fields of its io_struct request classes and
-the generated /generate sampling-params contract), not from our code. The fake server answers
-with the response shapes of sglang/srt/entrypoints/http_server.py and tokenizer_manager.py
-(meta_info.output_token_logprobs as [logprob, token_id, text], finish_reason {"type": ...}).
-Its completions follow a rule written here (token k of prompt p is (p[-1] + k + 1) % 100, log-prob
--(k + 1) / 10), so the expected Completions come from the rule, not from the client.
+the generated /generate sampling-params contract), not from our code, and every body we send is
+checked against it. The fake's state machine follows sglang's source, each rule citing the file
+and line it comes from (FakeSGLang's docstring); the same behaviours are seen on real servers in
+tests/sglang/ where a CPU can run them (sleep/wake cannot: sglang's release_memory_occupation
+synchronises a CUDA device, weight_updater.py 379). Completions follow a rule written here (token
+k of prompt p is (p[-1] + k + 1) % 100, log-prob -(k + 1) / 10), so the expected Completions come
+from the rule, not from the client.
 
 Launch and restart use a fake `python` (this file run as a script) that answers the version
 probe and serves the fake server on --port; no sglang, no GPU.
@@ -15,6 +17,7 @@ probe and serves the fake server on --port; no sglang, no GPU.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import pickle
@@ -31,8 +34,9 @@ import pytest
 import torch
 
 from rpg_megatron.batch import SamplingParams
-from rpg_megatron.config import RolloutConfig, SGLangConfig
+from rpg_megatron.config import ConfigError, RolloutConfig, SGLangConfig
 from rpg_megatron.rollout import sglang as sg
+from rpg_megatron.rollout import sglang_weights
 
 # ---- begin fake sglang: stdlib only; the fake `python` below execs this part, not the file ----
 SCHEMAS = json.loads(
@@ -43,10 +47,39 @@ BODY_CLASS = {
     "/update_weights_from_tensor": "UpdateWeightsFromTensorReqInput",
     "/init_weights_update_group": "InitWeightsUpdateGroupReqInput",
     "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
+    "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
+    "/update_weights_from_disk": "UpdateWeightFromDiskReqInput",
+    "/begin_weight_update": "BeginWeightUpdateReqInput",
+    "/end_weight_update": "EndWeightUpdateReqInput",
     "/release_memory_occupation": "ReleaseMemoryOccupationReqInput",
     "/resume_memory_occupation": "ResumeMemoryOccupationReqInput",
 }
 HF = {"vocab_size": 100, "model_type": "qwen3"}
+ALL_TAGS = ["kv_cache", "weights", "cuda_graph"]  # srt/constants.py 6-9
+# What a pickled list of (str, plain tensor) may reference, of the globals sglang's SafeUnpickler
+# allows (srt/utils/common.py 3148-3359). torch's file-descriptor storages (rebuild_storage_fd,
+# resource_sharer.DupFd) are allowed there too, but a separately launched server cannot fetch
+# them (AuthenticationError, and on CPU the scheduler dies: shared/sglang-cpu/README.md), so the
+# fake refuses them.
+TENSOR_GLOBALS = {
+    ("builtins", "list"),
+    ("builtins", "tuple"),
+    ("torch", "Tensor"),
+    ("torch", "Size"),
+    ("torch", "UntypedStorage"),
+    ("torch.storage", "UntypedStorage"),
+    ("torch.storage", "TypedStorage"),
+    ("torch", "float32"),
+    ("torch", "bfloat16"),
+    ("torch", "float16"),
+    ("torch", "int64"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch.multiprocessing.reductions", "rebuild_tensor"),
+    ("torch.multiprocessing.reductions", "rebuild_storage_filename"),
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage"),
+    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"),
+    ("collections", "OrderedDict"),
+}
 
 
 # ---------------------------------------------------------------------------------- schema
@@ -91,14 +124,6 @@ def schema_errors(body: dict, cls: str) -> list[str]:
     return errors
 
 
-def test_fixture_comes_from_sglang_and_schema_check_bites() -> None:
-    assert set(SCHEMAS) == {*BODY_CLASS.values(), "SamplingParams"}
-    assert SCHEMAS["InitWeightsUpdateGroupReqInput"]["master_port"]["required"]
-    assert schema_errors({"input_ids": [[1]], "sampling_params": [{"seed": 1}]}, "GenerateReqInput")
-    assert schema_errors({"input_ids": "x"}, "GenerateReqInput")
-    assert schema_errors({"master_address": "a"}, "InitWeightsUpdateGroupReqInput")
-
-
 # ---------------------------------------------------------------------------------- fake server
 def expected_tokens(prompt: list[int], sp: dict) -> tuple[list[int], str]:
     """The fake server's completion rule and its finish type."""
@@ -113,13 +138,53 @@ def expected_tokens(prompt: list[int], sp: dict) -> tuple[list[int], str]:
 
 
 class FakeSGLang:
-    """ThreadingHTTPServer speaking sglang's native API; records every request."""
+    """ThreadingHTTPServer speaking sglang's native API; records every request.
 
-    def __init__(self, port: int = 0) -> None:
+    Rules, from sglang 0.5.23 (paths under sglang/srt/):
+    S1 /update_weights_from_tensor and /update_weights_from_distributed outside a weight-update
+       session answer success=false, HTTP 400 (managers/scheduler_components/weight_updater.py
+       192-196, 234-238; entrypoints/http_server.py 1436-1456, 1488-1506).
+    S2 /begin_weight_update while a session is open, /end_weight_update while none is: 400
+       (weight_updater.py 309-316, 323-329; http_server.py 1458-1486).
+    S3 /update_weights_from_disk needs no session (weight_updater.py 138-163).
+    M1 /release_memory_occupation without tags releases kv_cache, weights and cuda_graph
+       (weight_updater.py 343-346, constants.py 6-9); only an idle server may (339-341).
+    M2 Touching released memory (a load into released weights, a generation with the KV cache
+       released) faults and the scheduler dies: release pauses the torch_memory_saver region,
+       which unmaps it (weight_updater.py 365, 374).
+    M3 Resumed weights keep their contents only under --enable-weights-cpu-backup (weight_updater
+       .py 395-397; model_executor/model_runner_components/load_model_utils.py 307-326);
+       otherwise the model computes garbage until weights are loaded.
+    H1 /health runs a one-token generation unless SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0;
+       /health_generate always does (http_server.py 721-798, environ.py 344).
+    H2 /ready answers from the tokenizer manager alone (http_server.py 714-718).
+    T1 serialized_named_tensors: one base64 pickle per TP rank, rank r loading entry r
+       (managers/tp_worker.py 194-201) with a restricted unpickler (utils/common.py 3144-3370);
+       this fake decodes every entry (`decode`) against TENSOR_GLOBALS.
+    V1 weight_version is recorded after a successful load (weight_updater.py 135-136, 152-153).
+    A crash (M2, H1 on a released KV cache) answers 500 to that and every later request.
+    """
+
+    def __init__(
+        self,
+        port: int = 0,
+        *,
+        tp_size: int = 1,
+        health_generates: bool = True,
+        cpu_backup: bool = False,
+        decode: bool = True,
+    ) -> None:
         self.requests: list[tuple[str, dict | None]] = []
         self.errors: list[str] = []
         self.weight_version = "default"
         self.healthy = True
+        self.tp_size, self.health_generates, self.cpu_backup = tp_size, health_generates, cpu_backup
+        self.decode = decode
+        self.session = False
+        self.released: set[str] = set()
+        self.garbage = False  # M3: weights resumed without contents, not loaded since
+        self.crashed: str | None = None
+        self.loaded: dict[str, object] = {}  # name -> tensor (decode=True)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -136,48 +201,137 @@ class FakeSGLang:
 
             def do_GET(self) -> None:
                 fake.requests.append((self.path, None))
+                if fake.crashed:
+                    return self._send(500, {"error": fake.crashed})
+                if self.path == "/ready":  # H2
+                    return self._send(200 if fake.healthy else 503, None)
                 if self.path in ("/health", "/health_generate"):
-                    self._send(200 if fake.healthy else 503, None)
-                else:
-                    self._send(404, {"detail": "Not Found"})
+                    if self.path == "/health_generate" or fake.health_generates:  # H1
+                        fake.touch_kv(self.path)
+                        if fake.crashed:
+                            return self._send(500, {"error": fake.crashed})
+                    return self._send(200 if fake.healthy else 503, None)
+                self._send(404, {"detail": "Not Found"})
 
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(n)) if n else None
                 fake.requests.append((self.path, body))
+                if fake.crashed:
+                    return self._send(500, {"error": fake.crashed})
                 cls = BODY_CLASS.get(self.path)
                 if cls is not None:
-                    errs = schema_errors(body, cls)
+                    errs = schema_errors(body or {}, cls)
                     if errs:
                         fake.errors += errs
                         return self._send(400, {"error": errs})
-                if self.path == "/generate":
-                    return self._send(200, fake.generate(body))
-                if self.path == "/update_weights_from_tensor":
-                    fake.weight_version = body["weight_version"]
-                    return self._send(200, {"success": True, "message": "ok"})
-                if self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
-                    return self._send(200, None)
-                if self.path == "/flush_cache":
-                    return self._send(200, "Cache flushed.")
-                self._send(404, {"detail": "Not Found"})
+                code, out = fake.handle(self.path, body or {})
+                self._send(code, out)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    # --------------------------------------------------------------------------- rules
+    def touch_kv(self, what: str) -> None:
+        if "kv_cache" in self.released:  # M2
+            self.crashed = f"{what} generated with the KV cache released"
+
+    def load(self, what: str, version: str | None) -> tuple[int, dict]:
+        if "weights" in self.released:  # M2
+            self.crashed = f"{what} wrote into released weights"
+            return 500, {"error": self.crashed}
+        self.garbage = False
+        if version is not None:  # V1
+            self.weight_version = version
+        return 200, {"success": True, "message": "ok"}
+
+    def handle(self, path: str, body: dict) -> tuple[int, object]:
+        refuse = lambda msg: (400, {"success": False, "message": msg})  # noqa: E731
+        if path == "/generate":
+            self.touch_kv("/generate")
+            if self.crashed:
+                return 500, {"error": self.crashed}
+            return 200, self.generate(body)
+        if path == "/begin_weight_update":  # S2
+            if self.session:
+                return refuse("a weight-update session is already open")
+            self.session = True
+            return 200, {"success": True, "message": "Success"}
+        if path == "/end_weight_update":  # S2
+            if not self.session:
+                return refuse("no weight-update session is open")
+            self.session = False
+            return 200, {"success": True, "message": "Success"}
+        if path in ("/update_weights_from_tensor", "/update_weights_from_distributed"):
+            if not self.session:  # S1
+                return refuse(f"{path[1:]} must run between begin_weight_update() and ...")
+            if path.endswith("_distributed"):
+                return refuse("the fake joins no process group")
+            if self.decode:
+                err = self.decode_tensors(body["serialized_named_tensors"])
+                if err:
+                    self.errors.append(err)
+                    return refuse(err)
+            return self.load(path, body.get("weight_version"))
+        if path == "/update_weights_from_disk":  # S3
+            shards = sorted(Path(body["model_path"]).glob("*.safetensors"))
+            if not shards:
+                return refuse(f"no *.safetensors in {body['model_path']}")
+            if self.decode:
+                from safetensors.torch import load_file
+
+                for shard in shards:
+                    self.loaded.update(load_file(str(shard)))
+            return self.load(path, body.get("weight_version"))
+        if path == "/release_memory_occupation":  # M1
+            self.released |= set(body.get("tags") or ALL_TAGS)
+            return 200, None
+        if path == "/resume_memory_occupation":
+            tags = set(body.get("tags") or ALL_TAGS)
+            if "weights" in tags & self.released and not self.cpu_backup:  # M3
+                self.garbage = True
+            self.released -= tags
+            return 200, None
+        if path == "/destroy_weights_update_group":
+            return 200, {"success": True, "message": "ok"}
+        if path == "/flush_cache":
+            return 200, "Cache flushed."
+        return 404, {"detail": "Not Found"}
+
+    def decode_tensors(self, entries: list[str]) -> str | None:
+        """T1: one entry per TP rank, each a pickle of (name, tensor) pairs of allowed globals."""
+        if len(entries) != self.tp_size:
+            return f"serialized_named_tensors has {len(entries)} entries for tp_size {self.tp_size}"
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> object:
+                if (module, name) not in TENSOR_GLOBALS:
+                    raise pickle.UnpicklingError(f"global {module}.{name} refused")
+                return super().find_class(module, name)
+
+        for entry in entries:
+            try:
+                named = Restricted(io.BytesIO(base64.b64decode(entry, validate=True))).load()
+            except Exception as e:
+                return f"tensor payload refused: {e}"
+            self.loaded.update({n: t.clone() for n, t in named})
+        return None
+
     def generate(self, body: dict) -> list[dict]:
         out = []
         pairs = zip(body["input_ids"], body["sampling_params"], strict=True)
         for i, (prompt, sp) in enumerate(pairs):
             tokens, kind = expected_tokens(prompt, sp)
+            if self.garbage:  # M3: the rule breaks, visibly
+                tokens = [(p * 7) % 100 for p in prompt][: sp["max_new_tokens"]]
             reason: dict = {"type": kind}
             if kind == "stop":
                 reason["matched"] = tokens[-1]
             if kind == "abort":
                 reason.update(message="aborted", status_code=500)
-            lps = [[-(k + 1) / 10, t, None] for k, t in enumerate(tokens)]
+            lps = [[0.0 if self.garbage else -(k + 1) / 10, t, None] for k, t in enumerate(tokens)]
             meta = {
                 "id": f"r{i}",
                 "finish_reason": reason,
@@ -192,6 +346,9 @@ class FakeSGLang:
             out.append({"text": "", "output_ids": tokens, "meta_info": meta})
         return out
 
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.requests]
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -200,19 +357,22 @@ class FakeSGLang:
 # ---- end fake sglang ----
 
 
+def test_fixture_comes_from_sglang_and_schema_check_bites() -> None:
+    assert set(SCHEMAS) == {*BODY_CLASS.values(), "SamplingParams"}
+    assert SCHEMAS["InitWeightsUpdateGroupReqInput"]["master_port"]["required"]
+    assert schema_errors({"input_ids": [[1]], "sampling_params": [{"seed": 1}]}, "GenerateReqInput")
+    assert schema_errors({"input_ids": "x"}, "GenerateReqInput")
+    assert schema_errors({"master_address": "a"}, "InitWeightsUpdateGroupReqInput")
+    assert schema_errors({"tags": "weights"}, "ReleaseMemoryOccupationReqInput")
+
+
 @pytest.fixture
 def fake():
     server = FakeSGLang()
     yield server
     server.close()
     assert not server.errors, server.errors  # every body we sent fits sglang's schema
-
-
-@pytest.fixture
-def fake_serializer(monkeypatch):
-    """sglang's MultiprocessingSerializer is not in the project venv; pickle stands in (the real
-    one is exercised by tools/check_sglang_schemas.py --check-payloads)."""
-    monkeypatch.setattr(sg, "_import_serializer", lambda: pickle.dumps)
+    assert server.crashed is None, server.crashed
 
 
 def _attach(fake: FakeSGLang, **kw) -> sg.SGLangEngine:
@@ -224,7 +384,7 @@ BUCKETS = [[("a.weight", torch.ones(2, 3))], [("b.weight", torch.zeros(4)), ("c"
 
 
 # ---------------------------------------------------------------------------------- generate
-def test_generate_end_to_end(fake, fake_serializer) -> None:
+def test_generate_end_to_end(fake) -> None:
     engine = _attach(fake, prompts_per_request=4, max_concurrency=3)
     with pytest.raises(RuntimeError, match="no weights loaded"):
         engine.generate([[1]], SamplingParams())
@@ -250,7 +410,7 @@ def test_generate_end_to_end(fake, fake_serializer) -> None:
     engine.shutdown()
 
 
-def test_seeds_depend_on_prompt_index_not_chunking(fake, fake_serializer) -> None:
+def test_seeds_depend_on_prompt_index_not_chunking(fake) -> None:
     seeds = []
     for n in (1, 3, 32):
         engine = _attach(fake, prompts_per_request=n, max_concurrency=1)  # requests in order
@@ -264,50 +424,195 @@ def test_seeds_depend_on_prompt_index_not_chunking(fake, fake_serializer) -> Non
     assert "sampling_seed" not in fake.requests[-1][1]["sampling_params"][0]
 
 
-def test_weights_sleep_wake_flush(fake, fake_serializer) -> None:
+# ---------------------------------------------------------------------------------- weights
+def test_update_runs_in_a_session_with_one_payload_per_rank(fake) -> None:
+    """Finding 1: sglang 0.5.23 refuses tensor updates outside a session (rule S1), so this
+    failed with HTTP 400 before the engine opened one. The fake decodes each of the tp_size
+    entries (T1) and gets the tensors back."""
+    fake.tp_size = 2
     engine = _attach(fake, tp_size=2)
     engine.update_weights(BUCKETS, version=3)
+    assert fake.paths() == [
+        "/begin_weight_update",
+        "/update_weights_from_tensor",
+        "/update_weights_from_tensor",
+        "/end_weight_update",
+    ]
     ups = [b for p, b in fake.requests if p == "/update_weights_from_tensor"]
     assert [b["flush_cache"] for b in ups] == [False, True]  # flush once, after the last
     assert all(b["weight_version"] == "3" and len(b["serialized_named_tensors"]) == 2 for b in ups)
-    back = pickle.loads(base64.b64decode(ups[1]["serialized_named_tensors"][1]))
-    assert [n for n, _ in back] == ["b.weight", "c"] and torch.equal(back[0][1], torch.zeros(4))
+    assert sorted(fake.loaded) == ["a.weight", "b.weight", "c"]
+    assert torch.equal(fake.loaded["a.weight"], torch.ones(2, 3))
+    assert torch.equal(fake.loaded["b.weight"], torch.zeros(4))
+    assert not fake.session and engine.generate([[1]], SamplingParams(max_new_tokens=1))
+    engine.flush_cache()
+    assert fake.paths()[-1] == "/flush_cache"
+
+
+def test_a_session_left_open_is_closed_and_a_failed_update_closes_its_own(fake, monkeypatch):
+    """S2: a trainer that died mid-update leaves its session open and the next begin is refused;
+    the engine closes it and starts its own. A refused bucket (the loader rejects a name)
+    raises ValueError, leaves the engine without weights, and still ends the session."""
+    fake.session = True
+    engine = _attach(fake)
+    engine.update_weights(BUCKETS, version=1)
+    begin, end = "/begin_weight_update", "/end_weight_update"
+    assert fake.paths()[:3] == [begin, end, begin]
+    orig = fake.load
+    monkeypatch.setattr(fake, "load", lambda what, v: (400, {"success": False, "message": "zzz"}))
+    with pytest.raises(ValueError, match=r"update_weights_from_tensor refused.*zzz"):
+        engine.update_weights(BUCKETS, version=2)
+    assert not fake.session and fake.paths()[-1] == "/end_weight_update"
+    with pytest.raises(RuntimeError, match="no weights loaded"):
+        engine.generate([[1]], SamplingParams())
+    monkeypatch.setattr(fake, "load", orig)
+    engine.update_weights(BUCKETS, version=4)
+    assert engine.generate([[1]], SamplingParams(max_new_tokens=1))[0].weight_version == 4
+
+
+def test_serialised_once_per_tp_rank_and_server(monkeypatch) -> None:
+    """Finding 7: each TP rank of each server gets its own serialization (a CUDA IPC dump
+    registers one reference per dump; tp_worker.py 194-201). Before, one blob was repeated for
+    every rank and every server: 1 dump per bucket instead of tp_size x servers."""
+    servers = [FakeSGLang(tp_size=2), FakeSGLang(tp_size=2)]
+    calls: list[list[str]] = []
+    real = sglang_weights.serialize_named_tensors
+
+    def counting(bucket):
+        calls.append([n for n, _ in bucket])
+        return real(bucket)
+
+    monkeypatch.setattr(sglang_weights, "serialize_named_tensors", counting)
+    try:
+        cfg = SGLangConfig(server_urls=tuple(s.url for s in servers), tp_size=2, retries=0)
+        engine = sg.SGLangEngine(RolloutConfig(engine="sglang"), hf_config=HF, sglang=cfg)
+        engine.update_weights(BUCKETS, version=0)
+        assert calls == [["a.weight"]] * 4 + [["b.weight", "c"]] * 4  # 2 buckets x 2 x 2
+        assert all(sorted(s.loaded) == ["a.weight", "b.weight", "c"] for s in servers)
+    finally:
+        for s in servers:
+            s.close()
+        assert not any(s.errors for s in servers), [s.errors for s in servers]
+
+
+def test_cpu_tensors_go_as_file_system_shared_memory() -> None:
+    """Finding 5: CPU tensors are pickled under torch's file_system strategy (a named /dev/shm
+    segment any local process can open), whatever the process-wide strategy is, which is
+    restored afterwards. The default file-descriptor strategy sends a socket handle that a
+    separately launched server cannot fetch (AuthenticationError; on CPU the server dies)."""
+    import torch.multiprocessing as mp
+
+    assert mp.get_sharing_strategy() == "file_descriptor"  # Linux default: the bad one
+    payload = base64.b64decode(sglang_weights.per_rank_payloads(BUCKETS[1], 1)[0])
+    assert b"rebuild_storage_filename" in payload
+    assert b"rebuild_storage_fd" not in payload and b"DupFd" not in payload
+    assert mp.get_sharing_strategy() == "file_descriptor"
+    # The default strategy, for contrast, is what the fake's T1 rule refuses:
+    from multiprocessing.reduction import ForkingPickler
+
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump([(n, t.clone()) for n, t in BUCKETS[1]])
+    fake = FakeSGLang()
+    try:
+        err = fake.decode_tensors([base64.b64encode(buf.getvalue()).decode()])
+        assert err is not None and "rebuild_storage_fd" in err
+    finally:
+        fake.close()
+
+
+def test_the_trainer_never_imports_sglang(fake, monkeypatch) -> None:
+    """Finding 3: the colocated transport used to import sglang.srt.utils in this process;
+    sglang pins torch==2.14.1, so the trainer's environment cannot have it. With `sglang`
+    unimportable, a tensor update still works."""
+    monkeypatch.setitem(sys.modules, "sglang", None)  # `import sglang` raises ImportError
+    engine = _attach(fake)
+    engine.update_weights(BUCKETS, version=2)
+    assert torch.equal(fake.loaded["c"], torch.ones(1))
+
+
+def test_import_is_lazy() -> None:
+    code = (
+        "import sys, torch.distributed as dist\n"
+        "import rpg_megatron.rollout.sglang\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('sglang', 'sglang_router')]\n"
+        "assert not bad, bad\n"
+        "assert not dist.is_initialized()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------- sleep/wake
+def test_sleep_releases_the_weights_and_an_update_resumes_them_first(fake) -> None:
+    """Finding 2: sleep releases every tag, the weights included (M1); train then syncs while
+    the engine sleeps. Before, the push went into released weights and the fake's scheduler
+    died (M2). Now: resume `weights`, push in a session, and wake resumes the rest."""
+    engine = _attach(fake)
+    engine.update_weights(BUCKETS, version=1)
+    fake.requests.clear()
     engine.sleep()
+    assert fake.released == set(ALL_TAGS)
     with pytest.raises(RuntimeError, match="asleep"):
         engine.generate([[1]], SamplingParams())
-    assert engine.health()  # asleep servers are probed with /health
-    assert fake.requests[-1][0] == "/health"
+    engine.update_weights(BUCKETS, version=2)
+    assert fake.released == {"kv_cache", "cuda_graph"}
     engine.wake()
-    engine.flush_cache()
-    paths = [p for p, _ in fake.requests]
-    assert paths.index("/release_memory_occupation") < paths.index("/resume_memory_occupation")
-    assert "/flush_cache" in paths
-    engine.shutdown()
-    assert not engine.health()
-    with pytest.raises(RuntimeError, match="shut down"):
-        engine.update_weights(BUCKETS, version=4)
+    assert not fake.released
+    assert fake.paths() == [
+        "/release_memory_occupation",
+        "/resume_memory_occupation",
+        "/begin_weight_update",
+        "/update_weights_from_tensor",
+        "/update_weights_from_tensor",
+        "/end_weight_update",
+        "/resume_memory_occupation",
+    ]
+    assert fake.requests[1][1] == {"tags": ["weights"]}
+    assert fake.requests[-1][1] == {"tags": ["cuda_graph", "kv_cache"]}
+    out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))[0]
+    assert out.token_ids == [3, 4, 5] and out.weight_version == 2  # the rule, not garbage (M3)
 
 
-def test_update_failure_is_value_error(fake, fake_serializer, monkeypatch) -> None:
+def test_a_wake_without_an_update_has_no_weights_unless_kept(fake) -> None:
+    """Finding 2 (docstring): "the weights are those before sleep" was false. Attached servers
+    keep no copy: after sleep + wake alone, generate raises instead of serving garbage (M3)."""
     engine = _attach(fake)
-    # The server's loader refuses a name: success=false -> ValueError, engine unusable.
-    orig = sg._request
-    monkeypatch.setattr(
-        sg,
-        "_request",
-        lambda op, m, url, p, t: (
-            {"success": False, "message": "no param zzz"}
-            if url.endswith("/update_weights_from_tensor")
-            else orig(op, m, url, p, t)
-        ),
-    )
-    with pytest.raises(ValueError, match="no param zzz"):
-        engine.update_weights(BUCKETS, version=1)
+    engine.update_weights(BUCKETS, version=1)
+    engine.sleep()
+    engine.wake()
+    assert not fake.released
     with pytest.raises(RuntimeError, match="no weights loaded"):
         engine.generate([[1]], SamplingParams())
 
 
-def test_attached_refuses_tempered_logprobs(fake, fake_serializer) -> None:
+def test_health_while_asleep_does_not_generate(fake) -> None:
+    """Finding 4: 0.5.23's /health generates a token (H1); probing a sleeping server with it
+    ran a generation on a released KV cache (M2). Asleep servers get /ready now."""
+    engine = _attach(fake)
+    engine.update_weights(BUCKETS, version=0)
+    engine.sleep()
+    assert engine.health() and fake.paths()[-1] == "/ready"
+    engine.wake()
+    assert engine.health() and fake.paths()[-1] == "/health_generate"
+
+
+def test_cpu_servers_neither_sleep_nor_wake(fake) -> None:
+    """device=cpu: sglang's release_memory_occupation synchronises a CUDA device (weight_updater
+    .py 379) and kills a CPU scheduler, so sleep/wake send nothing; generate still refuses
+    while asleep, as on GPUs."""
+    engine = _attach(fake, device="cpu")
+    engine.update_weights(BUCKETS, version=0)
+    n = len(fake.requests)
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([[1]], SamplingParams())
+    engine.update_weights(BUCKETS, version=1)
+    engine.wake()
+    assert "/release_memory_occupation" not in fake.paths()[n:]
+    assert engine.generate([[1]], SamplingParams(max_new_tokens=1))[0].weight_version == 1
+
+
+# ---------------------------------------------------------------------------------- config
+def test_attached_refuses_tempered_logprobs(fake) -> None:
     engine = _attach(fake)
     engine.update_weights(BUCKETS, version=0)
     with pytest.raises(ValueError, match="SGLANG_RETURN_ORIGINAL_LOGPROB"):
@@ -317,24 +622,15 @@ def test_attached_refuses_tempered_logprobs(fake, fake_serializer) -> None:
     assert engine.generate([[1]], SamplingParams(temperature=0.7, max_new_tokens=2))
 
 
-def test_serializer_import_error_names_field() -> None:
-    if "sglang" in sys.modules or _has_sglang():
-        pytest.skip("sglang is installed here")
-    with pytest.raises(ImportError, match=r"sglang\.weight_sync='colocated'.*pip install"):
-        sg._import_serializer()
-
-
-def _has_sglang() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("sglang") is not None
-
-
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match=r"sglang\.router_url"):
         SGLangConfig(router_url="http://r:1")
     with pytest.raises(ValueError, match=r"sglang\.weight_sync='nccl'"):
         SGLangConfig(model_path="/m", weight_sync="nccl")
+    with pytest.raises(ConfigError, match=r"sglang\.deterministic=true with device=cpu.*Triton"):
+        SGLangConfig(model_path="/m", device="cpu", deterministic=True)
+    with pytest.raises(ConfigError, match=r"sglang\.max_total_tokens=-1"):
+        SGLangConfig(model_path="/m", max_total_tokens=-1)
     with pytest.raises(
         ValueError, match=r"rollout\.sglang\.server_urls .* or rollout\.sglang\.model_path"
     ):
@@ -342,7 +638,7 @@ def test_config_errors_name_the_field() -> None:
 
 
 # ---------------------------------------------------------------------------------- failures
-def test_attached_dead_server_raises_clearly(fake_serializer) -> None:
+def test_attached_dead_server_raises_clearly() -> None:
     server = FakeSGLang()
     engine = _attach(server)
     engine.update_weights(BUCKETS, version=0)
@@ -366,15 +662,20 @@ def _fake_python(tmp_path: Path, mode: str = "serve") -> str:
         "    time.sleep(60)\n"
         "assert os.environ.get('SGLANG_RETURN_ORIGINAL_LOGPROB') == '1'\n"
         "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "tp = int(sys.argv[sys.argv.index('--tp-size') + 1])\n"
+        # H1 as the server would apply it, from the environment it was launched with.
+        "gen = os.environ.get('SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION', '1') != '0'\n"
         # Only the fake-server part of this file, so the child starts without torch (fast).
-        "import json, threading\n"
+        "import base64, io, json, pickle, threading\n"
         "from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n"
         "from pathlib import Path\n"
         f"src = Path({__file__!r}).read_text()\n"
         "src = src.split('# ---- begin fake sglang')[1].split('# ---- end fake sglang')[0]\n"
         f"ns = dict(globals(), __file__={__file__!r})\n"
         "exec(compile('#' + src, 'fake_sglang', 'exec'), ns)\n"
-        "ns['FakeSGLang'](port).thread.join()\n"
+        "server = ns['FakeSGLang'](port, tp_size=tp, health_generates=gen, decode=False)\n"
+        "print('health generates:', gen, flush=True)\n"
+        "server.thread.join()\n"
     )
     script.chmod(0o755)
     return str(script)
@@ -399,26 +700,51 @@ def _launch_cfg(tmp_path: Path, mode: str = "serve", **kw) -> SGLangConfig:
     )
 
 
-def test_launched_server_dies_relaunch_and_reload(tmp_path, fake_serializer) -> None:
-    cfg = _launch_cfg(tmp_path)
+@pytest.mark.parametrize("kept", ["host", "disk"])
+def test_launched_server_dies_relaunch_and_reload(tmp_path, kept) -> None:
+    """A SIGKILLed launched server is seen by the next generate, relaunched, and the last
+    weights go back in: host copy through a tensor session, or the disk copy through
+    /update_weights_from_disk (S3, no session); the fake would otherwise answer
+    weight_version "default" and generate would raise. The launched server's /health does not
+    generate (H1 with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, finding 4)."""
+    cfg = _launch_cfg(tmp_path, restart_weights=kept)
     engine = sg.SGLangEngine(RolloutConfig(engine="sglang"), hf_config=HF, sglang=cfg)
     try:
         server = engine._servers[0]
         assert server.argv[1:3] == ["-m", "sglang.launch_server"]
         assert "--enable-memory-saver" in server.argv
+        assert "health generates: False" in server.log_path.read_text()
         engine.update_weights(BUCKETS, version=5)
+        if kept == "disk":
+            shards = sorted((tmp_path / "logs" / "weights").glob("*.safetensors"))
+            assert [p.name for p in shards] == [f"model-0000{k}.safetensors" for k in (1, 2)]
         first_pid = server.proc.pid
         os.killpg(first_pid, signal.SIGKILL)
         server.proc.wait()
         assert not engine.health()
-        # generate fails, sees the dead process, relaunches, reloads version 5 (the fake
-        # server would otherwise answer weight_version "default" and generate would raise).
         out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))
         assert server.proc.pid != first_pid and engine.health()
         assert out[0].token_ids == [3, 4, 5] and out[0].weight_version == 5
     finally:
         engine.shutdown()
     assert server.proc.poll() is not None
+
+
+def test_launched_wake_reloads_the_kept_weights(tmp_path) -> None:
+    """Finding 2 for launched servers: sleep released the weights (M1); a wake with no update
+    in between (an evaluation's wake/sleep, then the next rollout's wake) reloads the kept copy
+    in a session, so generate serves the rule again instead of garbage (M3)."""
+    engine = sg.SGLangEngine(
+        RolloutConfig(engine="sglang"), hf_config=HF, sglang=_launch_cfg(tmp_path)
+    )
+    try:
+        engine.update_weights(BUCKETS, version=3)
+        engine.sleep()
+        engine.wake()
+        out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))[0]
+        assert out.token_ids == [3, 4, 5] and out.weight_version == 3
+    finally:
+        engine.shutdown()
 
 
 def test_launch_version_crash_and_timeout_errors(tmp_path) -> None:
@@ -433,14 +759,3 @@ def test_launch_version_crash_and_timeout_errors(tmp_path) -> None:
             rc, hf_config=HF, sglang=_launch_cfg(tmp_path / "c", "hang", launch_timeout_s=1.0)
         )
     assert time.monotonic() - t0 < 10  # and the hung process was stopped, not waited for
-
-
-def test_import_is_lazy() -> None:
-    code = (
-        "import sys, torch.distributed as dist\n"
-        "import rpg_megatron.rollout.sglang\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('sglang', 'sglang_router')]\n"
-        "assert not bad, bad\n"
-        "assert not dist.is_initialized()\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
