@@ -541,6 +541,35 @@ def test_import_is_lazy() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_export_goes_out_in_the_engine_dtype(single_rank) -> None:
+    """Finding 6: the trainer exported float32 to bfloat16 servers (twice the bytes over
+    IPC/NCCL and in the relaunch copy). The export now casts to rollout.sglang.dtype."""
+    from rpg_megatron import train
+    from rpg_megatron.config import Config, ModelConfig, OptimConfig, ParallelConfig
+    from rpg_megatron.megatron import step
+    from rpg_megatron.megatron.arch import read_hf_config
+    from rpg_megatron.tiny import tiny_hf_config
+
+    sglang_cfg = Config(rollout=RolloutConfig(engine="sglang"))
+    assert train._engine_dtype(sglang_cfg) == torch.bfloat16  # SGLangConfig.dtype's default
+    assert train._engine_dtype(Config()) == torch.float32  # the embedded engine's
+    policy = step.build_policy(
+        arch=read_hf_config(tiny_hf_config(27)),
+        model_cfg=ModelConfig(dtype="float32"),
+        par=ParallelConfig(),
+        optim_cfg=OptimConfig(),
+        ctx=single_rank,
+    )
+
+    class Recorder:
+        def update_weights(self, buckets, version):
+            self.dtypes = {t.dtype for b in buckets for _, t in b}
+
+    engine = Recorder()
+    train._sync_weights(policy, engine, version=0, dtype=train._engine_dtype(sglang_cfg))
+    assert engine.dtypes == {torch.bfloat16}
+
+
 # ---------------------------------------------------------------------------------- sleep/wake
 def test_sleep_releases_the_weights_and_an_update_resumes_them_first(fake) -> None:
     """Finding 2: sleep releases every tag, the weights included (M1); train then syncs while
