@@ -222,9 +222,11 @@ class SGLangConfig:
     """Launch mode: --max-total-tokens (KV-cache size in tokens); 0 = sglang sizes it from
     mem_fraction_static (on CPU that is ~10 GB, so set it there)."""
     deterministic: bool = False
-    """Launch mode: --enable-deterministic-inference, which makes SGLang honour the per-prompt
-    `sampling_seed` (slower kernels). GPU only: sglang 0.5.23 accepts it only with a triton /
-    fa3 / flashinfer attention backend and samples seeded tokens with a Triton kernel."""
+    """The servers run with --enable-deterministic-inference (launch mode adds it; attach mode:
+    declare that they were started so): only then does SGLang read the per-prompt
+    `sampling_seed` the engine then sends (slower kernels). GPU only: sglang 0.5.23 accepts it
+    only with a triton / fa3 / flashinfer attention backend and samples seeded tokens with a
+    Triton kernel."""
     extra_server_args: tuple[str, ...] = ()
     """Launch mode: further `sglang.launch_server` arguments, appended verbatim."""
     python: str = ""

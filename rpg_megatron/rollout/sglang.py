@@ -46,6 +46,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -143,10 +144,15 @@ class SGLangEngine:
             self._servers, self._router = self._plan_launch()
             check_sglang_version(scfg.python or sys.executable)
             try:
-                for s in self._all():
+                for s in self._servers:
                     s.start(self._env)
-                for s in self._all():
+                for s in self._servers:
                     s.wait_healthy(self._http, scfg.launch_timeout_s)
+                if self._router is not None:
+                    # After the servers: the router gives up on workers that are slow to start.
+                    self._router.start({})
+                    self._router.wait_healthy(self._http, scfg.launch_timeout_s)
+                    self._wait_workers(scfg.launch_timeout_s)
             except BaseException:
                 self.shutdown()
                 raise
@@ -171,6 +177,10 @@ class SGLangEngine:
                 raise ValueError(f"generate: prompts[{i}] is empty; a prompt needs >= 1 token")
         if not prompts:
             return []
+        dead = self._dead()
+        if dead:  # seen before any request (behind a router, requests may not reach them)
+            _log.warning("relaunching %s: the process exited", _urls(dead))
+            self._relaunch(dead)
         return self._with_recovery(lambda: self._generate_all(prompts, params))
 
     def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
@@ -187,6 +197,11 @@ class SGLangEngine:
             raise ValueError(f"update_weights(version={version!r}): version must be an int >= 0")
         self._version = None
         self._resume_weights_memory()
+        dead = self._dead()
+        if dead:  # they get this update with the others; no reload of the previous one
+            _log.warning("relaunching %s before update_weights: the process exited", _urls(dead))
+            self._restart(dead)
+            self._drop_group([s for s in self._servers if s not in dead])
         keep = self._cfg.restart_on_failure and self._launched
         kept: list[Bucket] = []
 
@@ -289,8 +304,11 @@ class SGLangEngine:
     ) -> list[Completion]:
         version = self._version
         assert version is not None  # _ready checked it
-        base_seed = params.seed
-        n = self._cfg.prompts_per_request
+        # Seeds only for servers that read them (sglang_protocol: Seeds); a router takes a
+        # seeded batch of one prompt only.
+        base_seed = params.seed if self._cfg.deterministic else None
+        seeded_router = self._router is not None and base_seed is not None
+        n = 1 if seeded_router else self._cfg.prompts_per_request
         starts = list(range(0, len(prompts), n))
         target = self._router.url if self._router is not None else None
 
@@ -527,9 +545,11 @@ class SGLangEngine:
     def _restart(self, servers: list[Server]) -> None:
         for s in servers:
             s.stop()
-            s.start(self._env)
+            s.start({} if s.is_router else self._env)
         for s in servers:
             s.wait_healthy(self._http, self._cfg.launch_timeout_s)
+            if s.is_router:
+                self._wait_workers(self._cfg.launch_timeout_s)
 
     def _relaunch(self, servers: list[Server]) -> None:
         """Restart dead launched servers once and reload the last weights into them."""
@@ -564,6 +584,30 @@ class SGLangEngine:
         self._group.close()
         self._group = None
         self._group_generation += 1
+
+    def _wait_workers(self, timeout_s: float) -> None:
+        """Until the launched router lists every server (it registers them about a second after
+        it answers /health; a request before that gets 503 'no available workers')."""
+        assert self._router is not None
+        deadline = time.monotonic() + timeout_s
+        want = len(self._servers)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(SGLangHTTPError, SGLangUnreachable):
+                out = self._http.call("GET", self._router.url + "/workers", None, retries=False)
+                if isinstance(out, dict) and int(out.get("total", 0)) >= want:
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"sglang-router at {self._router.url} did not list the {want} servers within "
+            f"sglang.launch_timeout_s={timeout_s}; last log lines of {self._router.log_path}:\n"
+            f"{self._router.tail()}"
+        )
+
+    def _dead(self) -> list[Server]:
+        """Launched processes that exited (no request needed to tell)."""
+        if not self._cfg.restart_on_failure:
+            return []
+        return [s for s in self._all() if s.launched and s.dead()]
 
     def _unhealthy(self) -> list[Server]:
         path = "/ready" if self._asleep else "/health_generate"

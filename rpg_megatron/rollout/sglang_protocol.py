@@ -16,8 +16,11 @@ through sglang's validators), and tests/unit/test_sglang_client.py's schema-chec
   (sglang/srt/layers/sampler.py), so the engine launches servers with that variable; attached
   servers must have been started with it for temperature != 1 (`attached_original_logprobs`).
 - Seeds: prompt i gets `sampling_seed` derived from (seed, i), as the embedded engine derives its
-  streams; SGLang honours it only with --enable-deterministic-inference (`deterministic`), and
-  otherwise samples from its own generator.
+  streams. SGLang reads it only with --enable-deterministic-inference and otherwise samples from
+  its own generator (srt/sampling/sampling_batch_info.py 157-172), so the engine sends seeds
+  only to servers that run so (`deterministic`). Without seeds, one `sampling_params` dict
+  serves the whole batch; sglang-router 0.3.2 accepts only that form (a per-prompt list is
+  refused with HTTP 422, seen on CPU), so seeded requests through a router carry one prompt.
 - Finish reasons: meta_info.finish_reason {"type": "stop"|"length"|"abort", ...} maps one to one.
   Token ids come from meta_info.output_token_logprobs ([logprob, token_id, text] per token), which
   include the EOS / stop token, so the policy learns to stop. A meta_info.weight_version other
@@ -77,7 +80,8 @@ def generate_payload(
     """Body of one batched /generate request (sglang GenerateReqInput, batch form).
 
     Prompt j of the chunk is prompt `first_index + j` of the generate call; its sampling seed
-    depends on that global index only, so chunking does not change the samples.
+    depends on that global index only, so chunking does not change the samples. seed None (or a
+    single prompt): one `sampling_params` dict (see the module doc); else one dict per prompt.
     """
     base: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
@@ -90,15 +94,17 @@ def generate_payload(
         base["stop"] = list(params.stop)
     if params.stop_token_ids:
         base["stop_token_ids"] = list(params.stop_token_ids)
-    per_prompt = []
-    for j in range(len(prompts)):
-        sp = dict(base)
-        if seed is not None:
-            sp["sampling_seed"] = stream_seed(seed, first_index + j)
-        per_prompt.append(sp)
+    sampling: dict[str, Any] | list[dict[str, Any]] = base
+    if seed is not None:
+        sampling = [
+            {**base, "sampling_seed": stream_seed(seed, first_index + j)}
+            for j in range(len(prompts))
+        ]
+        if len(sampling) == 1:  # the form a router takes
+            sampling = sampling[0]
     return {
         "input_ids": [list(map(int, p)) for p in prompts],
-        "sampling_params": per_prompt,
+        "sampling_params": sampling,
         "return_logprob": True,
         "stream": False,
     }
@@ -259,6 +265,7 @@ def server_argv(cfg: SGLangConfig, index: int, *, python: str) -> list[str]:
 def server_env(cfg: SGLangConfig) -> dict[str, str]:
     """Environment variables a launched server gets on top of ours (see the module doc)."""
     env = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}
+    env["PYTHONUNBUFFERED"] = "1"  # the log file shows what the server did, as it does it
     if cfg.device == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
     return env

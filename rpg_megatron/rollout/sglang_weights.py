@@ -93,15 +93,44 @@ def per_rank_payloads(bucket: list[tuple[str, Tensor]], tp_size: int) -> list[st
 @contextlib.contextmanager
 def _file_system_sharing() -> Iterator[None]:
     """torch's sharing strategy is process-global and read when a CPU storage is pickled; set
-    `file_system` for this dump only. Call from one thread at a time (the engine does)."""
+    `file_system` for this dump only. Call from one thread at a time (the engine does).
+
+    The first file_system share of a process starts torch's shared-memory manager
+    (torch_shm_manager, fork + exec from libshm), which lives as long as any process that
+    opened a segment stays connected: the SGLang scheduler, i.e. until the server exits. It
+    would inherit every inheritable descriptor of this process, such as the pipe through which
+    a multiprocessing parent learns that this process ended (Process.join then waits for the
+    server; seen with parallel.spawn_local). So those are non-inheritable during the dump.
+    """
     import torch.multiprocessing as mp
 
     before = mp.get_sharing_strategy()
     mp.set_sharing_strategy("file_system")
+    hidden = _hide_inheritable_fds()
     try:
         yield
     finally:
+        for fd in hidden:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, True)
         mp.set_sharing_strategy(before)
+
+
+def _hide_inheritable_fds() -> list[int]:
+    """Make this process's inheritable descriptors above stdio non-inheritable; returns them."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # not Linux: nothing to hide
+        return []
+    hidden = []
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own descriptor is gone already
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+                    hidden.append(fd)
+    return hidden
 
 
 def host_copy(bucket: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:

@@ -161,6 +161,10 @@ class FakeSGLang:
     T1 serialized_named_tensors: one base64 pickle per TP rank, rank r loading entry r
        (managers/tp_worker.py 194-201) with a restricted unpickler (utils/common.py 3144-3370);
        this fake decodes every entry (`decode`) against TENSOR_GLOBALS.
+    R1 router=<backend>: sglang-router 0.3.2 in front of `backend` (it forwards /generate there);
+       its /generate takes one sampling_params
+       dict for the whole batch and answers a per-prompt list with 422 "sampling_params[0]:
+       invalid type: map, expected f32" (seen on CPU; the router is a Rust binary).
     V1 weight_version is recorded after a successful load (weight_updater.py 135-136, 152-153).
     A crash (M2, H1 on a released KV cache) answers 500 to that and every later request.
     """
@@ -170,6 +174,7 @@ class FakeSGLang:
         port: int = 0,
         *,
         tp_size: int = 1,
+        router: "FakeSGLang | None" = None,  # noqa: UP037 - the fake `python` execs this w/o __future__
         health_generates: bool = True,
         cpu_backup: bool = False,
         decode: bool = True,
@@ -179,7 +184,7 @@ class FakeSGLang:
         self.weight_version = "default"
         self.healthy = True
         self.tp_size, self.health_generates, self.cpu_backup = tp_size, health_generates, cpu_backup
-        self.decode = decode
+        self.decode, self.router = decode, router
         self.session = False
         self.released: set[str] = set()
         self.garbage = False  # M3: weights resumed without contents, not loaded since
@@ -250,6 +255,10 @@ class FakeSGLang:
     def handle(self, path: str, body: dict) -> tuple[int, object]:
         refuse = lambda msg: (400, {"success": False, "message": msg})  # noqa: E731
         if path == "/generate":
+            if self.router is not None:  # R1
+                if isinstance(body.get("sampling_params"), list):
+                    return 422, "sampling_params[0]: invalid type: map, expected f32"
+                return self.router.handle(path, body)
             self.touch_kv("/generate")
             if self.crashed:
                 return 500, {"error": self.crashed}
@@ -321,7 +330,10 @@ class FakeSGLang:
 
     def generate(self, body: dict) -> list[dict]:
         out = []
-        pairs = zip(body["input_ids"], body["sampling_params"], strict=True)
+        sps = body["sampling_params"]
+        if isinstance(sps, dict):  # one dict for the whole batch
+            sps = [sps] * len(body["input_ids"])
+        pairs = zip(body["input_ids"], sps, strict=True)
         for i, (prompt, sp) in enumerate(pairs):
             tokens, kind = expected_tokens(prompt, sp)
             if self.garbage:  # M3: the rule breaks, visibly
@@ -375,6 +387,12 @@ def fake():
     assert server.crashed is None, server.crashed
 
 
+def _sps(body: dict) -> list[dict]:
+    """sampling_params of a /generate body as a list (a single dict serves the whole batch)."""
+    sps = body["sampling_params"]
+    return sps if isinstance(sps, list) else [sps] * len(body["input_ids"])
+
+
 def _attach(fake: FakeSGLang, **kw) -> sg.SGLangEngine:
     cfg = SGLangConfig(server_urls=(fake.url,), health_timeout_s=2, retries=0, **kw)
     return sg.SGLangEngine(RolloutConfig(engine="sglang"), hf_config=HF, sglang=cfg)
@@ -385,7 +403,7 @@ BUCKETS = [[("a.weight", torch.ones(2, 3))], [("b.weight", torch.zeros(4)), ("c"
 
 # ---------------------------------------------------------------------------------- generate
 def test_generate_end_to_end(fake) -> None:
-    engine = _attach(fake, prompts_per_request=4, max_concurrency=3)
+    engine = _attach(fake, prompts_per_request=4, max_concurrency=3, deterministic=True)
     with pytest.raises(RuntimeError, match="no weights loaded"):
         engine.generate([[1]], SamplingParams())
     engine.update_weights(BUCKETS, version=7)
@@ -402,7 +420,7 @@ def test_generate_end_to_end(fake) -> None:
 
     gens = [b for path, b in fake.requests if path == "/generate"]
     assert sorted(len(b["input_ids"]) for b in gens) == [3, 4, 4]  # batched chunks, concurrent
-    sps = [sp for b in gens for sp in b["sampling_params"]]
+    sps = [sp for b in gens for sp in _sps(b)]
     assert all(sp["top_k"] == -1 and sp["max_new_tokens"] == 5 for sp in sps)
     assert all(b["return_logprob"] is True for b in gens)
     seeds = [sp["sampling_seed"] for sp in sps]
@@ -412,16 +430,42 @@ def test_generate_end_to_end(fake) -> None:
 
 def test_seeds_depend_on_prompt_index_not_chunking(fake) -> None:
     seeds = []
-    for n in (1, 3, 32):
-        engine = _attach(fake, prompts_per_request=n, max_concurrency=1)  # requests in order
+    for n in (1, 3, 32):  # max_concurrency=1: requests in order
+        engine = _attach(fake, prompts_per_request=n, max_concurrency=1, deterministic=True)
         engine.update_weights(BUCKETS, version=0)
         fake.requests.clear()
         engine.generate([[5]] * 6, SamplingParams(max_new_tokens=1, seed=4))
-        sps = [sp for p, b in fake.requests if p == "/generate" for sp in b["sampling_params"]]
+        sps = [sp for p, b in fake.requests if p == "/generate" for sp in _sps(b)]
         seeds.append([sp["sampling_seed"] for sp in sps])
     assert seeds[0] == seeds[1] == seeds[2] and len(set(seeds[0])) == 6
     engine.generate([[5]], SamplingParams(max_new_tokens=1))  # no seed -> none sent
-    assert "sampling_seed" not in fake.requests[-1][1]["sampling_params"][0]
+    assert "sampling_seed" not in fake.requests[-1][1]["sampling_params"]
+
+
+def test_seeds_only_for_deterministic_servers_and_one_prompt_per_routed_request(fake) -> None:
+    """sglang reads sampling_seed only under --enable-deterministic-inference (sampling_batch_info
+    .py 157-172): otherwise the batch shares one sampling_params dict, the only form
+    sglang-router takes (R1). Seeded requests through a router carry one prompt each."""
+    engine = _attach(fake, prompts_per_request=8)
+    engine.update_weights(BUCKETS, version=0)
+    engine.generate([[5]] * 3, SamplingParams(max_new_tokens=1, seed=4))
+    body = fake.requests[-1][1]
+    assert len(body["input_ids"]) == 3 and "sampling_seed" not in body["sampling_params"]
+    router = FakeSGLang(router=fake)
+    try:
+        cfg = SGLangConfig(
+            server_urls=(fake.url,), router_url=router.url, deterministic=True, retries=0
+        )
+        engine = sg.SGLangEngine(RolloutConfig(engine="sglang"), hf_config=HF, sglang=cfg)
+        engine.update_weights(BUCKETS, version=0)
+        out = engine.generate([[5], [6], [7]], SamplingParams(max_new_tokens=2, seed=4))
+        assert [c.token_ids for c in out] == [[6, 7], [7, 8], [8, 9]]
+        gens = [b for p, b in router.requests if p == "/generate"]
+        assert [len(b["input_ids"]) for b in gens] == [1, 1, 1]
+        assert len({b["sampling_params"]["sampling_seed"] for b in gens}) == 3
+    finally:
+        router.close()
+    assert not router.errors, router.errors
 
 
 # ---------------------------------------------------------------------------------- weights
@@ -518,6 +562,26 @@ def test_cpu_tensors_go_as_file_system_shared_memory() -> None:
         assert err is not None and "rebuild_storage_fd" in err
     finally:
         fake.close()
+
+
+def test_the_shared_memory_manager_inherits_no_pipes() -> None:
+    """The first file_system share starts torch_shm_manager, which outlives the process while a
+    server holds a segment. It must not inherit this process's inheritable pipes: a parent
+    waiting for EOF on one (multiprocessing's Process.join) would wait for the server.
+    In a fresh process: an inheritable pipe, a dump (the manager starts), close our write end:
+    the read end must see EOF at once."""
+    code = (
+        "import os, select, torch\n"
+        "from rpg_megatron.rollout import sglang_weights\n"
+        "r, w = os.pipe()\n"
+        "os.set_inheritable(w, True)\n"
+        "sglang_weights.per_rank_payloads([('t', torch.ones(3))], 1)\n"
+        "assert os.get_inheritable(w)\n"  # restored afterwards
+        "os.close(w)\n"
+        "ready, _, _ = select.select([r], [], [], 10)\n"
+        "assert ready and os.read(r, 1) == b'', 'the pipe is held open by another process'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_the_trainer_never_imports_sglang(fake, monkeypatch) -> None:
@@ -788,3 +852,109 @@ def test_launch_version_crash_and_timeout_errors(tmp_path) -> None:
             rc, hf_config=HF, sglang=_launch_cfg(tmp_path / "c", "hang", launch_timeout_s=1.0)
         )
     assert time.monotonic() - t0 < 10  # and the hung process was stopped, not waited for
+
+
+# ---------------------------------------------------------------------------------- GPU
+def _open_payloads(entries: list[str], shapes: list[list[int]], queue) -> None:
+    """Child process: open each CUDA-IPC payload as sglang's rank does (the device named by
+    UUID, mapped back to an index: srt/utils/patch_torch.py 80-99) and send back CPU copies."""
+    from torch.multiprocessing import reductions
+
+    def rebuild(*args):
+        uuid = args[6]
+        index = next(
+            i
+            for i in range(torch.cuda.device_count())
+            if str(torch.cuda.get_device_properties(i).uuid) == uuid
+        )
+        return reductions.rebuild_cuda_tensor(*args[:6], index, *args[7:])
+
+    class Loader(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+                return rebuild
+            if (module, name) not in TENSOR_GLOBALS:
+                raise pickle.UnpicklingError(f"global {module}.{name} refused")
+            return super().find_class(module, name)
+
+    out = []
+    for entry in entries:
+        named = Loader(io.BytesIO(base64.b64decode(entry))).load()
+        assert [list(t.shape) for _, t in named] == shapes
+        assert all(t.is_cuda for _, t in named)
+        out.append([(n, t.cpu().numpy()) for n, t in named])
+    queue.put(out)
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_payloads_open_in_another_process_once_per_rank() -> None:
+    """Our CUDA serialization (no sglang): a separate dump per TP rank, each opened in another
+    process through torch's CUDA IPC with the device given by UUID, holding the exact values."""
+    import torch.multiprocessing as mp
+
+    bucket = [("a", torch.randn(3, 5, device="cuda")), ("b", torch.arange(7.0, device="cuda"))]
+    entries = sglang_weights.per_rank_payloads(bucket, 2)
+    assert entries[0] != entries[1]  # each dump registers its own IPC reference
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_open_payloads, args=(entries, [[3, 5], [7]], queue))
+    child.start()
+    try:
+        got = queue.get(timeout=120)
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0
+    for rank in got:
+        for (name, value), (want_name, want) in zip(rank, bucket, strict=True):
+            assert name == want_name and torch.equal(torch.from_numpy(value), want.cpu())
+
+
+def _group_peer(port: int, name: str, shapes: list[list[int]], queue) -> None:
+    """Child: rank 1 of the weight-update group, made as sglang makes its half
+    (init_custom_process_group, srt/utils/common.py 2859-2927), receiving the broadcasts."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+
+    torch.cuda.set_device(1)
+    timeout = timedelta(seconds=120)
+    store, _, _ = next(c10d.rendezvous(f"tcp://127.0.0.1:{port}", 1, 2, timeout=timeout))
+    group, _ = c10d._new_process_group_helper(
+        2, 1, [], c10d.Backend("nccl"), c10d.PrefixStore(name, store), group_name=name,
+        timeout=timeout,
+    )  # fmt: skip
+    c10d._world.pg_group_ranks[group] = {0: 0, 1: 1}
+    out = []
+    for shape in shapes:
+        t = torch.empty(shape, device="cuda:1")
+        torch.distributed.broadcast(t, src=0, group=group)
+        out.append(t.cpu().numpy())
+    queue.put(out)
+
+
+@pytest.mark.gpu
+def test_nccl_weight_group_broadcasts_to_a_peer() -> None:
+    """WeightGroup over NCCL: this process (rank 0, GPU 0) and a peer made the way an sglang
+    server makes its half (GPU 1) receive every tensor of a bucket, in order."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: one for the trainer side, one for the server side")
+    import torch.multiprocessing as mp
+
+    bucket = [("a", torch.randn(4, 4, device="cuda:0")), ("b", torch.randn(9, device="cuda:0"))]
+    port, name = _free_port(), "rpg_test_group"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_group_peer, args=(port, name, [[4, 4], [9]], queue))
+    child.start()
+    try:
+        group = sglang_weights.WeightGroup(
+            address="127.0.0.1", port=port, world_size=2, name=name, backend="nccl", timeout_s=120
+        )
+        group.broadcast(bucket)
+        got = queue.get(timeout=120)
+        group.close()
+    finally:
+        child.join(timeout=60)
+    assert child.exitcode == 0
+    for value, (_, want) in zip(got, bucket, strict=True):
+        assert torch.equal(torch.from_numpy(value), want.cpu())
