@@ -40,7 +40,7 @@ test: lint
 # Only the tests against real SGLang servers on CPU (tests/sglang, marker `sglang`).
 test-sglang: $(STAMP)
 	bash tools/sglang_venv.sh
-	RPG_SGLANG_PYTHON=$(SGLANG_PYTHON) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m sglang tests
+	RPG_SGLANG_PYTHON=$(SGLANG_PYTHON) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m sglang tests/sglang
 
 # The tiny end-to-end RPG run on CPU: 2 gloo processes (data parallel), a few minutes.
 demo: $(STAMP)

@@ -135,7 +135,8 @@ def check_payloads() -> None:
     ):
         body = ours.generate_payload([[1, 2, 3], [4]], params, 0, params.seed)
         api_types.GenerateRequest.from_json_value(json.loads(json.dumps(body)))
-        for sp in body["sampling_params"]:
+        sps = body["sampling_params"]  # one dict for the batch, or one per prompt (seeded)
+        for sp in sps if isinstance(sps, list) else [sps]:
             api_types.SamplingParams.from_json_value(sp)  # unknown keys rejected here
         pydantic.TypeAdapter(io_struct.GenerateReqInput).validate_python(body)
 
@@ -157,9 +158,7 @@ def check_payloads() -> None:
             bucket, 5, group_name="g", flush_cache=False
         ),
         io_struct.DestroyWeightsUpdateGroupReqInput: {"group_name": "g"},
-        io_struct.UpdateWeightFromDiskReqInput: ours.update_disk_payload(
-            "/w", 5, flush_cache=True
-        ),
+        io_struct.UpdateWeightFromDiskReqInput: ours.update_disk_payload("/w", 5, flush_cache=True),
         io_struct.BeginWeightUpdateReqInput: ours.session_payload(),
         io_struct.EndWeightUpdateReqInput: ours.session_payload(),
         io_struct.ReleaseMemoryOccupationReqInput: ours.memory_payload(None),

@@ -15,7 +15,8 @@
 # Complete means: $VENV/.rpg-complete holds exactly the pin line below (written last, after every
 # pip install succeeded). Anything else there (a half-built venv from a killed build, other pins)
 # is removed and rebuilt. A lock file next to it serialises concurrent builds (flock).
-# SGLANG_VENV overrides the path; PY the interpreter (python3.11).
+# SGLANG_VENV overrides the path; PY the interpreter (python3.11); SGLANG_VENV_MIN_FREE_GB the
+# free space a build insists on (14).
 set -euo pipefail
 
 PINS="torch==2.14.1 sglang==0.5.23 sglang-router==0.3.2"
@@ -48,7 +49,7 @@ flock 9  # one builder at a time; the others wait here and then find it complete
 
 if ! complete; then
   free_kb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print $4}')
-  if (( free_kb < 14 * 1024 * 1024 )); then
+  if (( free_kb < ${SGLANG_VENV_MIN_FREE_GB:-14} * 1024 * 1024 )); then
     echo "tools/sglang_venv.sh: $(dirname "$VENV") has $((free_kb / 1024)) MiB free; the SGLang" \
       "venv needs ~11 GiB (+ pip's cache). Free space there or set SGLANG_VENV=<dir elsewhere>" >&2
     exit 1

@@ -46,7 +46,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,8 +67,6 @@ from rpg_megatron.rollout.sglang_protocol import (
     init_group_payload,
     memory_payload,
     parse_generate_response,
-    router_argv,
-    server_argv,
     server_env,
     session_payload,
     update_disk_payload,
@@ -81,7 +78,7 @@ from rpg_megatron.rollout.sglang_servers import (
     Server,
     SGLangHTTPError,
     SGLangUnreachable,
-    free_port,
+    plan_launch,
 )
 
 _log = logging.getLogger(__name__)
@@ -141,7 +138,8 @@ class SGLangEngine:
                 Server(url=scfg.router_url.rstrip("/"), is_router=True) if scfg.router_url else None
             )
         else:
-            self._servers, self._router = self._plan_launch()
+            self._log_dir = Path(scfg.log_dir or tempfile.mkdtemp(prefix="rpg_sglang_"))
+            self._servers, self._router = plan_launch(scfg, self._log_dir)
             check_sglang_version(scfg.python or sys.executable)
             try:
                 for s in self._servers:
@@ -152,7 +150,6 @@ class SGLangEngine:
                     # After the servers: the router gives up on workers that are slow to start.
                     self._router.start({})
                     self._router.wait_healthy(self._http, scfg.launch_timeout_s)
-                    self._wait_workers(scfg.launch_timeout_s)
             except BaseException:
                 self.shutdown()
                 raise
@@ -394,10 +391,20 @@ class SGLangEngine:
             self._post_weights(s.url + "/update_weights_from_tensor", payload, version)
 
     def _push_distributed(self, buckets: Iterable[Bucket], version: int) -> None:
-        """Distributed transport: broadcast from this process (rank 0) to every server."""
+        """Distributed transport: broadcast from this process (rank 0) to every server. After a
+        failure part way the group's broadcasts may be out of step: the next update makes a
+        new group."""
         if self._group is None:
             self._group = self._init_group()
-        group = self._group
+        try:
+            self._broadcast_buckets(self._group, buckets, version)
+        except BaseException:
+            self._drop_group(self._servers)
+            raise
+
+    def _broadcast_buckets(
+        self, group: weights.WeightGroup, buckets: Iterable[Bucket], version: int
+    ) -> None:
         with self._session(self._servers, version):
             pending: Bucket | None = None
             it = iter(buckets)
@@ -548,8 +555,6 @@ class SGLangEngine:
             s.start({} if s.is_router else self._env)
         for s in servers:
             s.wait_healthy(self._http, self._cfg.launch_timeout_s)
-            if s.is_router:
-                self._wait_workers(self._cfg.launch_timeout_s)
 
     def _relaunch(self, servers: list[Server]) -> None:
         """Restart dead launched servers once and reload the last weights into them."""
@@ -585,24 +590,6 @@ class SGLangEngine:
         self._group = None
         self._group_generation += 1
 
-    def _wait_workers(self, timeout_s: float) -> None:
-        """Until the launched router lists every server (it registers them about a second after
-        it answers /health; a request before that gets 503 'no available workers')."""
-        assert self._router is not None
-        deadline = time.monotonic() + timeout_s
-        want = len(self._servers)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(SGLangHTTPError, SGLangUnreachable):
-                out = self._http.call("GET", self._router.url + "/workers", None, retries=False)
-                if isinstance(out, dict) and int(out.get("total", 0)) >= want:
-                    return
-            time.sleep(0.5)
-        raise TimeoutError(
-            f"sglang-router at {self._router.url} did not list the {want} servers within "
-            f"sglang.launch_timeout_s={timeout_s}; last log lines of {self._router.log_path}:\n"
-            f"{self._router.tail()}"
-        )
-
     def _dead(self) -> list[Server]:
         """Launched processes that exited (no request needed to tell)."""
         if not self._cfg.restart_on_failure:
@@ -625,31 +612,6 @@ class SGLangEngine:
 
     def _all(self) -> list[Server]:
         return [*self._servers, *([self._router] if self._router else [])]
-
-    def _plan_launch(self) -> tuple[list[Server], Server | None]:
-        cfg = self._cfg
-        self._log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="rpg_sglang_"))
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        python = cfg.python or sys.executable
-        servers = [
-            Server(
-                url=f"http://{cfg.host}:{cfg.base_port + i}",
-                argv=server_argv(cfg, i, python=python),
-                log_path=self._log_dir / f"server_{i}.log",
-            )
-            for i in range(cfg.num_engines)
-        ]
-        router = None
-        if cfg.num_engines > 1:
-            router = Server(
-                is_router=True,
-                url=f"http://{cfg.host}:{cfg.router_port}",
-                argv=router_argv(
-                    cfg, [s.url for s in servers], python=python, metrics_port=free_port(cfg.host)
-                ),
-                log_path=self._log_dir / "router.log",
-            )
-        return servers, router
 
     # ------------------------------------------------------------------------------ checks
     def _open(self, what: str) -> None:

@@ -1,5 +1,5 @@
-"""SGLang server processes and the HTTP calls to them: start, wait until healthy, stop; one JSON
-request with timeouts and retries.
+"""SGLang server processes and the HTTP calls to them: what to launch, start, wait until healthy,
+stop; one JSON request with timeouts and retries.
 
 Standard library only (`urllib.request`, JSON bodies, proxies disabled for these URLs):
 `requests` is not installed in the project venv and httpx arrives only as a transitive
@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rpg_megatron.config import SGLangConfig
+from rpg_megatron.rollout.sglang_protocol import router_argv, server_argv
 
 
 class SGLangHTTPError(RuntimeError):
@@ -89,6 +93,8 @@ class Server:
     """stdout + stderr of the launched process (appended across relaunches)."""
     is_router: bool = False
     """sglang-router: probed with its own /health, gets no weights."""
+    workers: int = 0
+    """A launched router: how many servers it must list before it is ready."""
     proc: subprocess.Popen | None = None
 
     @property
@@ -124,7 +130,7 @@ class Server:
                     f"while starting: `{' '.join(self.argv)}`; last log lines of "
                     f"{self.log_path}:\n{self.tail()}"
                 )
-            if http.probe(self.url + probe):
+            if http.probe(self.url + probe) and self._lists_workers(http):
                 return
             time.sleep(0.5)
         raise TimeoutError(
@@ -132,6 +138,17 @@ class Server:
             f"{timeout_s}; raise it for large models. Command: `{' '.join(self.argv)}`; last "
             f"log lines of {self.log_path}:\n{self.tail()}"
         )
+
+    def _lists_workers(self, http: Http) -> bool:
+        """A router registers its workers about a second after it answers /health; before
+        that a request gets 503 'no available workers'."""
+        if not self.workers:
+            return True
+        try:
+            out = http.call("GET", self.url + "/workers", None, retries=False)
+        except (SGLangHTTPError, SGLangUnreachable):
+            return False
+        return isinstance(out, dict) and int(out.get("total", 0)) >= self.workers
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM to the process group, SIGKILL after `grace_s`; children that outlived the
@@ -155,6 +172,32 @@ class Server:
         if self.log_path is None or not self.log_path.exists():
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def plan_launch(cfg: SGLangConfig, log_dir: Path) -> tuple[list[Server], Server | None]:
+    """The servers (and, for several, the router) a launching engine starts; logs in
+    log_dir/server_{i}.log and router.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    python = cfg.python or sys.executable
+    servers = [
+        Server(
+            url=f"http://{cfg.host}:{cfg.base_port + i}",
+            argv=server_argv(cfg, i, python=python),
+            log_path=log_dir / f"server_{i}.log",
+        )
+        for i in range(cfg.num_engines)
+    ]
+    if cfg.num_engines == 1:
+        return servers, None
+    urls = [s.url for s in servers]
+    router = Server(
+        url=f"http://{cfg.host}:{cfg.router_port}",
+        argv=router_argv(cfg, urls, python=python, metrics_port=free_port(cfg.host)),
+        log_path=log_dir / "router.log",
+        is_router=True,
+        workers=len(servers),
+    )
+    return servers, router
 
 
 def free_port(host: str) -> int:
