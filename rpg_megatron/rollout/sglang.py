@@ -108,6 +108,8 @@ class SGLangEngine:
             )
         self._cfg: SGLangConfig = scfg
         self._vocab_size = int(hf_config.get("vocab_size") or 0)
+        self._hf_config = dict(hf_config)
+        self._shape_table: dict[str, tuple[int, ...]] | bool | None = False  # False: not yet
         self._tokenizer = tokenizer  # stop strings are matched by the server's own tokenizer
         self._http = Http(
             timeout_s=scfg.request_timeout_s,
@@ -187,7 +189,9 @@ class SGLangEngine:
         until `wake`). A launched server that dies during the push is relaunched and every
         server gets the whole update again from the host copy. Any other failure part way leaves
         the engine without usable weights (generate raises) until a complete update succeeds.
-        The server's loader rejects unknown names; its message is raised as ValueError.
+        A name the model lacks, or a wrong shape, raises ValueError naming it before its bucket
+        is sent (checked here against `hf_config`: sglang's loaders skip unknown names); a
+        server's own refusal is raised as ValueError with its message.
         """
         self._open("update_weights")
         if not isinstance(version, int) or version < 0:
@@ -202,8 +206,15 @@ class SGLangEngine:
         keep = self._cfg.restart_on_failure and self._launched
         kept: list[Bucket] = []
 
+        shapes = self._shapes()
+
         def tee() -> Iterator[Bucket]:
             for bucket in buckets:
+                if shapes is not None:
+                    try:
+                        weights.check_bucket(bucket, shapes)
+                    except ValueError as e:
+                        raise ValueError(f"update_weights(version={version}): {e}") from None
                 if keep:
                     kept.append(weights.host_copy(bucket))
                     if bucket:
@@ -589,6 +600,12 @@ class SGLangEngine:
         self._group.close()
         self._group = None
         self._group_generation += 1
+
+    def _shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """The model's tensor names and shapes (once; None when hf_config names no model)."""
+        if self._shape_table is False:
+            self._shape_table = weights.hf_parameter_shapes(self._hf_config)
+        return self._shape_table
 
     def _dead(self) -> list[Server]:
         """Launched processes that exited (no request needed to tell)."""

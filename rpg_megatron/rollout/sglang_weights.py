@@ -42,7 +42,7 @@ import contextlib
 import io
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,36 @@ def to_device(bucket: list[tuple[str, Tensor]], device: str) -> list[tuple[str, 
     """A host copy on its way back to a GPU server: CUDA IPC needs CUDA tensors (and a CPU
     tensor's shared-memory handle would make every GPU rank copy it from host memory)."""
     return [(n, t.to(device, non_blocking=False)) for n, t in bucket]
+
+
+# ------------------------------------------------------------------------------ names
+def hf_parameter_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every tensor of the Hugging Face model `hf_config` (a config.json)
+    describes, from a meta-device transformers model (no memory); None when the config names
+    no architecture. The engine checks pushed names against it: sglang 0.5.23's loaders skip a
+    name the model lacks with only a log warning (srt/models/qwen3.py 752-759)."""
+    if not hf_config.get("architectures") or not hf_config.get("model_type"):
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in hf_config.items() if k != "model_type"}
+    config = AutoConfig.for_model(hf_config["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
+def check_bucket(bucket: list[tuple[str, Tensor]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """ValueError naming the first tensor the model does not have, or has in another shape."""
+    for name, t in bucket:
+        want = shapes.get(name)
+        if want is None:
+            raise ValueError(
+                f"{name!r} is not a tensor of this model (e.g. {next(iter(shapes))!r}); sglang "
+                "would skip it with a warning; check the HF name mapping (hf_map.py)"
+            )
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; the model's is {want}")
 
 
 # ------------------------------------------------------------------------------ group

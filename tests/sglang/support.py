@@ -126,10 +126,11 @@ def cpu_config(**kw) -> SGLangConfig:
     return SGLangConfig(**{**base, **kw})
 
 
-def attach(urls: list[str], **kw) -> SGLangEngine:
+def attach(urls: list[str], hf_config: dict | None = None, **kw) -> SGLangEngine:
     """An engine attached to running servers (no launch, no relaunch)."""
     cfg = cpu_config(server_urls=tuple(urls), **kw)
-    return SGLangEngine(RolloutConfig(engine="sglang"), hf_config={"vocab_size": 27}, sglang=cfg)
+    hf = hf_config or {"vocab_size": 27}
+    return SGLangEngine(RolloutConfig(engine="sglang"), hf_config=hf, sglang=cfg)
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:

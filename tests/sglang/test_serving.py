@@ -8,6 +8,7 @@ engine's own samples must equal its log-probs to support.TOL.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -64,6 +65,52 @@ def test_greedy_decoding_reproduces_across_calls_and_chunkings(cluster, tiny) ->
         with torch.no_grad():
             argmax = hf(ids).logits[0, len(p) - 1 : -1].argmax(-1).tolist()
         assert tokens == argmax
+
+
+def test_stop_tokens_and_lengths_as_the_server_applies_them(cluster, tiny) -> None:
+    """Finish reasons from the real server map to ours: a greedy run, then the same with its
+    third token as a stop token, stops there with "stop" (the stop token kept, so the policy
+    learns to stop); ignore_eos runs to max_new_tokens with "length"."""
+    _, state = tiny
+    engine = support.attach([cluster._servers[1].url])
+    engine.update_weights(support.buckets(state), version=20)
+    prompt = support.prompts(1, seed=20)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
+    (free,) = engine.generate(prompt, greedy)
+    assert free.finish_reason == "length" and len(free.token_ids) == 6
+    stop = free.token_ids[2]
+    first = free.token_ids.index(stop)  # the stop token may occur earlier too
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=(stop,))
+    (cut,) = engine.generate(prompt, params)
+    assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[: first + 1]
+    assert cut.logprobs == pytest.approx(free.logprobs[: first + 1], abs=support.TOL)
+
+
+def test_unknown_names_are_skipped_by_the_server_so_the_engine_refuses_them(cluster, tiny):
+    """The real server takes a tensor it has no parameter for (it logs a warning and answers
+    success), which is why the engine checks names against the model itself: with the model's
+    config.json it raises ValueError naming the tensor and sends nothing; a complete update then
+    serves exactly its weights."""
+    model_dir, state = tiny
+    url = cluster._servers[1].url
+    http = Http(timeout_s=300, probe_timeout_s=60, retries=0)
+    bogus = [("model.no_such_module.weight", torch.zeros(3))]
+    body = {"serialized_named_tensors": sglang_weights.per_rank_payloads(bogus, 1)}
+    http.call("POST", url + "/begin_weight_update", {}, retries=False)
+    try:
+        out = http.call("POST", url + "/update_weights_from_tensor", body, retries=False)
+    finally:
+        http.call("POST", url + "/end_weight_update", {}, retries=False)
+    assert out["success"] is True  # sglang 0.5.23 skipped it
+    assert "model.no_such_module.weight not found" in cluster._servers[1].log_path.read_text()
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    engine = support.attach([url], hf_config=hf_config)
+    with pytest.raises(ValueError, match=r"'model\.no_such_module\.weight' is not a tensor"):
+        engine.update_weights([bogus], version=21)
+    new = support.perturbed(state, seed=21)
+    engine.update_weights(support.buckets(new), version=22)
+    prompts = support.prompts(4, seed=21)
+    support.assert_matches_hf(model_dir, new, prompts, engine.generate(prompts, SAMPLE), 22)
 
 
 def test_tensor_path_in_a_session_matches_hf(cluster, tiny) -> None:

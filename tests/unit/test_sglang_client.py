@@ -514,6 +514,26 @@ def test_a_session_left_open_is_closed_and_a_failed_update_closes_its_own(fake, 
     assert engine.generate([[1]], SamplingParams(max_new_tokens=1))[0].weight_version == 4
 
 
+def test_unknown_names_and_wrong_shapes_are_refused_before_sending(fake) -> None:
+    """sglang 0.5.23's Qwen3 loader skips a name the model lacks with a log warning
+    (srt/models/qwen3.py 752-759; seen on a real server in tests/sglang), so the engine checks
+    names and shapes against hf_config's model itself, before anything is sent."""
+    from rpg_megatron.tiny import tiny_hf_config
+
+    cfg = SGLangConfig(server_urls=(fake.url,), retries=0)
+    engine = sg.SGLangEngine(
+        RolloutConfig(engine="sglang"), hf_config=tiny_hf_config(27), sglang=cfg
+    )
+    with pytest.raises(ValueError, match=r"version=1\): 'a\.weight' is not a tensor of this model"):
+        engine.update_weights(BUCKETS, version=1)
+    wrong = [[("lm_head.weight", torch.zeros(27, 63))]]
+    with pytest.raises(ValueError, match=r"lm_head\.weight has shape \(27, 63\).*\(27, 64\)"):
+        engine.update_weights(wrong, version=2)
+    assert "/update_weights_from_tensor" not in fake.paths()
+    engine.update_weights([[("lm_head.weight", torch.zeros(27, 64))]], version=3)
+    assert torch.equal(fake.loaded["lm_head.weight"], torch.zeros(27, 64))
+
+
 def test_serialised_once_per_tp_rank_and_server(monkeypatch) -> None:
     """Finding 7: each TP rank of each server gets its own serialization (a CUDA IPC dump
     registers one reference per dump; tp_worker.py 194-201). Before, one blob was repeated for
