@@ -3,12 +3,13 @@
 Every test module here is marked `sglang` (pytestmark). The servers run from the venv that
 tools/sglang_venv.sh builds once per machine (`make test-sglang` builds or finds it and exports
 RPG_SGLANG_PYTHON); without it the tier skips, naming the command. They start once per test
-session: `cluster` is an SGLangEngine that launched two servers of the tiny model (float32,
-seeded random weights saved by `support.write_model`) behind sglang-router, stopped by process
-group at the end of the session. Tests that need a single server, or another weight transport,
-attach their own engine to the cluster's URLs; every test pushes the weights it asserts about,
-so test order does not matter. Truth is independent: a Hugging Face model holding the same
-tensors, or Megatron's own log-probs.
+session, for this package only (so they stop before a `make test` run goes on to tests/unit):
+`cluster` is an SGLangEngine that launched two servers of the tiny model (float32, seeded random
+weights saved by `support.write_model`) behind sglang-router, stopped by process group at the
+end. Tests that need a single server, or another weight transport, attach their own engine to
+the cluster's URLs; every test pushes the weights it asserts about, so test order does not
+matter. Truth is independent: a Hugging Face model holding the same tensors, or Megatron's own
+log-probs.
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ def sglang_python() -> str:
     return python
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """(model directory, its state dict): what the servers start from."""
     path = tmp_path_factory.mktemp("tiny_model")
     return path, support.write_model(path, seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(
     sglang_python: str, tiny: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SGLangEngine]:
