@@ -412,8 +412,11 @@ def _engine_dtype(cfg: Config) -> torch.dtype:
     return torch.float32
 
 
-def _sync_weights(policy: step.Policy, engine: Any, *, version: int, dtype: torch.dtype) -> None:
-    """Full HF-named tensors from the (TP/PP-sharded) policy to rank 0's engine, in `dtype`.
+def _sync_weights(
+    policy: step.Policy, engine: Any, *, version: int, dtype: torch.dtype = torch.float32
+) -> None:
+    """Full HF-named tensors from the (TP/PP-sharded) policy to rank 0's engine, in `dtype`
+    (train passes `_engine_dtype(cfg)`).
     The export is collective, so every rank walks the buckets; only rank 0 loads them. In
     colocated mode the engine is asleep here; it takes the update anyway (RolloutEngine)."""
     buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=dtype)
