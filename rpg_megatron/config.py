@@ -270,11 +270,27 @@ class SGLangConfig:
     """Launch mode: server i listens on base_port + i."""
     router_port: int = 30100
     """Launch mode: port of the router (when num_engines > 1)."""
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    """Launch mode: the router's --policy. cache_aware keeps a prompt's n_samples on the server
+    that holds its prefix."""
     mem_fraction_static: float = 0.8
     """Launch mode: fraction of GPU memory for weights + KV cache (--mem-fraction-static)."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where the servers run. cpu: sglang's native-torch CPU path (SGLANG_USE_CPU_ENGINE=1,
+    torch_native attention, no CUDA graphs; the venv needs the sgl-kernel stand-in that
+    tools/sglang_venv.sh installs); sleep/wake are no-ops there (nothing to hand back, and
+    sglang's release_memory_occupation needs CUDA), and weight_sync=distributed uses gloo."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """The servers' weight dtype (--dtype); the trainer exports its weights in this dtype."""
+    max_total_tokens: int = 0
+    """Launch mode: --max-total-tokens (KV-cache size in tokens); 0 = sglang sizes it from
+    mem_fraction_static (on CPU that is ~10 GB, so set it there)."""
     deterministic: bool = False
-    """Launch mode: --enable-deterministic-inference, which makes SGLang honour the per-prompt
-    `sampling_seed` (slower kernels)."""
+    """The servers run with --enable-deterministic-inference (launch mode adds it; attach mode:
+    declare that they were started so): only then does SGLang read the per-prompt
+    `sampling_seed` the engine then sends (slower kernels). GPU only: sglang 0.5.23 accepts it
+    only with a triton / fa3 / flashinfer attention backend and samples seeded tokens with a
+    Triton kernel."""
     extra_server_args: tuple[str, ...] = ()
     """Launch mode: further `sglang.launch_server` arguments, appended verbatim."""
     python: str = ""
@@ -294,9 +310,11 @@ class SGLangConfig:
     max_concurrency: int = 16
     """/generate requests in flight at once (over all engines)."""
     weight_sync: WeightSync = "colocated"
-    """colocated: trainer and servers share GPUs; tensors travel as CUDA IPC handles via
-    /update_weights_from_tensor. distributed: servers on their own GPUs; tensors travel by NCCL
-    broadcast via /init_weights_update_group + /update_weights_from_distributed."""
+    """colocated: trainer and servers share a host (GPUs); tensors travel as CUDA IPC handles
+    (CPU tensors: `file_system` shared memory) via /update_weights_from_tensor. distributed:
+    servers on their own GPUs; tensors travel by NCCL broadcast (gloo for device=cpu) via
+    /init_weights_update_group + /update_weights_from_distributed. Both inside a weight-update
+    session (/begin_weight_update ... /end_weight_update)."""
     nccl_master_address: str = "127.0.0.1"
     """distributed: address of this (trainer) process, reachable from every server."""
     nccl_master_port: int = 29600
@@ -305,8 +323,13 @@ class SGLangConfig:
     """Attach mode: the servers run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, so their log-probs
     are raw (temperature 1) at any temperature; without it generate refuses temperature != 1."""
     restart_on_failure: bool = True
-    """Keep a host copy of the last weights so a launched server that died can be relaunched and
-    reloaded (costs one model in host RAM)."""
+    """Relaunch a launched server that died and reload the last weights into it (kept as
+    `restart_weights` says)."""
+    restart_weights: Literal["host", "disk"] = "host"
+    """Where the last weights are kept for a relaunch (and for a wake after sleep released
+    them). host: a copy in host RAM (one model), reloaded by /update_weights_from_tensor. disk:
+    safetensors under log_dir/weights, rewritten every update (one model on disk, plus the write
+    time), reloaded by /update_weights_from_disk."""
 
     def __post_init__(self) -> None:
         if self.router_url and not self.server_urls:
@@ -321,6 +344,18 @@ class SGLangConfig:
         if self.retries < 0:
             raise ConfigError(f"rollout.sglang.retries={self.retries}: must be >= 0")
         last = self.base_port + self.num_engines - 1  # server i listens on base_port + i
+        if self.max_total_tokens < 0:
+            raise ConfigError(
+                f"rollout.sglang.max_total_tokens={self.max_total_tokens}: must be >= 0 "
+                "(0 = sglang's own sizing)"
+            )
+        if self.deterministic and self.device == "cpu":
+            raise ConfigError(
+                "rollout.sglang.deterministic=true with device=cpu: sglang 0.5.23 enables "
+                "deterministic inference only with a triton, fa3 or flashinfer attention backend "
+                "and samples seeded tokens with a Triton kernel (GPU only); set "
+                "deterministic=false on CPU (sampling_seed is then not honoured)"
+            )
         for name, lo, hi in (
             ("base_port", self.base_port, last),
             ("router_port", self.router_port, self.router_port),

@@ -107,7 +107,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         save_config(cfg, run_dir / "config.yaml")
     sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
     stop_flag = _install_preemption_handler()
-    _sync_weights(policy, engine, version=first)
+    _sync_weights(policy, engine, version=first, dtype=_engine_dtype(cfg))
 
     for it in range(first, iterations):
         t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             for s in stats:
                 ref.observe(s.get("kl", 0.0))
             reset = ref.maybe_reset(policy)
-        _sync_weights(policy, engine, version=it + 1)
+        _sync_weights(policy, engine, version=it + 1, dtype=_engine_dtype(cfg))
         t_sync = time.perf_counter()
         validation = (
             evaluate.maybe_evaluate(
@@ -493,10 +493,23 @@ def _reward_kl_coef(cfg: Config) -> float:
     return cfg.objective.beta if cfg.objective.advantage == "reinforce_pp" else 0.0
 
 
-def _sync_weights(policy: step.Policy, engine: Any, *, version: int) -> None:
-    """Full HF-named tensors from the (TP/PP-sharded) policy to rank 0's engine. The export is
-    collective, so every rank walks the buckets; only rank 0 loads them."""
-    buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=torch.float32)
+def _engine_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the engine holds its weights in, which the export casts to once on the way
+    (a float32 export to bfloat16 servers doubles the bytes over IPC/NCCL and in the relaunch
+    copy): the SGLang servers' rollout.sglang.dtype; the embedded engine's float32."""
+    if cfg.rollout.engine == "sglang":
+        return getattr(torch, cfg.rollout.sglang.dtype)
+    return torch.float32
+
+
+def _sync_weights(
+    policy: step.Policy, engine: Any, *, version: int, dtype: torch.dtype = torch.float32
+) -> None:
+    """Full HF-named tensors from the (TP/PP-sharded) policy to rank 0's engine, in `dtype`
+    (train passes `_engine_dtype(cfg)`).
+    The export is collective, so every rank walks the buckets; only rank 0 loads them. In
+    colocated mode the engine is asleep here; it takes the update anyway (RolloutEngine)."""
+    buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=dtype)
     if engine is None:
         for _ in buckets:
             pass
