@@ -13,6 +13,11 @@
     the ground truth, as `reward.extract=[last_number]`). One optimizer step per rollout batch
     on both sides (TRL: micro-batches of 32 with gradient accumulation over the batch).
 
+(3) with `--sglang`: our loop again, with rollout.engine=sglang: one real SGLang 0.5.23 server on
+    this CPU (float32, sglang's native-torch CPU path, launched by the trainer from the SGLang
+    venv of tools/sglang_venv.sh), the same config otherwise; its start-up (~1 min) counts in
+    the start-up column, not in the step times.
+
 Not equal by construction: the initial weights (Megatron's seeded init vs HF's, both random
 with std 0.02), the prompt order (each side shuffles the pool with its own sampler), and what
 each side computes per step (ours adds an old-policy log-prob pass; TRL skips it when on-policy).
@@ -22,8 +27,10 @@ build) is excluded from the per-step times and reported separately.
     python bench/e2e.py                      # 250 steps each (~6 min on 2 CPU cores)
     python bench/e2e.py --steps 3 --prompts 4
     python bench/e2e.py --record             # append the table to docs/benchmarks.md
+    python bench/e2e.py --sglang             # plus the SGLang-server row
 
-Last line, exactly: step_ratio=<ours / TRL median seconds per step>
+Last line, exactly: step_ratio=<ours / TRL median seconds per step>, then with --sglang
+` sglang_step_ratio=<ours through SGLang / ours embedded>`.
 
 `--compare engines` (`compare_engines`) instead times a step's generation phase, the
 trainer's collect() (generation, reward scoring, the gather: what `time/generate_s` measures), on
@@ -91,11 +98,56 @@ def time_to_reward(
 
 
 # ---------------------------------------------------------------------------------- ours
+def sglang_overrides(demo: Path, run_dir: Path, python: str) -> list[str]:
+    """Config overrides that put one real SGLang server (CPU) under our loop."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        "rollout.engine=sglang",
+        f"rollout.sglang.model_path={demo / 'model'}",
+        "rollout.sglang.load_format=dummy",  # the first weight sync brings the trainer's
+        "rollout.sglang.device=cpu",
+        "rollout.sglang.dtype=float32",
+        "rollout.sglang.max_total_tokens=16384",
+        "rollout.sglang.mem_fraction_static=0.5",
+        "rollout.sglang.prompts_per_request=256",
+        f"rollout.sglang.python={python}",
+        f"rollout.sglang.base_port={port}",
+        f"rollout.sglang.log_dir={run_dir / 'sglang'}",
+        "rollout.sglang.launch_timeout_s=1200",
+        "rollout.sglang.health_timeout_s=120",
+    ]
+
+
+def default_sglang_python() -> str | None:
+    """The SGLang venv tools/sglang_venv.sh keeps, if it is complete."""
+    out = subprocess.run(
+        ["bash", str(REPO / "tools" / "sglang_venv.sh"), "--path"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    venv = Path(out.stdout.strip())
+    return str(venv / "bin" / "python") if (venv / ".rpg-complete").exists() else None
+
+
 def run_ours(
-    demo: Path, out: Path, *, steps: int, prompts: int, samples: int, threads: int
+    demo: Path,
+    out: Path,
+    *,
+    steps: int,
+    prompts: int,
+    samples: int,
+    threads: int,
+    name: str = "ours",
+    sglang_python: str | None = None,
 ) -> dict[str, Any]:
-    """Train `steps` steps with our loop in a subprocess; returns the per-step metrics."""
-    run_dir = out / "ours"
+    """Train `steps` steps with our loop in a subprocess; returns the per-step metrics. With
+    `sglang_python`, rollouts come from a real SGLang server run by that interpreter."""
+    run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a reused --work-dir: this run starts afresh
     cmd = [
         sys.executable,
@@ -112,6 +164,8 @@ def run_ours(
         f"rollout.prompts_per_step={prompts}",
         f"rollout.n_samples={samples}",
     ]
+    if sglang_python is not None:
+        cmd += sglang_overrides(demo, run_dir, sglang_python)
     t0 = time.perf_counter()
     _run(cmd, threads, run_dir.with_suffix(".log"))
     wall = time.perf_counter() - t0
@@ -427,17 +481,27 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
-def table(ours: dict, trl: dict, *, threshold: float, window: int, load: float) -> str:
-    """The markdown table: per-phase medians of ours, step medians of both, time to reward."""
-    n_ours = sum(ours["samples"]) / len(ours["samples"])
-    n_trl = sum(trl["samples"]) / len(trl["samples"])
+def table(
+    ours: dict,
+    trl: dict,
+    *,
+    threshold: float,
+    window: int,
+    load: float,
+    sglang: dict | None = None,
+) -> str:
+    """The markdown table: per-phase medians of ours, step medians of all, time to reward."""
+    systems = [("ours (rpg_megatron)", ours), (f"TRL {trl['trl']}", trl)]
+    if sglang is not None:
+        systems.append(("ours, rollouts from a real SGLang server (CPU)", sglang))
     lines = [
         "| system | steps | prompts x samples / step | generate s | log-prob s | train s "
         "| sync s | step s | response tok/s | final reward (last 10) "
         f"| steps, s to reward {threshold} (window {window}) | start-up s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, d, n in (("ours (rpg_megatron)", ours, n_ours), (f"TRL {trl['trl']}", trl, n_trl)):
+    for name, d in systems:
+        n = sum(d["samples"]) / len(d["samples"])
         step_s = _median(d["step_s"])
         phases = [f"{_median(d['phases'][p]):.3f}" for p in PHASES] if "phases" in d else ["-"] * 4
         tok_s = n * _median(d["response_len"]) / step_s
@@ -452,11 +516,16 @@ def table(ours: dict, trl: dict, *, threshold: float, window: int, load: float) 
             f"| {startup:.1f} |"
         )
     ratio = _median(ours["step_s"]) / _median(trl["step_s"])
-    return (
+    text = (
         "\n".join(lines)
         + f"\n\nstep-time ratio ours / TRL (median s per step, first step excluded): {ratio:.3f}"
-        + f"\n1-minute load average at start: {load:.1f}\n"
     )
+    if sglang is not None:
+        text += (
+            "\nstep-time ratio ours through SGLang / ours embedded: "
+            f"{_median(sglang['step_s']) / _median(ours['step_s']):.3f}"
+        )
+    return text + f"\n1-minute load average at start: {load:.1f}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -478,6 +547,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=10, help="sliding window in steps")
     p.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: tmp)")
     p.add_argument("--record", action="store_true", help="append the table to the docs")
+    p.add_argument(
+        "--sglang",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PYTHON",
+        help="also run our loop with rollouts from a real SGLang server on this CPU, run by "
+        "PYTHON (default: the venv of tools/sglang_venv.sh)",
+    )
     p.add_argument(
         "--trl-worker", nargs=2, type=Path, metavar=("DEMO", "RESULT"), help=argparse.SUPPRESS
     )
@@ -507,16 +585,28 @@ def main(argv: list[str] | None = None) -> int:
         common = {"steps": args.steps, "prompts": prompts, "samples": samples}
         ours = run_ours(demo, out, threads=args.threads, **common)
         trl = run_trl(demo, out, threads=args.threads, config=config, **common)
-    text = table(ours, trl, threshold=args.threshold, window=args.window, load=load)
+        sglang = None
+        if args.sglang is not None:
+            python = default_sglang_python() if args.sglang == "auto" else args.sglang
+            if python is None:
+                p.error("--sglang: no SGLang venv; build it with `bash tools/sglang_venv.sh`")
+            sglang = run_ours(
+                demo, out, threads=args.threads, name="ours_sglang", sglang_python=python, **common
+            )
+    text = table(ours, trl, threshold=args.threshold, window=args.window, load=load, sglang=sglang)
     print(text)
     if args.record:
         record(
-            "e2e: one RL step, ours vs TRL GRPOTrainer",
+            "e2e: one RL step, ours vs TRL GRPOTrainer"
+            + (", and ours through a real SGLang server (CPU)" if sglang is not None else ""),
             f"python bench/e2e.py {' '.join(argv)}",
             text,
         )
     ratio = _median(ours["step_s"]) / _median(trl["step_s"])
-    print(f"step_ratio={ratio:.3f}")
+    last = f"step_ratio={ratio:.3f}"
+    if sglang is not None:
+        last += f" sglang_step_ratio={_median(sglang['step_s']) / _median(ours['step_s']):.3f}"
+    print(last)
     return 0
 
 

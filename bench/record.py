@@ -9,7 +9,10 @@ import os
 import platform
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+DOC = Path(
+    os.environ.get("RPG_BENCHMARKS_DOC")  # bench/gpu.py --dry records into a scratch copy
+    or Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+)
 HEADER = "# Benchmarks\n\nOne section per run, newest last.\n"
 
 

@@ -18,14 +18,15 @@ neither path steps it), printed as "resident" in the table's first line.
     python bench/train_step.py --preset qwen3-4b-8k --fp8 delayed
     python bench/train_step.py --preset tiny-cpu --record   # append the table to docs
     python bench/train_step.py --preset tiny-cpu --levers   # + ours with each lever undone
-    bash bench/gpu.sh bench                                 # the GPU presets on a lent H100
+    bash bench/gpu.sh b                                     # the GPU presets on a lent GPU
 
 --levers also times our update with one optimisation at a time put back the way a naive RL
 step does it (LEVERS below), in the same rotation, so each row's "vs ours" is what that lever
 buys on this machine.
 
 Last line, exactly: step_ratio=<ours/plain tokens per second> mem_ratio=<ours/plain peak or nan>
-(over the last layout measured; the table has every layout).
+ours_tokens_s=<> plain_tokens_s=<> ours_peak_gib=<> plain_peak_gib=<> (peaks nan on CPU),
+over the last layout measured; the table has every layout.
 """
 
 from __future__ import annotations
@@ -296,6 +297,9 @@ def run_layout(
         # parameter, 16 GB at 4B) would only shrink the room both paths have, and the
         # reference numbers (../shared/gpu/README.md) were taken without one.
         policy.optimizer = _NoOptimizer()
+        # The loss scale is 1 in bfloat16/float32; the bound optimizer.scale_loss would keep
+        # the dropped optimizer (and its fp32 main copy) alive.
+        policy.gpt.config.grad_scale_func = None
         base = make_batch(arch.vocab_size, preset.seq)
         batch = with_logps(base, step.logprobs(policy, base))
         m = Measured(tp=world)
@@ -398,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp8", choices=["delayed", "tensorwise", "blockwise"], default=None)
     ap.add_argument("--seq", type=int, default=None, help="override tokens per step")
     ap.add_argument("--steps", type=int, default=None, help="override measured steps")
+    ap.add_argument("--warmup", type=int, default=None, help="override warm-up steps")
+    ap.add_argument(
+        "--tps", type=int, nargs="+", default=None, help="override the TP sizes to measure"
+    )
     ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     ap.add_argument(
         "--levers",
@@ -408,14 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
-    if args.seq or args.steps:
+    if args.seq or args.steps or args.warmup is not None or args.tps:
         preset = Preset(
             hf=preset.hf,
             seq=args.seq or preset.seq,
-            tps=preset.tps,
+            tps=tuple(args.tps or preset.tps),
             dtype=preset.dtype,
             steps=args.steps or preset.steps,
-            warmup=preset.warmup,
+            warmup=preset.warmup if args.warmup is None else args.warmup,
         )
     if preset.dtype != "float32" and not torch.cuda.is_available():
         print(f"preset {args.preset} needs a GPU (model.dtype={preset.dtype})", file=sys.stderr)
@@ -435,7 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = _table(args.preset, preset, rows, args.fp8)
     step_ratio, mem_ratio = ratios(rows[-1])
     print("\n".join(lines))
-    last = f"step_ratio={step_ratio:.3f} mem_ratio={mem_ratio:.3f}"
+    m = rows[-1]
+    last = (
+        f"step_ratio={step_ratio:.3f} mem_ratio={mem_ratio:.3f}"
+        f" ours_tokens_s={preset.seq / statistics.median(m.s['ours']):.0f}"
+        f" plain_tokens_s={preset.seq / statistics.median(m.s['plain']):.0f}"
+        f" ours_peak_gib={m.peak['ours']:.2f} plain_peak_gib={m.peak['plain']:.2f}"
+    )
     if args.record:
         cmd = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
         ratios_all = ", ".join(f"TP={m.tp}: step_ratio={ratios(m)[0]:.3f}" for m in rows)

@@ -1,19 +1,34 @@
-"""Save and resume training state atomically: model, optimizer, RNG, step and extra state.
+"""Training checkpoints in Megatron's distributed format: written atomically by every rank,
+resumed at any parallel layout.
 
 Layout under `checkpoint.dir`:
 
-    step_00000012/            one complete checkpoint
-      rank_00000.pt           that rank's model/optimizer shards, RNG states and `extra`
-      meta.json               step, world layout, extra (reference-policy state, data cursor)
-      config.yaml             the resolved config of the run
-    latest                    text file naming the newest complete step directory
+    step_00000012/          one complete checkpoint
+      meta.json             header: format, step, the writer's layout (tp, pp, cp, dp, world)
+                            and whatever the trainer adds (dtype, optimizer kind, versions)
+      weights/              megatron.core.dist_checkpointing (torch_dist) of every rank's shards:
+                            the policy under GPTModel's own keys, the optimizer's model-space
+                            state, the reference policy, each rank's RNG states (`rng_state`,
+                            one shard per rank) and the common state (step, data cursor, ...)
+      config.yaml           the resolved config of the run
+      ...                   files the trainer adds (config.json, conversion.json, tokenizer):
+                            they make a step a Megatron checkpoint directory that
+                            `convert mcore-to-hf --mcore`, `eval --mcore` and model.init_from read
+    latest                  text file naming the newest complete step directory
 
-Every rank writes into `step_xxx.tmp/`; after a barrier rank 0 writes meta.json, renames the
-directory to `step_xxx` and then replaces `latest` (write-then-rename both times), so a crash at
-any point leaves either the previous checkpoint or the new one, never half of one. Resume needs
-the same parallel layout (tp, pp, dp) the checkpoint was written with. A run that completes also
-writes its policy as a Hugging Face model (`<log.run_dir>/hf`, train.py), which starts a new run
-at any layout (`model.hf_path`) and is what `rpg-megatron eval --model` reads.
+Writing (`save`, collective): rank 0 creates `step_xxx.tmp/`, every rank writes its shards into
+it, then rank 0 adds meta.json and the side files, renames the directory to `step_xxx` and
+replaces `latest` (write-then-rename both times), so a crash at any point leaves the previous
+checkpoint or the new one, never half of one. Pruning keeps `checkpoint.keep` and never the one
+`latest` names.
+
+Reading (`find_latest`, then `load`, both collective): every rank checks the pointer, meta.json
+and the dist checkpoint's files (metadata.json, .metadata, common.pt, and that every .distcp
+file the metadata points into exists and is long enough), and the ranks agree: the first
+failing rank's message is raised on every rank, before any rank loads, prints or writes; the
+load itself is agreed on the same way. Megatron's ShardedTensors carry global shapes and
+offsets, so any tp/pp/dp reads them. RNG states are restored exactly at the writer's layout;
+at another one `reseed` re-derives them (a rank's stream means nothing across layouts).
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,22 +49,50 @@ import torch.distributed as dist
 from rpg_megatron.config import CheckpointConfig, Config
 from rpg_megatron.config_io import save_config
 
+FORMAT = 2
+"""meta.json `format` written here. 1 (no `format` key): the per-rank torch.save files of
+rpg_megatron before Megatron's distributed checkpoints, refused with what to do."""
+WEIGHTS = "weights"
+"""Subdirectory holding the dist_checkpointing files (the same name as convert.WEIGHTS)."""
+COMMON = "rpg_common"
+"""Key of the common (rank-independent) state inside the dist checkpoint."""
+_RNG = "rng_state"
+
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed here: another layout, a missing or unreadable shard.
+    """A checkpoint that cannot be resumed: a missing, truncated or corrupt file, an old format.
     Names the checkpoint (and the file) and what to do."""
 
 
-@dataclass(slots=True, kw_only=True)
-class Resumed:
-    """What `load_latest` restored."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Found:
+    """A checkpoint every rank has checked (`find_latest`)."""
 
+    path: Path
+    """The step directory."""
     step: int
-    """Optimizer steps completed when the checkpoint was written."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """The `extra` mapping passed to `save` (JSON-able, identical on every rank)."""
+    """Optimizer steps (trainer iterations) completed when it was written."""
+    layout: dict[str, int]
+    """The writer's layout: tp, pp, cp, dp."""
+    meta: dict[str, Any]
+    """The whole meta.json."""
+    keys: frozenset[str] = field(repr=False)
+    """Global keys of the tensors and objects stored (from the torch_dist .metadata)."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Loaded:
+    """What `load` read back."""
+
+    state: dict[str, Any]
+    """The request's structure with the stored tensors in place of its ShardedTensors."""
+    common: dict[str, Any]
+    """The common state passed to `save`."""
+    rng_restored: bool
+    """True when this rank's RNG states were restored (same layout as the writer's)."""
+
+
+# ----------------------------------------------------------------------------- helpers
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -61,12 +104,35 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def agree(error: str | None) -> None:
+    """Raise CheckpointError on every rank when any rank has an error (the lowest rank's)."""
+    _, world = _rank_world()
+    if world > 1:
+        errors: list[str | None] = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise CheckpointError(error)
+
+
+def _from_rank0(obj: Any) -> Any:
+    _, world = _rank_world()
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states, and the CUDA ones when CUDA is present."""
+    """Python, numpy, torch (and CUDA) RNG states, and Megatron's model-parallel tracker's."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -74,54 +140,92 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if state.get("tracker"):
+        get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reseed(seed: int, step: int) -> None:
+    """Re-derive this rank's RNG streams for `step` at the current layout: parallel.init's
+    convention (seed + 100 x pp_rank for python/torch, Megatron's TP offsets for the tracker)
+    applied to `seed + step`, so a resumed run does not replay step 0's streams."""
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mp_tensor_parallel
+
+    pp_rank = (
+        parallel_state.get_pipeline_model_parallel_rank()
+        if parallel_state.model_parallel_is_initialized()
+        else 0
+    )
+    base = seed + step + 100 * pp_rank
+    random.seed(base)
+    np.random.seed(base % 2**32)
+    torch.manual_seed(base)
+    if parallel_state.model_parallel_is_initialized():
+        mp_tensor_parallel.model_parallel_cuda_manual_seed(base, force_reset_rng=True)
 
 
 def step_dir(cfg: CheckpointConfig, step: int) -> Path:
     return Path(cfg.dir) / f"step_{step:08d}"
 
 
+# -------------------------------------------------------------------------------- save
 def save(
     cfg: CheckpointConfig,
     *,
     step: int,
     layout: Mapping[str, int],
-    model: Mapping[str, Any],
-    optimizer: Mapping[str, Any] | None,
-    extra: Mapping[str, Any],
+    sharded: Mapping[str, Any],
+    common: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
     run_config: Config | None = None,
-    rng: Mapping[str, Any] | None = None,
+    side_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write one checkpoint collectively (every rank calls it); returns its directory.
 
-    `model` and `optimizer` are this rank's state dicts; `layout` (e.g. tp/pp/dp sizes) is
-    checked on resume; `extra` must be JSON-serialisable and the same on every rank.
+    `sharded`: this rank's Megatron sharded state dict (ShardedTensors/Objects/Factories, any
+    nesting); `common`: rank-independent state (rank 0's is kept: ranks that never draw
+    prompts hold a stale data cursor); `meta`: extra meta.json fields; `side_files(dir)` runs on
+    rank 0 before the rename (config.json, tokenizer, ...).
     """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from rpg_megatron.convert import _plain_results_queue
+
     rank, world = _rank_world()
     final = step_dir(cfg, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of an interrupted save
-        tmp.mkdir(parents=True)
+        (tmp / WEIGHTS).mkdir(parents=True)
     _barrier()
-    payload = {
-        "model": dict(model),
-        "optimizer": None if optimizer is None else dict(optimizer),
-        "rng": dict(rng) if rng is not None else rng_state(),
+    state = {
+        **sharded,
+        COMMON: _from_rank0(dict(common)),
+        _RNG: ShardedObject(_RNG, rng_state(), (world,), (rank,), replica_id=0),
     }
-    part = tmp / f"rank_{rank:05d}.pt"
-    torch.save(payload, part.with_suffix(".partial"))
-    os.replace(part.with_suffix(".partial"), part)
-    _barrier()
+    with _plain_results_queue():
+        dist_checkpointing.save(state, str(tmp / WEIGHTS))  # ends with a barrier
     if rank == 0:
-        meta = {"step": step, "world_size": world, "layout": dict(layout), "extra": dict(extra)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        header = {
+            "format": FORMAT,
+            "step": step,
+            "world_size": world,
+            "layout": dict(layout),
+            **(meta or {}),
+        }
+        (tmp / "meta.json").write_text(json.dumps(header, indent=1) + "\n")
         if run_config is not None:
             save_config(run_config, tmp / "config.yaml")
+        if side_files is not None:
+            side_files(tmp)
         if final.exists():  # re-saving the same step: keep the new one
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -143,64 +247,156 @@ def _prune(cfg: CheckpointConfig, newest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# -------------------------------------------------------------------------------- find
 def latest_name(cfg: CheckpointConfig) -> str | None:
     """The step directory `latest` names, or None where there is no `latest` yet."""
     pointer = Path(cfg.dir) / "latest"
     return pointer.read_text().strip() if pointer.exists() else None
 
 
-def latest_dir(cfg: CheckpointConfig) -> Path | None:
-    """The newest complete checkpoint, or None. A `.tmp` directory is never complete."""
-    name = latest_name(cfg)
-    if name is None:
-        return None
-    pointer, path = Path(cfg.dir) / "latest", Path(cfg.dir) / name
-    if not (path / "meta.json").exists():
-        raise CheckpointError(f"{pointer} names {path}, which has no meta.json")
-    return path
+def find_latest(cfg: CheckpointConfig) -> Found | None:
+    """The newest complete checkpoint, checked on every rank (collective); None when there is
+    none. Raises CheckpointError, with the same message on every rank, for a bad one."""
+    found, error = None, None
+    try:
+        name = latest_name(cfg)
+        if name is not None:
+            pointer = Path(cfg.dir) / "latest"
+            path = Path(cfg.dir) / name
+            if not path.is_dir():
+                raise CheckpointError(
+                    f"{pointer} names {path}, which does not exist; write the name of a complete "
+                    f"step directory of {cfg.dir} into {pointer}, or start a fresh run"
+                )
+            found = check_step_dir(path)
+    except CheckpointError as e:
+        error = str(e)
+    agree(error)
+    return found
 
 
-def load_latest(
-    cfg: CheckpointConfig,
-    *,
-    layout: Mapping[str, int],
-    load_model: Any,
-    load_optimizer: Any | None,
-) -> Resumed | None:
-    """Restore this rank's part of the newest checkpoint; None when there is none.
-
-    `load_model(state_dict)` / `load_optimizer(state_dict)` apply the saved state dicts; RNG
-    states are restored last so the resumed run draws the same numbers as an unbroken one.
-    """
-    path = latest_dir(cfg)
-    if path is None:
-        return None
-    meta = json.loads((path / "meta.json").read_text())
-    rank, world = _rank_world()
-    if meta["world_size"] != world or meta["layout"] != dict(layout):
+def check_step_dir(path: Path) -> Found:
+    """Check one step directory (this process only): meta.json, the format, the dist
+    checkpoint's files. Raises CheckpointError naming the first bad file."""
+    meta_path = path / "meta.json"
+    meta = _read_meta(path)
+    fmt = meta.get("format", 1)
+    if fmt == 1 or any(path.glob("rank_*.pt")):
         raise CheckpointError(
-            f"checkpoint {path} was written with world_size={meta['world_size']} layout="
-            f"{meta['layout']}, this run has world_size={world} layout={dict(layout)}; resume "
-            "with the same layout (a completed run's policy in <log.run_dir>/hf can start a new "
-            "run at any layout through model.hf_path)"
+            f"{path}: a checkpoint of rpg_megatron's earlier per-rank format (rank_*.pt), which "
+            "this version does not read; finish that run with the rpg_megatron version that "
+            "wrote it (a completed run writes <log.run_dir>/hf), then start a new run from that "
+            "model with model.hf_path"
         )
-    part = path / f"rank_{rank:05d}.pt"
-    if not part.exists():
-        raise CheckpointError(f"checkpoint {path} has no shard for rank {rank}: {part}")
-    try:
-        payload = torch.load(part, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:  # torch's messages do not name the file
-        raise CheckpointError(f"{part}: unreadable checkpoint shard ({e})") from None
-    try:
-        load_model(payload["model"])
-    except RuntimeError as e:  # load_state_dict: missing keys, size mismatches
+    if fmt != FORMAT:
         raise CheckpointError(
-            f"{part}: does not fit this run's model (was model.hf_path or the architecture "
-            f"changed since it was written?): {e}"
+            f"{meta_path}: format {fmt}; this rpg_megatron reads format {FORMAT}: use the "
+            "version that wrote the checkpoint"
+        )
+    try:
+        step, layout = int(meta["step"]), {k: int(v) for k, v in meta["layout"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{meta_path}: no valid step/layout ({e!r})") from None
+    keys = verify_dist_dir(path / WEIGHTS)
+    return Found(path=path, step=step, layout=layout, meta=meta, keys=keys)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        if any(path.glob("rank_*.pt")) or (path / WEIGHTS).is_dir():
+            raise CheckpointError(
+                f"{meta_path}: missing, so the checkpoint {path} is incomplete; write the name "
+                f"of an earlier complete step directory into {path.parent / 'latest'}, or start "
+                "a fresh run"
+            )
+        raise CheckpointError(f"{path}: not a checkpoint directory (no meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{meta_path}: cut off or corrupt ({e}); write the name of an earlier complete "
+            f"step directory into {path.parent / 'latest'}, or start a fresh run"
         ) from None
-    if load_optimizer is not None:
-        if payload["optimizer"] is None:
-            raise CheckpointError(f"{part} holds no optimizer state")
-        load_optimizer(payload["optimizer"])
-    set_rng_state(payload["rng"])
-    return Resumed(step=int(meta["step"]), extra=meta["extra"])
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: not a JSON object")
+    return meta
+
+
+def verify_dist_dir(weights: Path) -> frozenset[str]:
+    """Check a dist_checkpointing directory without loading tensors: metadata.json, the
+    torch_dist .metadata, common.pt, and that every .distcp file exists and holds every byte
+    range the metadata points into. Returns the stored keys; raises CheckpointError naming
+    the first missing, truncated or corrupt file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not weights.is_dir():
+        raise CheckpointError(f"{weights}: missing; not a Megatron distributed checkpoint")
+    config = weights / "metadata.json"
+    try:
+        backend = json.loads(config.read_text()).get("sharded_backend")
+    except FileNotFoundError:
+        raise CheckpointError(f"{config}: missing; the checkpoint is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{config}: cut off or corrupt ({e})") from None
+    if backend != "torch_dist":
+        raise CheckpointError(f"{config}: sharded_backend={backend!r}; only torch_dist is read")
+    dcp = weights / ".metadata"
+    if not dcp.is_file():
+        raise CheckpointError(f"{dcp}: missing; the checkpoint is incomplete")
+    try:
+        metadata = FileSystemReader(str(weights)).read_metadata()
+        storage = metadata.storage_data
+        ends: dict[str, int] = {}
+        for info in storage.values():
+            end = info.offset + info.length
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
+    except Exception as e:  # a cut-off pickle: EOFError, UnpicklingError, ...
+        raise CheckpointError(f"{dcp}: cut off or corrupt ({type(e).__name__}: {e})") from None
+    for rel, end in sorted(ends.items()):
+        part = weights / rel
+        if not part.is_file():
+            raise CheckpointError(f"{part}: missing; {dcp} names it (a shard of the checkpoint)")
+        size = part.stat().st_size
+        if size < end:
+            raise CheckpointError(
+                f"{part}: truncated ({size} bytes; {dcp} needs {end}); the checkpoint is damaged"
+            )
+    common = weights / "common.pt"
+    try:
+        torch.load(common, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{common}: missing; the checkpoint is incomplete") from None
+    except Exception as e:
+        raise CheckpointError(f"{common}: cut off or corrupt ({type(e).__name__}: {e})") from None
+    return frozenset(metadata.state_dict_metadata)
+
+
+# -------------------------------------------------------------------------------- load
+def load(found: Found, sharded: Mapping[str, Any], *, layout: Mapping[str, int]) -> Loaded:
+    """Read `sharded` (this rank's request: a sharded state dict of the current layout) from
+    `found` (collective). RNG states are restored when `layout` is the writer's; otherwise
+    the caller re-derives them (`reseed`). Any rank's failure is raised on every rank."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = _rank_world()
+    same = found.layout == dict(layout) and found.meta.get("world_size") == world
+    request = dict(sharded)
+    if same:
+        request[_RNG] = ShardedObject(_RNG, rng_state(), (world,), (rank,), replica_id=0)
+    loaded, error = None, None
+    weights = found.path / WEIGHTS
+    try:
+        loaded = dist_checkpointing.load(request, str(weights))
+    except Exception as e:  # torch/megatron errors name neither the checkpoint nor the fix
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        error = f"{weights}: unreadable checkpoint ({type(e).__name__}: {first[:300]})"
+    agree(error)
+    assert loaded is not None
+    rng = loaded.pop(_RNG, None)
+    common = loaded.pop(COMMON, None)
+    agree(None if common is not None else f"{weights}: no {COMMON}; not a training checkpoint")
+    if same and rng is not None:
+        set_rng_state(rng)
+    return Loaded(state=loaded, common=common, rng_restored=same and rng is not None)

@@ -23,7 +23,26 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+ERROR_DIR_ENV = "RPG_MEGATRON_ERROR_DIR"
+"""Set by `_torchrun` for its workers: where each writes its one-line error (rank_<r>.txt)
+instead of printing it, so that the launcher prints it after torchrun's own report."""
+
+
 def _train(args: argparse.Namespace) -> int:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if args.nproc_per_node is not None:
+        if under_torchrun:
+            raise ConfigError(
+                "--nproc-per-node: this process was already started by torchrun; drop the flag, "
+                "or run `rpg-megatron train ... --nproc-per-node N` without torchrun"
+            )
+        if args.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node={args.nproc_per_node}: must be >= 1")
+        # Overrides right after the config: argparse hands them to `overrides` only there.
+        worker = ["-m", "rpg_megatron.cli", "train", args.config, *args.overrides]
+        worker += ["--resume"] if args.resume else []
+        return _torchrun(["--standalone", f"--nproc-per-node={args.nproc_per_node}", *worker])
+
     # Imported here: `rpg-megatron config` must not pay for torch/megatron imports.
     from rpg_megatron.train import train
 
@@ -34,6 +53,74 @@ def _train(args: argparse.Namespace) -> int:
 
     train(load_config(args.config, args.overrides), resume=args.resume)
     return 0
+
+
+def _torchrun(argv: list[str]) -> int:
+    """torchrun (`torch.distributed.run.main(argv)`, its own argument parser and agent) in this
+    process, with its failure report sent to a log file instead of the console: a failed
+    worker's one-line error then prints last, not above a ChildFailedError traceback that
+    buries it. A worker that crashed has printed its own traceback; then the last line names
+    its rank and the log. Returns the exit status (2 for a user error, as without torchrun)."""
+    import shutil
+    import tempfile
+    import traceback
+
+    from torch.distributed import run as torch_run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    work = Path(tempfile.mkdtemp(prefix="rpg-megatron-torchrun-"))
+    log_path, errors = work / "torchrun.log", work / "errors"
+    errors.mkdir()
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # torch's elastic agent logs through "torch.distributed.elastic.*" loggers, which reach the
+    # stderr handler torch._logging puts on "torch.distributed" (torch 2.13); while it runs,
+    # every handler in that tree is swapped for the log file's.
+    tree = [logging.getLogger("torch.distributed")] + [
+        lg
+        for name, lg in logging.root.manager.loggerDict.items()
+        if name.startswith("torch.distributed.") and isinstance(lg, logging.Logger)
+    ]
+    saved = {lg: lg.handlers[:] for lg in tree if lg.handlers or lg.name == "torch.distributed"}
+    for lg in saved:
+        lg.handlers[:] = [handler]
+    os.environ[ERROR_DIR_ENV] = str(errors)
+    try:
+        torch_run.main(argv)
+        status, last = 0, None
+    except ChildFailedError as e:
+        with log_path.open("a") as f:
+            traceback.print_exc(file=f)
+        lines = list(dict.fromkeys(p.read_text().strip() for p in sorted(errors.glob("rank_*"))))
+        if lines:
+            status, last = 2, "\n".join(lines)
+        else:
+            rank, failure = e.get_first_failure()
+            status = 1
+            last = (
+                f"rpg-megatron: torchrun worker rank {rank} failed with exit code "
+                f"{failure.exitcode} (its output is above); torchrun's report: {log_path}"
+            )
+    except SignalException as e:
+        with log_path.open("a") as f:
+            traceback.print_exc(file=f)
+        status = 128 + int(e.sigval)
+        last = f"rpg-megatron: stopped by signal {e.sigval.name}; torchrun's report: {log_path}"
+    finally:
+        os.environ.pop(ERROR_DIR_ENV, None)
+        for lg, handlers in saved.items():
+            lg.handlers[:] = handlers
+        handler.close()
+    if status == 0:
+        shutil.rmtree(work, ignore_errors=True)  # kept after a failure: torchrun's report
+    if last is not None:
+        print(last, file=sys.stderr, flush=True)
+    return status
+
+
+def _torchrun_command(args: argparse.Namespace) -> int:
+    return _torchrun(args.torchrun_args)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -62,15 +149,20 @@ def _eval(args: argparse.Namespace) -> int:
     data_cfg = cfg.data
     if args.on_bad_row is not None:
         data_cfg = dataclasses.replace(data_cfg, on_bad_row=args.on_bad_row)
-    eval_cfg = evaluate.EvalConfig(
-        files=tuple(args.data),
-        k=args.k,
-        pass_at=tuple(args.pass_at),
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    # The config's eval section (which Config filled from its rollout section where unset, so a
+    # run's config.yaml samples as the run did), then the flags given on the command line.
+    flags = {
+        "k": args.k,
+        "pass_at": None if args.pass_at is None else tuple(args.pass_at),
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+    given = {name: value for name, value in flags.items() if value is not None}
+    if "k" in given and "pass_at" not in given:
+        given["pass_at"] = tuple(p for p in cfg.eval.pass_at if p <= given["k"]) or (1,)
+    eval_cfg = dataclasses.replace(cfg.eval, files=tuple(args.data), **given)
     report = evaluate.run_eval(
         eval_cfg,
         model_dir=args.mcore or args.model,
@@ -136,14 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="run RL training (launch one process per rank with torchrun for TP/PP/DP > 1)",
+        help="run RL training (N ranks: --nproc-per-node N, or under torchrun)",
     )
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, parsed as YAML values")
     t.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint.dir checkpoint"
     )
+    t.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="start N processes on this node through torchrun (--standalone); a failure then "
+        "ends with one line (torchrun's report goes to a log file)",
+    )
     t.set_defaults(run=_train)
+
+    tr = sub.add_parser(
+        "torchrun",
+        help="torchrun with its arguments as given (multi-node: --nnodes, --rdzv-*), printing "
+        "a worker's one-line error last instead of torchrun's ChildFailedError traceback",
+    )
+    # (parse_args hands it everything after `torchrun`; this parser only lists it in --help.)
+    tr.add_argument("torchrun_args", nargs="*", help="torchrun's arguments, then the program")
 
     conv = sub.add_parser("convert", help="convert checkpoints: HF safetensors <-> Megatron")
     conv_sub = conv.add_subparsers(dest="direction", required=True)
@@ -157,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = conv_sub.add_parser(
         "mcore-to-hf", help="Megatron checkpoint (any TP/PP) -> safetensors + config.json"
     )
-    m.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
+    m.add_argument(
+        "--mcore",
+        required=True,
+        help="Megatron checkpoint directory: converted, a training step_N, or checkpoint.dir",
+    )
     m.add_argument("--out", required=True, help="new HF model directory")
     for q in (h, m):
         q.add_argument(
@@ -171,20 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF model dir: config.json, *.safetensors, tokenizer")
     src.add_argument(
-        "--mcore", help="Megatron dist checkpoint dir (from `rpg-megatron convert hf-to-mcore`)"
+        "--mcore",
+        help="Megatron checkpoint dir: from `convert hf-to-mcore`, a training step_N, or "
+        "checkpoint.dir (its latest step)",
     )
     e.add_argument(
         "--data", nargs="+", required=True, help="benchmark files (.parquet/.jsonl), one each"
     )
     e.add_argument("--out", required=True, help="JSON report path (written atomically)")
-    e.add_argument("--k", type=int, default=32, help="samples per distinct problem")
+    # Defaults None: the value of the config's eval section (see _eval).
+    e.add_argument("--k", type=int, help="samples per distinct problem (eval.k: 32)")
     e.add_argument(
-        "--pass-at", type=int, nargs="*", default=[1], help="pass@ values besides k (each <= k)"
+        "--pass-at", type=int, nargs="*", help="pass@ values besides k, each <= k (eval.pass_at)"
     )
-    e.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per sample at most")
-    e.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    e.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 is off")
-    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument(
+        "--max-new-tokens", type=int, help="tokens per sample at most (eval/rollout.max_new_tokens)"
+    )
+    e.add_argument("--temperature", type=float, help="0 is greedy (eval/rollout.temperature)")
+    e.add_argument("--top-p", type=float, help="nucleus sampling; 1.0 is off (eval/rollout.top_p)")
+    e.add_argument("--seed", type=int, help="sampling seed (eval.seed: 0)")
     e.add_argument(
         "--on-bad-row",
         choices=["error", "skip"],
@@ -192,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a malformed row: error (the data.on_bad_row default) or skip and count it",
     )
     e.add_argument(
-        "--config", default=None, help="YAML config whose data/reward/rollout sections apply"
+        "--config",
+        default=None,
+        help="YAML config (a run's config.yaml) whose eval/data/reward/rollout sections apply",
     )
     e.add_argument(
-        "overrides", nargs="*", help="data./reward./rollout. key=value overrides (YAML values)"
+        "overrides", nargs="*", help="eval./data./reward./rollout. key=value overrides (YAML)"
     )
     e.set_defaults(run=_eval)
 
@@ -285,6 +403,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; `key.sub=value` overrides may come before or after options."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["torchrun"]:
+        # Everything after it is torchrun's (argparse's REMAINDER drops leading options).
+        return argparse.Namespace(command="torchrun", run=_torchrun_command, torchrun_args=argv[1:])
     argv, overrides = _split_overrides(parser, argv)
     args = parser.parse_args(argv)
     if hasattr(args, "overrides"):
@@ -304,8 +425,25 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"config file {config}: is a directory; pass a YAML file")
         return args.run(args)
     except _user_errors(args.command) as e:
-        print(f"rpg-megatron {args.command}: {e}", file=sys.stderr)
+        _report(args.command, e)
         return 2
+
+
+def _report(command: str, error: BaseException) -> None:
+    """The one line of a user error: on stderr, or for `_torchrun` into its error directory.
+    Nothing for an error marked quiet (rundir.agreed: another rank printed it)."""
+    if getattr(error, "quiet", False):
+        return
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    line = f"rpg-megatron {command}: {text}"
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir and Path(error_dir).is_dir():
+        path = Path(error_dir) / f"rank_{int(os.environ.get('RANK', '0')):06d}.txt"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(line + "\n")
+        os.replace(tmp, path)  # the launcher reads whole lines only
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

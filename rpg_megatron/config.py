@@ -9,6 +9,7 @@ overrides into these classes (strict: unknown keys and wrong types are errors to
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
@@ -103,7 +104,17 @@ class ObjectiveConfig:
     dual_clip_c: float | None = 3.0
     """Dual-clip bound c > 1 for negative advantages; None disables it."""
     kl_clamp: float | None = None
-    """Clamp each token's KL component to [-kl_clamp, kl_clamp] (the authors' code uses 10)."""
+    """RPG, GRPO: clamp each token's KL value to [-kl_clamp, kl_clamp] (RPG differentiable: the
+    KL term, for FKL u log(pi_ref/pi_theta); RPG REINFORCE: the KL part of the weight; GRPO:
+    the penalty). The authors clamp RKL/UFKL/URKL and GRPO's k3 to 10, FKL not at all."""
+    kl_weight: Literal["raw", "clipped"] = "raw"
+    """RPG REINFORCE form: the KL part C of the weight from the raw w (Algorithm 2) or from
+    w_bar = clip(w, 1 - eps_low, 1 + eps_high) (Remark F.2, the authors' code)."""
+    clip_style: Literal["rpg", "hard"] = "rpg"
+    """RPG REINFORCE form: rpg = RPG-Style Clip (Algorithm 2); hard = the authors' hard clamp
+    -SG(w_bar A + C) log pi_theta, no branches and no dual clip (dual_clip_c must be null or
+    its default, which hard ignores). C follows kl_weight: the authors' rpg_rf_<kl> is hard +
+    clipped."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """GRPO: per-token estimator of the KL penalty (GRPO uses k3)."""
     kl_importance_weight: bool = False
@@ -131,6 +142,59 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.kl_clamp={self.kl_clamp}: must be > 0 or null")
         if self.ref_reset_every < 0:
             raise ConfigError(f"objective.ref_reset_every={self.ref_reset_every}: must be >= 0")
+        self._refuse_fields_that_do_not_apply()
+
+    def _refuse_fields_that_do_not_apply(self) -> None:
+        """A field the chosen objective ignores is an error unless it is left at its default:
+        a value set there would otherwise be silently without effect."""
+        name, rpg = self.name, self.name == "rpg"
+        kl_fields = ("kl_clamp", "ref_reset_every", "ref_reset_kl_target")
+        rpg_only = ("kl", "normalized", "form", "kl_weight", "clip_style")
+        ignored: dict[str, str] = {}
+        if name != "rpg":
+            ignored |= dict.fromkeys(rpg_only, "an RPG field")
+        if name != "grpo":
+            ignored |= dict.fromkeys(("kl_estimator", "kl_importance_weight"), "a GRPO field")
+        if name == "dapo":
+            ignored |= dict.fromkeys(("beta", *kl_fields), "DAPO has no KL term")
+        elif name == "reinforce_pp":
+            ignored["kl_clamp"] = "REINFORCE++'s loss has no KL term"
+            if self.advantage != "reinforce_pp":
+                why = "only objective.advantage=reinforce_pp puts beta x KL into the rewards"
+                ignored |= dict.fromkeys(("beta", "ref_reset_every", "ref_reset_kl_target"), why)
+        if self.beta == 0:
+            why = "objective.beta=0 turns the KL term off"
+            ignored |= dict.fromkeys(kl_fields, why)
+            if rpg:
+                ignored["kl_weight"] = why
+            if name == "grpo":
+                ignored |= dict.fromkeys(("kl_estimator", "kl_importance_weight"), why)
+        if rpg and self.clip is None:
+            ignored["kl_weight"] = "objective.clip=null leaves w unclipped, so w_bar = w"
+        if rpg and self.form == "differentiable":
+            why = "form=differentiable; it shapes the REINFORCE form's weight"
+            ignored |= dict.fromkeys(("kl_weight", "clip_style"), why)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, why in ignored.items():
+            value = getattr(self, key)
+            # beta=0 says "no KL" and is true of every objective; only a KL weight is refused.
+            if value != defaults[key] and not (key == "beta" and value == 0):
+                shown = list(value) if isinstance(value, tuple) else value
+                fix = "set objective.beta=0" if key == "beta" else "remove it"
+                raise ConfigError(
+                    f"objective.{key}={shown!r} does not apply to objective.name={name} "
+                    f"({why}); {fix} or leave it at its default {defaults[key]!r}"
+                )
+        if (
+            rpg
+            and self.clip_style == "hard"
+            and self.dual_clip_c not in (None, defaults["dual_clip_c"])
+        ):
+            raise ConfigError(
+                f"objective.dual_clip_c={self.dual_clip_c} does not apply to objective.name=rpg "
+                "with clip_style=hard (the hard clamp has no dual clip); remove it or set "
+                "clip_style=rpg"
+            )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,11 +270,27 @@ class SGLangConfig:
     """Launch mode: server i listens on base_port + i."""
     router_port: int = 30100
     """Launch mode: port of the router (when num_engines > 1)."""
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    """Launch mode: the router's --policy. cache_aware keeps a prompt's n_samples on the server
+    that holds its prefix."""
     mem_fraction_static: float = 0.8
     """Launch mode: fraction of GPU memory for weights + KV cache (--mem-fraction-static)."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where the servers run. cpu: sglang's native-torch CPU path (SGLANG_USE_CPU_ENGINE=1,
+    torch_native attention, no CUDA graphs; the venv needs the sgl-kernel stand-in that
+    tools/sglang_venv.sh installs); sleep/wake are no-ops there (nothing to hand back, and
+    sglang's release_memory_occupation needs CUDA), and weight_sync=distributed uses gloo."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """The servers' weight dtype (--dtype); the trainer exports its weights in this dtype."""
+    max_total_tokens: int = 0
+    """Launch mode: --max-total-tokens (KV-cache size in tokens); 0 = sglang sizes it from
+    mem_fraction_static (on CPU that is ~10 GB, so set it there)."""
     deterministic: bool = False
-    """Launch mode: --enable-deterministic-inference, which makes SGLang honour the per-prompt
-    `sampling_seed` (slower kernels)."""
+    """The servers run with --enable-deterministic-inference (launch mode adds it; attach mode:
+    declare that they were started so): only then does SGLang read the per-prompt
+    `sampling_seed` the engine then sends (slower kernels). GPU only: sglang 0.5.23 accepts it
+    only with a triton / fa3 / flashinfer attention backend and samples seeded tokens with a
+    Triton kernel."""
     extra_server_args: tuple[str, ...] = ()
     """Launch mode: further `sglang.launch_server` arguments, appended verbatim."""
     python: str = ""
@@ -230,9 +310,11 @@ class SGLangConfig:
     max_concurrency: int = 16
     """/generate requests in flight at once (over all engines)."""
     weight_sync: WeightSync = "colocated"
-    """colocated: trainer and servers share GPUs; tensors travel as CUDA IPC handles via
-    /update_weights_from_tensor. distributed: servers on their own GPUs; tensors travel by NCCL
-    broadcast via /init_weights_update_group + /update_weights_from_distributed."""
+    """colocated: trainer and servers share a host (GPUs); tensors travel as CUDA IPC handles
+    (CPU tensors: `file_system` shared memory) via /update_weights_from_tensor. distributed:
+    servers on their own GPUs; tensors travel by NCCL broadcast (gloo for device=cpu) via
+    /init_weights_update_group + /update_weights_from_distributed. Both inside a weight-update
+    session (/begin_weight_update ... /end_weight_update)."""
     nccl_master_address: str = "127.0.0.1"
     """distributed: address of this (trainer) process, reachable from every server."""
     nccl_master_port: int = 29600
@@ -241,8 +323,13 @@ class SGLangConfig:
     """Attach mode: the servers run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, so their log-probs
     are raw (temperature 1) at any temperature; without it generate refuses temperature != 1."""
     restart_on_failure: bool = True
-    """Keep a host copy of the last weights so a launched server that died can be relaunched and
-    reloaded (costs one model in host RAM)."""
+    """Relaunch a launched server that died and reload the last weights into it (kept as
+    `restart_weights` says)."""
+    restart_weights: Literal["host", "disk"] = "host"
+    """Where the last weights are kept for a relaunch (and for a wake after sleep released
+    them). host: a copy in host RAM (one model), reloaded by /update_weights_from_tensor. disk:
+    safetensors under log_dir/weights, rewritten every update (one model on disk, plus the write
+    time), reloaded by /update_weights_from_disk."""
 
     def __post_init__(self) -> None:
         if self.router_url and not self.server_urls:
@@ -257,6 +344,18 @@ class SGLangConfig:
         if self.retries < 0:
             raise ConfigError(f"rollout.sglang.retries={self.retries}: must be >= 0")
         last = self.base_port + self.num_engines - 1  # server i listens on base_port + i
+        if self.max_total_tokens < 0:
+            raise ConfigError(
+                f"rollout.sglang.max_total_tokens={self.max_total_tokens}: must be >= 0 "
+                "(0 = sglang's own sizing)"
+            )
+        if self.deterministic and self.device == "cpu":
+            raise ConfigError(
+                "rollout.sglang.deterministic=true with device=cpu: sglang 0.5.23 enables "
+                "deterministic inference only with a triton, fa3 or flashinfer attention backend "
+                "and samples seeded tokens with a Triton kernel (GPU only); set "
+                "deterministic=false on CPU (sampling_seed is then not honoured)"
+            )
         for name, lo, hi in (
             ("base_port", self.base_port, last),
             ("router_port", self.router_port, self.router_port),
@@ -486,6 +585,9 @@ class RewardConfig:
     sample counted in reward/timeouts (reward/<name>/timeouts for a user function)."""
     workers: int = 2
     """Persistent verifier worker processes (spawned, each ~60 MB with sympy loaded)."""
+    max_workers: int = 64
+    """Most `workers` accepted: a guard against a typo spawning thousands of processes; raise
+    it on a machine that can run more."""
     overlong_buffer: int = 0
     """DAPO soft overlong punishment, added once to each sample's reward (after the weighted sum
     of `functions`): tokens before `max_response_len` over which the penalty grows linearly from
@@ -531,6 +633,12 @@ class RewardConfig:
             raise ConfigError(f"reward.timeout_s={self.timeout_s}: must be > 0 seconds")
         if self.workers < 1:
             raise ConfigError(f"reward.workers={self.workers}: must be >= 1")
+        if self.workers > self.max_workers:
+            raise ConfigError(
+                f"reward.workers={self.workers}: more than reward.max_workers="
+                f"{self.max_workers} verifier processes (~60 MB each); lower reward.workers, "
+                "or raise reward.max_workers"
+            )
         if self.overlong_buffer < 0:
             raise ConfigError(
                 f"reward.overlong_buffer={self.overlong_buffer}: must be >= 0 (0 turns it off)"
@@ -591,20 +699,27 @@ class EvalConfig:
     every: int = 0
     """In-training validation every this many optimizer iterations (and after the last); 0 turns
     it off."""
-    max_new_tokens: int = 1024
-    """SamplingParams.max_new_tokens of eval samples."""
-    temperature: float = 1.0
-    """SamplingParams.temperature of eval samples (0 = greedy; then all k samples agree)."""
-    top_p: float = 1.0
-    """SamplingParams.top_p of eval samples."""
+    max_new_tokens: int | None = None
+    """SamplingParams.max_new_tokens of eval samples; None: rollout.max_new_tokens (Config
+    fills it in, so a run's saved config.yaml gives `rpg-megatron eval` the run's own)."""
+    temperature: float | None = None
+    """SamplingParams.temperature of eval samples (0 = greedy; then all k samples agree);
+    None: rollout.temperature."""
+    top_p: float | None = None
+    """SamplingParams.top_p of eval samples; None: rollout.top_p."""
     top_k: int | None = None
-    """SamplingParams.top_k of eval samples; None disables it."""
+    """SamplingParams.top_k of eval samples; None: rollout.top_k (whose None disables it)."""
     seed: int = 0
     """Sampling seed: the same seed, weights and files give the same report."""
+    max_samples: int = 100_000
+    """Most samples one evaluation generates in all (distinct problems x k over every
+    benchmark): a guard against a typo such as k=1000000; raise it for larger sweeps."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"eval.k={self.k}: must be >= 1 sample per problem")
+        if self.max_samples < 1:
+            raise ConfigError(f"eval.max_samples={self.max_samples}: must be >= 1")
         bad = [p for p in self.pass_at if not 1 <= p <= self.k]
         if bad:
             raise ConfigError(
@@ -624,31 +739,43 @@ class EvalConfig:
         return tuple(sorted({*self.pass_at, self.k}))
 
     def sampling(self) -> SamplingParams:
-        """The SamplingParams of every eval generate call."""
+        """The SamplingParams of every eval generate call (a field left None takes
+        RolloutConfig's default: Config has filled them from its rollout section)."""
+        defaults = RolloutConfig()
         return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            **{
+                name: getattr(defaults if getattr(self, name) is None else self, name)
+                for name in EVAL_FROM_ROLLOUT
+            },
             seed=self.seed,
         )
+
+
+EVAL_FROM_ROLLOUT: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", "top_k")
+"""EvalConfig's sampling fields that default to the run's rollout values."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
-    """Where checkpoints go; each is a directory `step_<n>` written to a temp name and renamed."""
+    """Where checkpoints go; each is a directory `step_<n>` written to a temp name and renamed.
+    Megatron's distributed format: `--resume` continues at any tp/pp/dp and either
+    optim.distributed_optimizer; `convert mcore-to-hf --mcore` and `eval --mcore` read a step."""
     every: int = 0
     """Save every this many optimizer steps; 0 saves only at the end."""
     keep: int = 2
     """How many recent checkpoints to keep (>= 1: the newest is the one `--resume` reads)."""
+    save_hf_every: int = 0
+    """Also write the policy as a Hugging Face model to `<log.run_dir>/hf/step_<n>` every this
+    many steps (0: only the final `<log.run_dir>/hf` of a completed run)."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ConfigError(
-                f"checkpoint.every={self.every}: must be >= 0 (a step count; 0 saves only at the "
-                "end)"
-            )
+        for name in ("every", "save_hf_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"checkpoint.{name}={getattr(self, name)}: must be >= 0 (a step count; 0 "
+                    "turns the periodic save off)"
+                )
         if self.keep < 1:
             raise ConfigError(
                 f"checkpoint.keep={self.keep}: must be >= 1 (how many of the newest "
@@ -822,6 +949,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self) -> None:
+        # eval samples like the rollout unless eval.* says otherwise: fill the unset fields in
+        # now, so that the config.yaml a run saves states them for `rpg-megatron eval`.
+        unset = {n: getattr(self.rollout, n) for n in EVAL_FROM_ROLLOUT}
+        unset = {n: v for n, v in unset.items() if getattr(self.eval, n) is None}
+        if unset:
+            object.__setattr__(self, "eval", dataclasses.replace(self.eval, **unset))
 
 
 _SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)((?::\d{2}){0,2})")

@@ -13,6 +13,10 @@ A Megatron checkpoint written here is a directory:
                        `GPTModel.sharded_state_dict()`
     tokenizer files    copied from the source when present (TOKENIZER_FILES)
 
+A training checkpoint's step directory (`<checkpoint.dir>/step_N`, checkpoint.py) has the same
+files (its weights/ also hold the optimizer and reference state, which loading the policy
+skips), so `--mcore` takes it too, or the checkpoint directory itself (its `latest`).
+
 Global keys in a dist checkpoint do not depend on the TP/PP it was saved with: `load_mcore`
 loads it into a model of any TP/PP (Megatron reshards; a different vocab padding is handled by
 its `allow_shape_mismatch` embedding/output entries). So --tp/--pp of hf-to-mcore only split the
@@ -109,8 +113,10 @@ class SafetensorsReader:
         index = hf_dir / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                weight_map: dict[str, str] = json.loads(index.read_bytes())["weight_map"]
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map values must be file names")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # + UnicodeDecodeError
                 raise ConvertError(f"{index}: not a safetensors index ({e})") from None
             files = sorted(set(weight_map.values()))
         else:
@@ -220,10 +226,11 @@ def _check_out(out: Path, *, src: Path, flag: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_dir(out: Path) -> Iterator[Path]:
+def _atomic_dir(out: Path, *, keep: str | None = None) -> Iterator[Path]:
     """A temporary sibling of `out`, renamed to `out` if the body succeeds (replacing an
     existing `out` only then), removed if not. Whether `out` may be replaced is the caller's
-    decision (`_check_out`)."""
+    decision (`_check_out`). `keep`: a glob of entries of the old `out` carried into the new
+    one (a run's `hf/step_*` exports survive its final `hf`)."""
     out = out.absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -235,6 +242,9 @@ def _atomic_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():  # overwrite: move the old one aside only now that the new one is complete
+        for entry in out.glob(keep) if keep else ():
+            if not (tmp / entry.name).exists():
+                os.replace(entry, tmp / entry.name)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)
@@ -249,6 +259,57 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def training_conversion(arch: Any, hf_dir: str | os.PathLike[str], dtype: str, ctx: Any) -> Any:
+    """The conversion.json record of a training checkpoint (trainer's layout and dtype)."""
+    from megatron.core.package_info import __version__ as mcore_version
+
+    return Conversion(
+        source=str(Path(hf_dir).absolute()),
+        family=arch.family,
+        dtype=dtype,
+        tp=ctx.tp,
+        pp=ctx.pp,
+        padded_vocab_size=padded_vocab_size(arch.vocab_size, ctx.tp),
+        megatron_core=mcore_version,
+        rpg_megatron=__version__,
+    )
+
+
+def write_side_files(hf_dir: str | os.PathLike[str], out: Path, conversion: Conversion) -> None:
+    """config.json and tokenizer from `hf_dir`, and conversion.json, into `out`: what makes a
+    directory with weights/ a Megatron checkpoint for mcore-to-hf, eval --mcore, init_from."""
+    _copy_side_files(Path(hf_dir), out)
+    (out / CONVERSION).write_text(json.dumps(asdict(conversion), indent=2) + "\n")
+
+
+def resolve_mcore_dir(path: str | os.PathLike[str], flag: str = "--mcore") -> Path:
+    """The Megatron checkpoint directory `path` stands for: itself, or, for a training run's
+    checkpoint.dir, the step directory its `latest` names. Refuses the old per-rank training
+    format with what to do."""
+    src = Path(path).absolute()
+    if not src.is_dir():
+        return src  # the caller's own check names it
+    if not (src / WEIGHTS).is_dir() and (src / "latest").is_file():
+        src = src / (src / "latest").read_text().strip()
+    if any(src.glob("rank_*.pt")):
+        raise ConvertError(
+            f"{flag} {src}: a training checkpoint of rpg_megatron's earlier per-rank format "
+            "(rank_*.pt), which this version does not read; export it with the version that "
+            "wrote it, or use the run's <log.run_dir>/hf"
+        )
+    return src
+
+
+def _verify_weights(src: Path) -> None:
+    """Every file of src/weights present, whole and readable (before any output exists)."""
+    from rpg_megatron.checkpoint import CheckpointError, verify_dist_dir
+
+    try:
+        verify_dist_dir(src / WEIGHTS)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
+
+
 # ---------------------------------------------------------------------------- hf -> mcore
 def hf_to_mcore(
     hf_dir: str | os.PathLike[str],
@@ -259,7 +320,7 @@ def hf_to_mcore(
     overwrite: bool = False,
 ) -> Path:
     """Convert an HF safetensors checkpoint to a Megatron checkpoint directory; returns it."""
-    from megatron.core.package_info import __version__ as mcore_version
+    from rpg_megatron.megatron.compat import mcore_version
 
     hf = Path(hf_dir).absolute()
     _check_out(Path(out_dir), src=hf, flag="--hf", overwrite=overwrite)
@@ -278,7 +339,9 @@ def hf_to_mcore(
             tp=tp,
             pp=pp,
             padded_vocab_size=padded_vocab_size(arch.vocab_size, tp),
-            megatron_core=mcore_version,
+            # Not package_info.__version__: megatron-core 0.19 appends the git hash of a
+            # checkout its venv sits in (ours), which says nothing about megatron-core.
+            megatron_core=str(mcore_version()),
             rpg_megatron=__version__,
         )
         (tmp / CONVERSION).write_text(json.dumps(asdict(record), indent=2) + "\n")
@@ -376,27 +439,36 @@ def load_mcore(model_chunk: Any, mcore_dir: str | os.PathLike[str]) -> None:
 
     from rpg_megatron.megatron import export
 
-    weights = Path(mcore_dir) / WEIGHTS
     if not Path(mcore_dir).is_dir():  # train's model.init_from, eval --mcore
         raise ConvertError(
             f"{mcore_dir}: no such directory; expected a Megatron checkpoint written by "
-            "`rpg-megatron convert hf-to-mcore`"
+            "`rpg-megatron convert hf-to-mcore` or a training step directory (step_N)"
         )
+    src = resolve_mcore_dir(mcore_dir, "model.init_from")
+    weights = src / WEIGHTS
     if not (weights / "metadata.json").is_file():
         raise ConvertError(f"{weights / 'metadata.json'}: missing; not a Megatron checkpoint")
+    _verify_weights(src)
     gpt = export.unwrap(model_chunk)
-    if (Path(mcore_dir) / "config.json").is_file():
-        saved = read_hf_config(mcore_dir)
+    if (src / "config.json").is_file():
+        saved = read_hf_config(src)
         built = gpt.config
         have = (built.num_layers, built.hidden_size, built.num_attention_heads)
         want = (saved.num_layers, saved.hidden_size, saved.num_attention_heads)
         if have != want:
             raise ConvertError(
-                f"{mcore_dir}: checkpoint of a model with (layers, hidden, heads) = {want}, but "
+                f"{src}: checkpoint of a model with (layers, hidden, heads) = {want}, but "
                 f"the model was built with {have}; check model.hf_path"
             )
-    state = dist_checkpointing.load(gpt.sharded_state_dict(), str(weights))
-    gpt.load_state_dict(state, strict=True)
+    request = gpt.sharded_state_dict()
+    try:
+        state = dist_checkpointing.load(request, str(weights))
+    except Exception as e:  # torch's EOFError / UnpicklingError name no file
+        raise ConvertError(
+            f"{weights}: unreadable Megatron checkpoint ({type(e).__name__}: {e})"
+        ) from None
+    # A training step's common state (step, data cursor, ...) comes back beside the weights.
+    gpt.load_state_dict({k: state[k] for k in request}, strict=True)
 
 
 def mcore_to_hf(
@@ -406,13 +478,15 @@ def mcore_to_hf(
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Convert a Megatron checkpoint directory (any saved TP/PP) to HF safetensors + config."""
-    src = Path(mcore_dir).absolute()
+    """Convert a Megatron checkpoint directory (any saved TP/PP; a training step directory
+    too) to HF safetensors + config."""
+    src = resolve_mcore_dir(mcore_dir)
     _check_out(Path(out_dir), src=src, flag="--mcore", overwrite=overwrite)
     _read_arch(src, "--mcore")  # validates config.json before anything is written
     _conversion_dtype(src)  # before any output exists
     if not (src / WEIGHTS / "metadata.json").is_file():
         raise ConvertError(f"{src / WEIGHTS / 'metadata.json'}: missing; not a Megatron checkpoint")
+    _verify_weights(src)
     with _atomic_dir(Path(out_dir)) as tmp:
         state = load_hf_state(src)
         _write_safetensors(state, tmp, max_shard_bytes)
@@ -424,7 +498,7 @@ def mcore_to_hf(
 def load_hf_state(mcore_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Full HF-named tensors of a converted Megatron checkpoint (`mcore_to_hf` without the
     writing), loaded at TP = PP = 1 in this process."""
-    src = Path(mcore_dir).absolute()
+    src = resolve_mcore_dir(mcore_dir)
     return _in_process(_load_full_hf, str(src), _conversion_dtype(src))
 
 
@@ -525,7 +599,7 @@ def export_policy(
         for _ in buckets:
             pass
         return Path(out_dir)
-    with _atomic_dir(Path(out_dir)) as tmp:
+    with _atomic_dir(Path(out_dir), keep="step_*") as tmp:
         _write_shards((dict(bucket) for bucket in buckets), tmp)
         _copy_side_files(Path(src_hf_dir), tmp)
     return Path(out_dir)

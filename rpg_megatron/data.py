@@ -81,6 +81,7 @@ class _BadRows:
 
 def _iter_parquet(path: Path, prompt_key: str, answer_key: str) -> Iterator[tuple[str, Any]]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError(
@@ -89,7 +90,7 @@ def _iter_parquet(path: Path, prompt_key: str, answer_key: str) -> Iterator[tupl
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's errors do not name the file
-        raise DataError(f"{path}: not a readable parquet file: {e}") from e
+        raise DataError(f"{path}: not a readable parquet file: {_one_line(e)}") from None
     names = pf.schema_arrow.names
     for key, cfg_key in ((prompt_key, "prompt_key"), (answer_key.split(".")[0], "answer_key")):
         if key not in names:
@@ -99,15 +100,38 @@ def _iter_parquet(path: Path, prompt_key: str, answer_key: str) -> Iterator[tupl
             )
     row = 0
     # Every column: user reward functions receive the whole row (reward.functions).
-    for batch in pf.iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        # The footer was fine, so damage shows only here, as the pages are decoded: pyarrow
+        # raises OSError ("Couldn't deserialize thrift", a bad checksum) or ArrowException
+        # (ArrowInvalid on a bad string or list length), neither naming the file.
+        try:
+            batch = next(batches, None)
+            records = [] if batch is None else batch.to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(
+                f"{path}: damaged parquet data from row {row} on ({_one_line(e)}); the footer "
+                "reads but its pages do not decode: write the file again"
+            ) from None
+        if batch is None:
+            return
+        for record in records:
             yield f"{path}:row {row}", record
             row += 1
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (pyarrow's span several)."""
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or repr(e)
+
+
 def _iter_jsonl(path: Path, bad: _BadRows) -> Iterator[tuple[str, Any]]:
     # Bytes, decoded per line: a bad byte is then one bad row, not an error for the whole file.
-    with path.open("rb") as f:
+    try:
+        f = path.open("rb")
+    except OSError as e:  # no permission
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -265,6 +289,78 @@ def resolve_template(tokenizer: Any, mode: Literal["auto", "tokenizer", "plain"]
             "(tokenizer.chat_template is empty); use data.chat_template=auto or plain"
         )
     return mode
+
+
+TOKENIZER_PROBE = "Answer: 12 + 30 = 42"
+"""Text every usable tokenizer encodes to known tokens (digits, ASCII letters, spaces, `+=:`:
+all inside tiny.py's 27-character vocabulary too)."""
+
+
+def load_tokenizer(
+    model_dir: str | Path,
+    *,
+    field: str = "model.hf_path",
+    chat_template: Literal["auto", "tokenizer", "plain"] = "auto",
+) -> Any:
+    """The tokenizer of an HF model directory, refused unless it can do its job.
+
+    transformers builds a tokenizer even from a directory without tokenizer files (for
+    model_type qwen3 a Qwen2Tokenizer holding one special token), which encodes every prompt to
+    []; such a tokenizer, one whose files do not parse, one that encodes `TOKENIZER_PROBE` to
+    nothing or only to its unknown token, and (when `chat_template` needs or may use it) a chat
+    template that fails on a one-message conversation are DataErrors naming `field` (the setting
+    that gave the directory) and the directory. The one loader of tokenizers (train and eval).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(model_dir)
+    where = f"{field} {path}"
+    if not path.is_dir():
+        raise DataError(f"{where}: not a directory (it should hold the tokenizer files)")
+    files = ", ".join(sorted(p.name for p in path.iterdir() if not p.name.endswith(".safetensors")))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # tokenizers, sentencepiece, json and jinja raise their own types
+        raise DataError(
+            f"{where}: its tokenizer files do not load ({type(e).__name__}: {_one_line(e)}); "
+            f"files there: {files or 'none'}"
+        ) from None
+    try:
+        ids = list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    except Exception as e:
+        raise DataError(
+            f"{where}: its tokenizer cannot encode text ({type(e).__name__}: {_one_line(e)})"
+        ) from None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or all(i == unk for i in ids):
+        raise DataError(
+            f"{where}: no usable tokenizer files: the tokenizer transformers built there has a "
+            f"vocabulary of {len(tokenizer)} and encodes {TOKENIZER_PROBE!r} to "
+            f"{'[]' if not ids else 'unknown tokens only'} (files there: {files or 'none'}); "
+            "copy tokenizer.json / tokenizer_config.json (or vocab.json + merges.txt, "
+            "tokenizer.model) from the base model"
+        )
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template == "tokenizer" and not has_template:
+        raise DataError(
+            f"data.chat_template=tokenizer but the tokenizer of {where} has no chat template "
+            "(no chat_template.jinja, none in tokenizer_config.json); add one, or use "
+            "data.chat_template=auto or plain"
+        )
+    if chat_template != "plain" and has_template:
+        try:
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": TOKENIZER_PROBE}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as e:  # jinja2's TemplateError and whatever the template raises
+            raise DataError(
+                f"{where}: its chat template fails on a one-message conversation "
+                f"({type(e).__name__}: {_one_line(e)}); fix chat_template.jinja or "
+                "tokenizer_config.json's chat_template, or set data.chat_template=plain"
+            ) from None
+    return tokenizer
 
 
 def render_prompt(messages: Sequence[Message], tokenizer: Any, template: Template) -> str:
@@ -528,9 +624,11 @@ class PromptSampler:
         """Restore the cursor; a different dataset size or seed would silently give another
         order, so both must match."""
         if state["num_prompts"] != len(self.dataset) or state["seed"] != self.seed:
-            raise ValueError(
-                f"data cursor was saved for {state['num_prompts']} prompts with data.seed="
-                f"{state['seed']}; this run has {len(self.dataset)} prompts and data.seed="
-                f"{self.seed}: resume with the same data files, unique and seed"
+            raise DataError(
+                f"data.train_files: the checkpoint's data cursor was saved for "
+                f"{state['num_prompts']} prompts with data.seed={state['seed']}; this run has "
+                f"{len(self.dataset)} prompts and data.seed={self.seed}: resume with the same "
+                "data files, data.unique, data.max_prompt_tokens and data.seed, or start a new "
+                "run in another log.run_dir"
             )
         self.cursor = DataCursor(epoch=int(state["epoch"]), index=int(state["index"]))

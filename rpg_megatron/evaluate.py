@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from rpg_megatron import __version__
 from rpg_megatron.batch import SamplingParams
 from rpg_megatron.config import ConfigError, DataConfig, EvalConfig, RewardConfig, RolloutConfig
-from rpg_megatron.data import DataError, Prompt, PromptDataset, load_prompts
+from rpg_megatron.data import DataError, Prompt, PromptDataset, load_prompts, load_tokenizer
 from rpg_megatron.megatron.arch import load_config_json
 from rpg_megatron.rewards import RewardResult, batch_metrics
 from rpg_megatron.rollout.engine import RolloutEngine
@@ -520,19 +520,33 @@ def mcore_buckets(mcore_dir: str | Path) -> Iterator[list[tuple[str, Any]]]:
     yield from _bucketed(state.items())
 
 
-def _read_model_dir(model_dir: str | Path, flag: str) -> tuple[dict[str, Any], Any]:
+def _read_model_dir(
+    model_dir: str | Path, flag: str, data_cfg: DataConfig
+) -> tuple[dict[str, Any], Any]:
     """(config.json as a dict, tokenizer) of an HF model or Megatron checkpoint directory."""
-    from transformers import AutoTokenizer
-
     path = Path(model_dir)
     # The raw dict, not read_hf_config's HFArch: the embedded engine builds any transformers
     # model_type, and make_engine takes the whole config.json.
     hf_config = load_config_json(path, field=flag)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{flag} {path}: no usable tokenizer files ({e})") from None
+    tokenizer = load_tokenizer(path, field=flag, chat_template=data_cfg.chat_template)
     return hf_config, tokenizer
+
+
+def check_sample_budget(
+    cfg: EvalConfig, datasets: Mapping[str, PromptDataset], *, k_name: str = "--k"
+) -> None:
+    """Raise ConfigError when evaluating `datasets` would generate more than cfg.max_samples
+    samples (distinct problems x k, over every benchmark); `k_name` is how the caller's user
+    sets k (the --k flag, or eval.k in training)."""
+    problems = sum(
+        len({(p.token_ids, p.ground_truth) for p in ds.prompts}) for ds in datasets.values()
+    )
+    if problems * cfg.k > cfg.max_samples:
+        raise ConfigError(
+            f"{k_name}={cfg.k}: {problems} problems x {cfg.k} = {problems * cfg.k} samples > "
+            f"eval.max_samples={cfg.max_samples}; lower {k_name}, or raise the limit with "
+            f"eval.max_samples={problems * cfg.k}"
+        )
 
 
 def _check_report_path(out: Path) -> None:
@@ -562,9 +576,10 @@ def run_eval(
     loads), start the scorer and probe reward.functions on each benchmark's first row, load the
     checkpoint into an engine (weight version 0); evaluate; write the report to `out`.
     `mcore`: `model_dir` is a Megatron dist checkpoint written by `rpg-megatron convert
-    hf-to-mcore` (config.json, conversion.json, weights/, tokenizer)."""
+    hf-to-mcore` (config.json, conversion.json, weights/, tokenizer), a training step directory
+    (the same files), or a checkpoint.dir (the step `latest` names)."""
     from rpg_megatron.config_io import to_dict
-    from rpg_megatron.convert import ConvertError
+    from rpg_megatron.convert import ConvertError, resolve_mcore_dir
     from rpg_megatron.megatron.hf_map import HFMapError
     from rpg_megatron.rewards import RewardScorer
     from rpg_megatron.rollout import make_engine
@@ -575,18 +590,22 @@ def run_eval(
         raise ConfigError(f"reward.functions={list(reward_cfg.functions)}: {NEEDS_MATH_VERIFY}")
     _check_report_path(Path(out))  # before any work: a bad --out would fail only at the end
     flag = "--mcore" if mcore else "--model"
-    hf_config, tokenizer = _read_model_dir(model_dir, flag)
+    if mcore:
+        model_dir = resolve_mcore_dir(model_dir)
+    hf_config, tokenizer = _read_model_dir(model_dir, flag, data_cfg)
     datasets = load_benchmarks(
         cfg.files, data_cfg, tokenizer, field="--data", skip_hint="pass --on-bad-row skip"
     )
+    check_sample_budget(cfg, datasets)
     # The embedded engine refuses such prompts mid-run; say so before loading any weights.
     limit = hf_config.get("max_position_embeddings") if rollout_cfg.engine == "embedded" else None
     longest = max((p for d in datasets.values() for p in d.prompts), key=lambda p: len(p.token_ids))
-    if isinstance(limit, int) and len(longest.token_ids) + cfg.max_new_tokens > limit:
+    new_tokens = cfg.sampling().max_new_tokens
+    if isinstance(limit, int) and len(longest.token_ids) + new_tokens > limit:
         raise ConfigError(
-            f"eval.max_new_tokens={cfg.max_new_tokens}: with the longest prompt "
+            f"--max-new-tokens={new_tokens}: with the longest prompt "
             f"({longest.origin}, {len(longest.token_ids)} tokens) it exceeds the model's "
-            f"max_position_embeddings={limit}; lower --max-new-tokens"
+            f"max_position_embeddings={limit}; lower --max-new-tokens (eval.max_new_tokens)"
         )
     # The reward functions before any weights load: a bad entry fails in seconds, in one line.
     with RewardScorer(reward_cfg) as scorer:

@@ -26,12 +26,25 @@ RPG objectives J(theta) (maximised) and the weight g with grad J = E_old[g * gra
 
 Differentiable surrogates (grad L = -grad J in expectation over pi_old):
 
-    FKL   -w A - beta u log pi_theta
+    FKL   -w A - beta u log rho      (Table 2's -beta log pi_theta plus the theta-constant
+                                      beta u log pi_ref: the same gradient, and the KL term is
+                                      the per-token estimate u log(pi_ref/pi_theta) itself)
     RKL    w (-A + beta log rho)
     UFKL  -w A + beta (w - u log rho - u)
     URKL  -w A + beta (w log rho - w)
 
 REINFORCE surrogates: L = -SG(g) log pi_theta. Per sample, grad of the two forms is identical.
+
+Clipping the REINFORCE form (w_bar = clip(w, 1 - eps_low, 1 + eps_high), C = beta x the KL
+part of g, so g = w A + C):
+    clip_style=rpg   RPG-Style Clip, Algorithm 2 (PPO-like branches on psi, dual clip c)
+    clip_style=hard  the authors' hard clamp (`rpg_rf_<kl>` without clip_ppo):
+                     L = -SG(w_bar A + C) log pi_theta; no branches, no dual clip
+    kl_weight=raw     C = C(w), Algorithm 2
+    kl_weight=clipped C = C(w_bar), Remark F.2 (the authors' `rpg_rf_<kl>_clip_ppo` and hard
+                      clamp both build C from w_bar)
+Every clipped variant is exact where no token is clipped (clip None, or every w inside the
+bounds, e.g. on-policy); where w leaves the bounds it is biased on purpose (trust region).
 """
 
 from __future__ import annotations
@@ -130,15 +143,37 @@ class RPG:
     dual_clip_c: float | None = None
     """Dual-clip bound c > 1 for negative advantages (None: c = inf)."""
     kl_clamp: float | None = None
-    """Clamp each token's KL component, before beta, to [-kl_clamp, kl_clamp]: the KL loss
-    term in the differentiable form, the KL part C/beta of the weight in the REINFORCE form.
-    The authors' code clamps to 10; None (exact) by default."""
+    """Clamp each token's KL component, before beta, to [-kl_clamp, kl_clamp]. Differentiable
+    form: the per-token KL term (for FKL u log(pi_ref/pi_theta), never the log-likelihood), which
+    the authors clamp to 10 for RKL/UFKL/URKL and leave unclamped for FKL. REINFORCE form: the
+    KL part C/beta of the weight (not in the authors' code). None (exact) by default."""
+    kl_weight: Literal["raw", "clipped"] = "raw"
+    """REINFORCE form: build the KL part C of the weight from the raw w (Algorithm 2) or from
+    w_bar = clip(w, 1 - eps_low, 1 + eps_high) (Remark F.2; the authors' code)."""
+    clip_style: Literal["rpg", "hard"] = "rpg"
+    """REINFORCE form: RPG-Style Clip (Algorithm 2, needs no further field) or the authors' hard
+    clamp -SG(w_bar A + C) log pi_theta (no branches; dual_clip_c must be None)."""
 
     def __post_init__(self) -> None:
         if self.kl not in ("forward", "reverse"):
             raise ValueError(f"RPG.kl={self.kl!r}: must be 'forward' or 'reverse'")
         if self.form not in ("differentiable", "reinforce"):
             raise ValueError(f"RPG.form={self.form!r}: must be 'differentiable' or 'reinforce'")
+        if self.kl_weight not in ("raw", "clipped"):
+            raise ValueError(f"RPG.kl_weight={self.kl_weight!r}: must be 'raw' or 'clipped'")
+        if self.clip_style not in ("rpg", "hard"):
+            raise ValueError(f"RPG.clip_style={self.clip_style!r}: must be 'rpg' or 'hard'")
+        if self.form == "differentiable" and (self.kl_weight, self.clip_style) != ("raw", "rpg"):
+            raise ValueError(
+                f"RPG.kl_weight={self.kl_weight!r}, clip_style={self.clip_style!r} with "
+                "form='differentiable': both shape the REINFORCE form's stop-gradient weight; "
+                "use form='reinforce' or leave them at 'raw' and 'rpg'"
+            )
+        if self.clip_style == "hard" and self.dual_clip_c is not None:
+            raise ValueError(
+                f"RPG.dual_clip_c={self.dual_clip_c} with clip_style='hard': the hard clamp "
+                "has no dual clip; set dual_clip_c=None"
+            )
         if self.beta < 0:
             raise ValueError(f"RPG.beta={self.beta}: must be >= 0")
         if self.kl_clamp is not None and self.kl_clamp <= 0:
@@ -165,16 +200,21 @@ class RPG:
             raise ValueError(f"{self.name} with beta={self.beta} needs ref_logp_T (the KL anchor)")
         return log_w, x.logp_T - x.ref_logp_T, (x.ref_logp_T - x.old_logp_T).detach()
 
-    def kl_weight(self, w: Tensor, log_rho: Tensor, u: Tensor) -> Tensor:
+    def kl_part(self, w: Tensor, log_rho: Tensor, u: Tensor) -> Tensor:
         """C / beta, where C is the KL part of the gradient weight g = w A + C."""
         if self.kl == "forward":
             return u if self.normalized else -(w - u)
         return -w * (log_rho + 1.0) if self.normalized else -w * log_rho
 
-    def kl_loss(self, w: Tensor, logp: Tensor, log_rho: Tensor, u: Tensor) -> Tensor:
-        """The differentiable surrogate's KL term / beta (Table 2 with the separate anchor)."""
+    def kl_loss(self, w: Tensor, log_rho: Tensor, u: Tensor) -> Tensor:
+        """The differentiable surrogate's KL term / beta (Table 2 with the separate anchor).
+
+        FKL's is -u log rho, the per-token estimate of KL(ref || theta): Table 2 writes
+        -u log pi_theta, which differs by the theta-constant u log pi_ref, so the gradient is
+        the same and kl_clamp bounds a KL value, not the token's negative log-likelihood.
+        """
         if self.kl == "forward":
-            return -u * logp if self.normalized else w - u * log_rho - u
+            return -u * log_rho if self.normalized else w - u * log_rho - u
         return w * log_rho if self.normalized else w * log_rho - w
 
     def kl_value(self, w: Tensor, log_rho: Tensor, u: Tensor) -> Tensor:
@@ -189,12 +229,20 @@ class RPG:
         mask, adv = x.mask_T, x.adv_T
         if self.form == "differentiable":
             loss, flags = _ppo_clip(w, adv, self.clip, self.dual_clip_c)
-            loss = loss + self.beta * _clamp(self.kl_loss(w, x.logp_T, log_rho, u), self.kl_clamp)
+            loss = loss + self.beta * _clamp(self.kl_loss(w, log_rho, u), self.kl_clamp)
         else:
-            c_kl = self.beta * _clamp(self.kl_weight(w, log_rho, u), self.kl_clamp).detach()
-            loss, flags = _rpg_style_clip(
-                x.logp_T, w.detach(), adv, c_kl, self.clip, self.dual_clip_c
-            )
+            w_kl, log_rho_kl = w.detach(), log_rho.detach()
+            if self.kl_weight == "clipped" and self.clip is not None:  # else w_bar = w
+                # Remark F.2: C from w_bar, and rho_bar = w_bar / u (w_bar >= 1 - eps_low > 0)
+                w_kl = w_kl.clamp(1.0 - self.clip[0], 1.0 + self.clip[1])
+                log_rho_kl = w_kl.log() - log_u
+            c_kl = self.beta * _clamp(self.kl_part(w_kl, log_rho_kl, u), self.kl_clamp)
+            if self.clip_style == "hard":
+                loss, flags = _hard_clip(x.logp_T, w.detach(), adv, c_kl, self.clip)
+            else:
+                loss, flags = _rpg_style_clip(
+                    x.logp_T, w.detach(), adv, c_kl, self.clip, self.dual_clip_c
+                )
         metrics = {"ratio": w.detach(), **flags}
         if self.beta > 0:
             metrics["kl"] = self.kl_value(w, log_rho, u).detach()
@@ -236,6 +284,24 @@ def _rpg_style_clip(
         "clip_high": high.to(w.dtype),
         "clip_low": low.to(w.dtype),
         "clip_dual": dual.to(w.dtype),
+    }
+    return loss, flags
+
+
+def _hard_clip(
+    logp: Tensor, w: Tensor, adv: Tensor, c_kl: Tensor, clip: tuple[float, float] | None
+) -> tuple[Tensor, Metrics]:
+    """The authors' hard-clamp REINFORCE: -SG(w_bar A + C) log pi_theta, w and c_kl detached.
+
+    Every token keeps a gradient; a clipped token's weight is its bound instead of w. With
+    clip None, w_bar = w and this is the plain REINFORCE surrogate.
+    """
+    w_low, w_high, _ = _bounds(clip, None)
+    loss = -(adv * w.clamp(w_low, w_high) + c_kl) * logp
+    flags = {
+        "clip_high": (w > w_high).to(w.dtype),
+        "clip_low": (w < w_low).to(w.dtype),
+        "clip_dual": torch.zeros_like(w),
     }
     return loss, flags
 
@@ -369,8 +435,10 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
             form=cfg.form,
             beta=cfg.beta,
             clip=cfg.clip,
-            dual_clip_c=cfg.dual_clip_c,
+            dual_clip_c=None if cfg.clip_style == "hard" else cfg.dual_clip_c,
             kl_clamp=cfg.kl_clamp,
+            kl_weight=cfg.kl_weight,
+            clip_style=cfg.clip_style,
         )
     if cfg.name == "grpo":
         return GRPO(

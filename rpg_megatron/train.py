@@ -18,15 +18,16 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards
+from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards, rundir
 from rpg_megatron.batch import TrainBatch
-from rpg_megatron.config import Config, ConfigError
+from rpg_megatron.config import Config, ConfigError, RolloutConfig
 from rpg_megatron.config_io import save_config
 from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
@@ -42,27 +43,47 @@ _log = logging.getLogger(__name__)
 
 def train(cfg: Config, *, resume: bool = False) -> Path:
     """Run `cfg`; returns the run directory (metrics.jsonl, checkpoints, reward.png)."""
-    if not resume:
-        # Before parallel.init: its rendezvous waits for every rank, so no rank has written
-        # anything of this run while another still checks.
-        _refuse_earlier_run(cfg)
     ctx = parallel.init(cfg.parallel)
+    lock = None
     try:
+        # Rank 0 takes the run directory's lock before any rank writes there, and every rank
+        # hears whether it did: a second job of the same run stops on all its ranks.
+        lock = rundir.agreed(lambda: rundir.acquire(cfg.log.run_dir) if ctx.rank == 0 else None)
+        if not resume:
+            rundir.agreed(lambda: _refuse_earlier_run(cfg))
         return _train(cfg, ctx, resume=resume)
     finally:
+        if lock is not None:
+            lock.release()
         parallel.destroy()
 
 
-def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
-    from transformers import AutoTokenizer
-
-    run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
+def _inputs(cfg: Config, *, is_main: bool) -> tuple[dict[str, Any], Any, Any, Any, Any]:
+    """(config.json, HFArch, tokenizer, prompts, eval benchmarks): every file the run reads
+    before it builds anything. Reads only; errors name the file (and row)."""
     hf_dir = Path(cfg.model.hf_path)
     hf_config = load_config_json(hf_dir)
-    arch = read_hf_config(hf_config)
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    arch = read_hf_config(hf_config, source=hf_dir / "config.json")
+    tokenizer = data.load_tokenizer(hf_dir, chat_template=cfg.data.chat_template)
     prompts = data.load_prompts(cfg.data, tokenizer)
-    _check_before_build(cfg, dp=ctx.dp, hf_config=hf_config, prompts=prompts)
+    eval_sets = (
+        evaluate.load_benchmarks(cfg.eval.files, cfg.data, tokenizer)
+        if is_main and cfg.eval.files and cfg.eval.every
+        else {}
+    )
+    return hf_config, arch, tokenizer, prompts, eval_sets
+
+
+def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
+    run_dir, is_main = Path(cfg.log.run_dir), ctx.rank == 0
+
+    def inputs() -> tuple[dict[str, Any], Any, Any, Any, Any]:
+        got = _inputs(cfg, is_main=is_main)
+        _check_before_build(cfg, dp=ctx.dp, hf_config=got[0], prompts=got[3], eval_sets=got[4])
+        return got
+
+    # Every rank reads its inputs, and all agree that they are usable, before any builds.
+    hf_config, arch, tokenizer, prompts, eval_sets = rundir.agreed(inputs)
     engines = placement.layout(cfg.rollout, _ranks(ctx))
     scorer = _start_scorer(cfg, prompts.prompts[0], scores=ctx.rank in engines.ranks)
     policy = step.build_policy(
@@ -70,30 +91,28 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     )
     objective = build_objective(cfg.objective)
     sampler = data.PromptSampler(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    engine, spread = _start_engine(cfg, ctx, engines, hf_config=hf_config, tokenizer=tokenizer)
-    eval_sets = (
-        evaluate.load_benchmarks(cfg.eval.files, cfg.data, tokenizer)
-        if is_main and cfg.eval.files and cfg.eval.every
-        else {}
-    )
-
-    start = _resume(cfg, policy, sampler) if resume else None
+    needs_ref = objective.needs_ref or _reward_kl_coef(cfg) > 0
+    # The anchor exists before the resume reads it back (one collective load of both).
+    ref = Reference(policy, cfg.objective) if needs_ref and resume else None
+    # A checkpoint or data cursor that does not fit fails on every rank before rank 0 writes
+    # config.yaml or opens the metrics below.
+    start = rundir.agreed(lambda: _resume(cfg, policy, ref, sampler)) if resume else None
     if start is None:
         _initial_weights(cfg, policy)
-    needs_ref = objective.needs_ref or _reward_kl_coef(cfg) > 0
-    ref = Reference(policy, cfg.objective) if needs_ref else None
-    if ref is not None and start is not None:
-        ref.load_state_dict(start["reference"])
-    first = 0 if start is None else start["iteration"]
+        ref = Reference(policy, cfg.objective) if needs_ref else None
+    first = 0 if start is None else start
     # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
     iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
+    # The engines, once everything else is known to be usable (SGLang servers take minutes to
+    # start); one that cannot start stops every rank.
+    engine, spread = _start_engine(cfg, ctx, engines, hf_config=hf_config, tokenizer=tokenizer)
     if is_main and resume:
         print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
     stop_flag = _install_preemption_handler()
-    _sync_weights(policy, engine, version=first)
+    _sync_weights(policy, engine, version=first, dtype=_engine_dtype(cfg))
 
     for it in range(first, iterations):
         t0 = time.perf_counter()
@@ -137,7 +156,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             for s in stats:
                 ref.observe(s.get("kl", 0.0))
             reset = ref.maybe_reset(policy)
-        _sync_weights(policy, engine, version=it + 1)
+        _sync_weights(policy, engine, version=it + 1, dtype=_engine_dtype(cfg))
         t_sync = time.perf_counter()
         validation = (
             evaluate.maybe_evaluate(
@@ -194,20 +213,16 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             or stop
         ):
             _save(cfg, policy, ref, sampler, iteration=done)
+        hf_every = cfg.checkpoint.save_hf_every
+        if hf_every and done % hf_every == 0 and done < iterations:
+            _export(cfg, policy, run_dir / "hf" / f"step_{done:08d}", write=is_main)
         if stop:
             if is_main:
                 print(f"preempted: checkpoint of step {done} written; rerun with --resume")
             break
     else:
         if first < iterations:  # the run completed now: its policy for eval and other stacks
-            convert.export_policy(
-                policy.chunks,
-                arch,
-                run_dir / "hf",
-                src_hf_dir=hf_dir,
-                dtype=getattr(torch, cfg.model.dtype),
-                write=is_main,
-            )
+            _export(cfg, policy, run_dir / "hf", write=is_main)
 
     sink.close()
     if is_main:
@@ -221,6 +236,33 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     if scorer is not None:
         scorer.close()
     return run_dir
+
+
+def _start_engine(
+    cfg: Config,
+    ctx: parallel.ParallelContext,
+    engines: placement.Layout,
+    *,
+    hf_config: dict[str, Any],
+    tokenizer: Any,
+) -> tuple[Any, Spread]:
+    """This rank's engine (None where it drives none) and the spread of each generation batch
+    over all engines; rank 0 logs the layout."""
+    rc = cfg.rollout
+    chunk = placement.dispatch_chunk(rc)
+    if ctx.rank == 0:
+        for line in engines.describe(samples=rc.prompts_per_step * rc.n_samples, chunk=chunk):
+            _log.info("rollout: %s", line)
+    engine = placement.start_engine(
+        engines, rc, rank=ctx.rank, hf_config=hf_config, tokenizer=tokenizer
+    )
+    return engine, Spread.over(engines, rank=ctx.rank, chunk=chunk)
+
+
+def _ranks(ctx: parallel.ParallelContext) -> list[placement.RankInfo]:
+    """Every rank's place in the job, for the rollout layout (a collective)."""
+    first = ctx.tp_rank == 0 and ctx.pp_rank == 0 and ctx.cp_rank == 0
+    return placement.gather_ranks(rank=ctx.rank, local_rank=ctx.local_rank, replica_first=first)
 
 
 def _mean_over_steps(stats: list[dict[str, float]]) -> dict[str, float]:
@@ -261,12 +303,18 @@ def _refuse_earlier_run(cfg: Config) -> None:
 
 
 def _check_before_build(
-    cfg: Config, *, dp: int, hf_config: dict[str, Any], prompts: data.PromptDataset
+    cfg: Config,
+    *,
+    dp: int,
+    hf_config: dict[str, Any],
+    prompts: data.PromptDataset,
+    eval_sets: Mapping[str, data.PromptDataset] | None = None,
 ) -> None:
     """What would otherwise fail only after the model is built and the first rollout is done:
     the step's batch must split into minibatches and DP x micro-batches, the longest prompt
-    plus the response budget must fit the embedded engine's context, eval.files and eval.every
-    come together, wandb must import."""
+    plus the response budget must fit the model's context (training and validation prompts),
+    validation's samples stay within eval.max_samples, eval.files and eval.every come together,
+    wandb must import."""
     rollout, optim = cfg.rollout, cfg.optim
     per_iteration = optim.minibatches * optim.update_epochs
     if optim.steps % per_iteration:
@@ -305,14 +353,12 @@ def _check_before_build(
             "(optim.max_tokens_per_microbatch)"
         )
     limit = hf_config.get("max_position_embeddings")
-    longest = max(len(p.token_ids) for p in prompts.prompts)
-    if rollout.engine == "embedded" and limit and longest + rollout.max_new_tokens > limit:
-        raise ConfigError(
-            f"rollout.max_new_tokens={rollout.max_new_tokens}: the longest prompt has {longest} "
-            f"tokens, so responses could reach {longest + rollout.max_new_tokens} > the model's "
-            f"max_position_embeddings={limit}; lower rollout.max_new_tokens or "
-            "data.max_prompt_tokens"
-        )
+    if isinstance(limit, int):
+        _check_context(prompts, rollout.max_new_tokens, limit, "rollout.max_new_tokens", rollout)
+        for dataset in (eval_sets or {}).values():
+            _check_context(dataset, cfg.eval.max_new_tokens, limit, "eval.max_new_tokens", rollout)
+    if eval_sets:
+        evaluate.check_sample_budget(cfg.eval, eval_sets, k_name="eval.k")
     if cfg.eval.files and "math_verify" not in cfg.reward.functions:
         raise ConfigError(
             f"eval.files with reward.functions={list(cfg.reward.functions)}: "
@@ -345,16 +391,44 @@ def _start_scorer(cfg: Config, prompt: data.Prompt, *, scores: bool) -> rewards.
             if scorer is not None:
                 scorer.close()
             problem = (type(e).__name__, str(e))
+    rank = 0
     if dist.is_initialized() and dist.get_world_size() > 1:
         problems: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(problems, problem)
         problem = next((p for p in problems if p[0]), ("", ""))
+        rank = dist.get_rank()
     kind, message = problem
-    if kind == "RewardFunctionError":
-        raise rewards.RewardFunctionError(message)
-    if kind:  # math-verify missing, or a reward worker that cannot start
-        raise ConfigError(f"reward: {message}")
-    return scorer
+    if not kind:
+        return scorer
+    error: Exception = (
+        rewards.RewardFunctionError(message)
+        if kind == "RewardFunctionError"
+        else ConfigError(f"reward: {message}")  # math-verify missing, a worker cannot start
+    )
+    # The CLI prints one line for the job: rank 0's (see rundir.agreed).
+    error.quiet = rank != 0  # type: ignore[attr-defined]
+    raise error
+
+
+def _check_context(
+    prompts: data.PromptDataset,
+    new_tokens: int | None,
+    limit: int,
+    name: str,
+    rollout: RolloutConfig,
+) -> None:
+    """The longest prompt plus `new_tokens` must fit the model's context of `limit` positions.
+    The embedded engine refuses such a prompt mid-run; no engine can generate a response longer
+    than the context, whatever its prompt."""
+    longest = max(prompts.prompts, key=lambda p: len(p.token_ids))
+    n = len(longest.token_ids)
+    new_tokens = new_tokens or 0
+    if new_tokens > limit or (rollout.engine == "embedded" and n + new_tokens > limit):
+        raise ConfigError(
+            f"{name}={new_tokens}: the longest prompt ({longest.origin}) has {n} tokens, so "
+            f"a sequence could reach {n + new_tokens} > the model's max_position_embeddings="
+            f"{limit}; lower {name} or data.max_prompt_tokens (longer prompts are bad rows)"
+        )
 
 
 def _resume_line(cfg: Config, first: int, iterations: int, *, found: bool) -> str:
@@ -409,33 +483,6 @@ def _tis(
     return (old_logp - sample_logp).exp().clamp(max=cap)
 
 
-def _start_engine(
-    cfg: Config,
-    ctx: parallel.ParallelContext,
-    engines: placement.Layout,
-    *,
-    hf_config: dict[str, Any],
-    tokenizer: Any,
-) -> tuple[Any, Spread]:
-    """This rank's engine (None where it drives none) and the spread of each generation batch
-    over all engines; rank 0 logs the layout."""
-    rc = cfg.rollout
-    chunk = placement.dispatch_chunk(rc)
-    if ctx.rank == 0:
-        for line in engines.describe(samples=rc.prompts_per_step * rc.n_samples, chunk=chunk):
-            _log.info("rollout: %s", line)
-    engine = placement.start_engine(
-        engines, rc, rank=ctx.rank, hf_config=hf_config, tokenizer=tokenizer
-    )
-    return engine, Spread.over(engines, rank=ctx.rank, chunk=chunk)
-
-
-def _ranks(ctx: parallel.ParallelContext) -> list[placement.RankInfo]:
-    """Every rank's place in the job, for the rollout layout (a collective)."""
-    first = ctx.tp_rank == 0 and ctx.pp_rank == 0 and ctx.cp_rank == 0
-    return placement.gather_ranks(rank=ctx.rank, local_rank=ctx.local_rank, replica_first=first)
-
-
 def _advantages(
     cfg: Config, rollout: Rollout, old_logp: torch.Tensor, ref_logp: torch.Tensor | None
 ) -> torch.Tensor:
@@ -461,11 +508,23 @@ def _reward_kl_coef(cfg: Config) -> float:
     return cfg.objective.beta if cfg.objective.advantage == "reinforce_pp" else 0.0
 
 
-def _sync_weights(policy: step.Policy, engine: Any, *, version: int) -> None:
+def _engine_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the engine holds its weights in, which the export casts to once on the way
+    (a float32 export to bfloat16 servers doubles the bytes over IPC/NCCL and in the relaunch
+    copy): the SGLang servers' rollout.sglang.dtype; the embedded engine's float32."""
+    if cfg.rollout.engine == "sglang":
+        return getattr(torch, cfg.rollout.sglang.dtype)
+    return torch.float32
+
+
+def _sync_weights(
+    policy: step.Policy, engine: Any, *, version: int, dtype: torch.dtype = torch.float32
+) -> None:
     """Full HF-named tensors from the (TP/PP-sharded) policy to this rank's engine, if it drives
-    one. The export is collective, so every rank walks the buckets; the driving ranks load
-    them (each node's into its own node's engines)."""
-    buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=torch.float32)
+    one, in `dtype` (train passes `_engine_dtype(cfg)`). The export is collective, so every rank
+    walks the buckets; the driving ranks load them (each node's into its own node's engines). In
+    colocated mode the engine is asleep here; it takes the update anyway (RolloutEngine)."""
+    buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=dtype)
     if engine is None:
         for _ in buckets:
             pass
@@ -473,21 +532,51 @@ def _sync_weights(policy: step.Policy, engine: Any, *, version: int) -> None:
     engine.update_weights(buckets, version)
 
 
+def _export(cfg: Config, policy: step.Policy, out: Path, *, write: bool) -> None:
+    """The policy as a Hugging Face model in `out` (collective; rank 0 writes). The final
+    `<log.run_dir>/hf` keeps the `step_*` exports of checkpoint.save_hf_every inside it."""
+    convert.export_policy(
+        policy.chunks,
+        policy.arch,
+        out,
+        src_hf_dir=cfg.model.hf_path,
+        dtype=getattr(torch, cfg.model.dtype),
+        write=write,
+    )
+
+
+def _layout(ctx: parallel.ParallelContext) -> dict[str, int]:
+    return {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
+
+
 def _save(
     cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any, *, iteration: int
 ) -> None:
-    ctx = policy.ctx
-    model = {"policy": step.state_dict(policy)}
+    """Policy, optimizer, reference, RNG and data cursor as Megatron's distributed checkpoint;
+    the step directory is also a Megatron checkpoint of the policy (convert/eval --mcore)."""
+    sharded, common = step.checkpoint_state(policy)
     if ref is not None:
-        model["reference"] = ref.state_dict()
+        sharded["reference"], common["reference"] = ref.checkpoint_state(policy)
+    common["data"] = sampler.state_dict()
+    hf_dir = Path(cfg.model.hf_path)
+    conversion = convert.training_conversion(policy.arch, hf_dir, cfg.model.dtype, policy.ctx)
+
+    def side_files(tmp: Path) -> None:
+        convert.write_side_files(hf_dir, tmp, conversion)
+
     checkpoint.save(
         cfg.checkpoint,
         step=iteration,
-        layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
-        model=model,
-        optimizer=None,
-        extra={"steps_done": policy.steps_done, "data": sampler.state_dict()},
+        layout=_layout(policy.ctx),
+        sharded=sharded,
+        common=common,
+        meta={
+            "dtype": cfg.model.dtype,
+            "optimizer": cfg.optim.optimizer,
+            "distributed_optimizer": cfg.optim.distributed_optimizer,
+        },
         run_config=cfg,
+        side_files=side_files,
     )
 
 
@@ -504,25 +593,51 @@ def _initial_weights(cfg: Config, policy: step.Policy) -> None:
         return
     if source in ("auto", "hf"):
         convert.load_hf(policy.chunks[0], hf_dir, tp_rank=policy.ctx.tp_rank, tp=policy.ctx.tp)
-    else:
+    else:  # a converted checkpoint or a training step directory (its policy weights)
         convert.load_mcore(policy.chunks[0], source)
     # Mixed precision keeps float32 main copies of the weights: refresh them from the model.
     policy.optimizer.reload_model_params()
     _log.info("initial weights: %s", hf_dir if source in ("auto", "hf") else source)
 
 
-def _resume(cfg: Config, policy: step.Policy, sampler: Any) -> dict[str, Any] | None:
-    """Restore policy, optimizer, RNG and data cursor from the newest checkpoint, if any."""
-    ctx = policy.ctx
-    state: dict[str, Any] = {}
-    got = checkpoint.load_latest(
-        cfg.checkpoint,
-        layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp},
-        load_model=state.update,
-        load_optimizer=None,
-    )
-    if got is None:
+def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any) -> int | None:
+    """Restore policy, optimizer, reference, RNG and data cursor from the newest checkpoint,
+    at this run's layout whatever the writer's; returns its iteration, or None when there is
+    none. Every rank agrees the checkpoint is good before any rank goes on (checkpoint.py)."""
+    found = checkpoint.find_latest(cfg.checkpoint)
+    if found is None:
         return None
-    step.load_state_dict(policy, state["policy"], steps_done=got.extra["steps_done"])
-    sampler.load_state_dict(got.extra["data"])
-    return {"iteration": got.step, "reference": state.get("reference")}
+    ctx = policy.ctx
+    error, request, apply = None, None, None
+    try:
+        request, apply = step.checkpoint_request(policy, found.keys)
+        if ref is not None:
+            if not any(k.startswith("reference.") for k in found.keys):
+                raise checkpoint.CheckpointError(
+                    f"{found.path}: no reference policy stored, but this run's objective needs "
+                    "one (objective.beta / advantage changed since it was written?)"
+                )
+            request["reference"] = ref.checkpoint_request(policy)
+    except checkpoint.CheckpointError as e:
+        error = f"{found.path}: {e}"
+    checkpoint.agree(error)
+    loaded = checkpoint.load(found, request, layout=_layout(ctx))
+    apply(loaded.state, loaded.common)
+    if ref is not None:
+        ref.apply_checkpoint(loaded.state["reference"], loaded.common["reference"])
+    sampler.load_state_dict(loaded.common["data"])
+    if not loaded.rng_restored:
+        checkpoint.reseed(cfg.parallel.seed, found.step)
+        if ctx.rank == 0:
+            was = " ".join(f"{k}={v}" for k, v in found.layout.items())
+            now = " ".join(f"{k}={v}" for k, v in _layout(ctx).items())
+            _log.info(
+                "resume: %s was written at %s, this run is %s: model and optimizer state "
+                "resharded; RNG streams re-derived from parallel.seed=%d and step %d",
+                found.path,
+                was,
+                now,
+                cfg.parallel.seed,
+                found.step,
+            )
+    return found.step

@@ -93,15 +93,27 @@ def load_config_json(
     passes its --model / --mcore flag)."""
     path = _config_json_path(path)
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{field}: {path} does not exist") from None
+    except OSError as e:  # a directory named config.json, no permission, an I/O error
+        raise ConfigError(f"{field}: {path}: unreadable ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: a JSON {type(d).__name__}, not an object of config keys")
+    return d
 
 
-def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> HFArch:
+def read_hf_config(
+    path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    source: str | os.PathLike[str] | None = None,
+) -> HFArch:
     """Read a config.json (a file, the directory holding it, or its parsed dict) into `HFArch`.
+    Errors name the file; for a dict, pass the file it came from as `source`.
 
     The only parser of config.json: model building, `hf_map`, export and conversion all take
     the `HFArch` it returns. Raises ConfigError (naming the file and key) for an unknown
@@ -116,7 +128,7 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
     model and the Megatron model built from one file agree.
     """
     if isinstance(path_or_dict, Mapping):
-        d, src = dict(path_or_dict), "<config dict>"
+        d, src = dict(path_or_dict), "<config dict>" if source is None else str(source)
     else:
         d = load_config_json(path_or_dict)
         src = str(_config_json_path(path_or_dict))
@@ -137,6 +149,9 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{src}: {key}={value!r}: need a positive integer")
         return value
+
+    def real(key: str, default: float) -> float:
+        return _real(d, key, default, src)
 
     def off(key: str, why: str) -> None:
         if d.get(key):
@@ -168,14 +183,14 @@ def read_hf_config(path_or_dict: str | os.PathLike[str] | Mapping[str, Any]) -> 
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=size("head_dim") if d.get("head_dim") else hidden // heads,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=real("rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling_factor=factor,
         max_position_embeddings=need("max_position_embeddings"),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=real("initializer_range", 0.02),
     )
 
 
@@ -197,6 +212,9 @@ def _read_rope(d: Mapping[str, Any], src: str, family: str) -> tuple[float, floa
     for all three families.
     """
     params = d.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if d.get(key) is not None and not isinstance(d[key], Mapping):
+            raise ConfigError(f"{src}: {key}={d[key]!r:.80}: must be an object (or null)")
     if params is not None:
         if any(isinstance(v, Mapping) for v in params.values()):
             raise ConfigError(
@@ -211,15 +229,26 @@ def _read_rope(d: Mapping[str, Any], src: str, family: str) -> tuple[float, floa
             f"{src}: rope scaling type {rope_type!r} is not supported for {family}; "
             f"supported: {', '.join(_ROPE_TYPES[family])} (default = no scaling)"
         )
+    theta = _real({"rope_theta": theta}, "rope_theta", 10000.0, src)
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     for key, fixed in _MEGATRON_LLAMA3_ROPE.items():
-        if float(scaling.get(key, fixed)) != fixed:
+        if _real(scaling, key, fixed, src) != fixed:
             raise ConfigError(
                 f"{src}: llama3 rope scaling {key}={scaling[key]!r}: megatron-core 0.16.1 "
                 f"GPTModel supports only {key}={fixed} (RotaryEmbedding._apply_scaling fixes it)"
             )
-    return float(theta), float(scaling["factor"])
+    if scaling.get("factor") is None:
+        raise ConfigError(f"{src}: llama3 rope scaling without a 'factor'; add it")
+    return theta, _real(scaling, "factor", 1.0, src)
+
+
+def _real(d: Mapping[str, Any], key: str, default: float, src: str) -> float:
+    """`d[key]` (or `default` when absent) as a float; anything but a number is a ConfigError."""
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{src}: {key}={value!r:.80}: need a number")
+    return float(value)
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:

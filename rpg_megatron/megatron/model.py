@@ -7,7 +7,7 @@ combination Megatron would reject, or that cannot run here, before any process g
 a bad config fails in milliseconds with a message naming the field.
 
 Attention mask: pass `attention_mask=None` to the model. The layer spec declares a causal mask,
-and on CPU `parallel.apply_cpu_compat` makes megatron build it on CPU. RoPE ignores
+and on CPU `compat.apply_cpu_compat` makes megatron build it on CPU. RoPE ignores
 `position_ids`: a padded row [B, S] holds one sequence at positions 0..S-1 (right padding is
 harmless under the causal mask); a packed batch [1, T] holds several sequences and needs
 `PackedSeqParams` (THD, `cu_seqlens`), which make RoPE restart at every sequence and attention
@@ -42,7 +42,8 @@ def validate(
     """Raise ConfigError for a combination Megatron rejects or this machine cannot run.
 
     Pure: touches no process group, so it runs before `parallel.init`. `optim` adds the checks
-    that only matter for training with Megatron's optimizer.
+    that only matter for training (sequence packing). Megatron's distributed and bf16/fp16
+    optimizers run on CPU too (`parallel.CPU_PATCHES`), so they are not refused here.
     """
     if arch.family not in FAMILIES:
         raise ConfigError(
@@ -81,6 +82,15 @@ def validate(
                 f"model.fp8_recipe='mxfp8' needs compute capability >= 10.0 (Blackwell); this "
                 f"GPU is {major}.{minor}; use fp8_recipe=delayed, tensorwise or blockwise"
             )
+    if par.cp > 1 and optim is not None and optim.max_tokens_per_microbatch == 0:
+        # step._micro_batches splits sequences over CP ranks only when it packs: padded rows
+        # would reach every CP rank whole, while Megatron scales RoPE by cp and TE's p2p
+        # attention takes each rank's rows as its two chunks (wrong positions and attention).
+        raise ConfigError(
+            f"parallel.cp={par.cp} with optim.max_tokens_per_microbatch=0: padded micro-batches "
+            "are not split over the context-parallel ranks; set optim.max_tokens_per_microbatch "
+            "to a token budget (packing splits every sequence over the CP ranks) or parallel.cp=1"
+        )
     if par.cp > 1 and not te:
         raise ConfigError(
             f"parallel.cp={par.cp}: context parallelism needs a GPU with Transformer Engine "
@@ -103,29 +113,23 @@ def validate(
             "parallel.sequence_parallel=true needs the Transformer Engine layer spec (GPU); "
             "set parallel.sequence_parallel=false"
         )
-    if optim is not None and not cuda:
-        if optim.distributed_optimizer:
-            # megatron-core 0.16.1 DistributedOptimizer._build_model_and_main_param_groups
-            # accepts only param.type() in torch.cuda.{Float,Half,BFloat16}Tensor.
-            raise ConfigError(
-                "optim.distributed_optimizer=true needs CUDA (megatron-core's distributed "
-                "optimizer rejects CPU tensors); set optim.distributed_optimizer=false"
-            )
-        if model_cfg.dtype != "float32":
-            # Same 'torch.cuda.*Tensor' check in Float16OptimizerWithFloat16Params.__init__.
-            raise ConfigError(
-                f"model.dtype={model_cfg.dtype!r}: on CPU Megatron's optimizer trains only "
-                "float32 parameters; set model.dtype=float32"
-            )
 
 
 def transformer_config(
-    arch: HFArch, model_cfg: ModelConfig, par: ParallelConfig, *, init_weights: bool = True
+    arch: HFArch,
+    model_cfg: ModelConfig,
+    par: ParallelConfig,
+    *,
+    init_weights: bool = True,
+    main_grad: bool = False,
 ) -> Any:
     """`megatron.core.transformer.TransformerConfig` for `arch` under these settings.
 
     init_weights=False skips the random initialisation (Megatron's `perform_initialization`):
     for models whose every weight is loaded right after, e.g. checkpoint conversion.
+    main_grad=True: the model is trained inside Megatron DDP (`param.main_grad`), so weight
+    gradients may be accumulated straight into it (`gradient_accumulation_fusion`, see
+    `wgrad_fusion`).
 
     Fixed choices: no dropout (RL fine-tuning), `calculate_per_token_loss=True` (the loss hook
     returns (sum, token count) and Megatron divides by the global count once),
@@ -189,7 +193,7 @@ def transformer_config(
         bias_dropout_fusion=te,
         apply_rope_fusion=te,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=main_grad and wgrad_fusion() == "megatron",
         **recompute,
         **fp8,
     )
@@ -203,9 +207,14 @@ def build_gpt(
     pre_process: bool,
     post_process: bool,
     init_weights: bool = True,
+    main_grad: bool = False,
 ) -> Any:
     """Instantiate this rank's `megatron.core.models.gpt.GPTModel` shard (call after
     `parallel.init`).
+
+    main_grad=True only for a model that is wrapped in Megatron's DistributedDataParallel
+    before its first backward: its linears then add weight gradients straight into the DDP
+    buffer `param.main_grad` where this machine allows it (`wgrad_fusion`).
 
     pre_process: this pipeline stage embeds tokens (`ParallelContext.is_first_stage`);
     post_process: it computes logits (`is_last_stage`). Logits come out vocab-parallel,
@@ -218,8 +227,10 @@ def build_gpt(
 
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("build_gpt: call rpg_megatron.megatron.parallel.init(cfg) first")
-    config = transformer_config(arch, model_cfg, par, init_weights=init_weights)
-    return GPTModel(
+    config = transformer_config(
+        arch, model_cfg, par, init_weights=init_weights, main_grad=main_grad
+    )
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(arch),
         vocab_size=padded_vocab_size(arch.vocab_size, par.tp),
@@ -234,6 +245,52 @@ def build_gpt(
         rope_scaling=arch.rope_scaling_factor is not None,
         rope_scaling_factor=arch.rope_scaling_factor or 1.0,
     )
+    if main_grad and wgrad_fusion() == "transformer_engine":
+        fuse_te_wgrad_accumulation(gpt)
+    return gpt
+
+
+def wgrad_fusion() -> str | None:
+    """Which weight-gradient accumulation fusion this machine allows for a Megatron-DDP model.
+
+    "megatron": Megatron's `gradient_accumulation_fusion` for every linear. It needs the TE
+    layer spec and apex's `fused_weight_gradient_mlp_cuda`, because the output layer stays a
+    Megatron `ColumnParallelLinear` under the TE spec, and megatron-core 0.16.1 (and 0.19.2)
+    ColumnParallelLinear.__init__ raises without that extension.
+    "transformer_engine": the TE spec without apex: only TE's own linears (QKV, projection,
+    MLP) accumulate into main_grad (`fuse_te_wgrad_accumulation`); the output layer does not.
+    None: no TE layer spec (CPU, or TE missing); the local spec's linears need apex and CUDA.
+    """
+    if not use_transformer_engine():
+        return None
+    return (
+        "megatron"
+        if parallel._importable("fused_weight_gradient_mlp_cuda")
+        else "transformer_engine"
+    )
+
+
+def fuse_te_wgrad_accumulation(gpt: Any) -> int:
+    """Make every Transformer Engine linear of `gpt` accumulate its weight gradient into
+    `param.main_grad` (fp32, Megatron DDP's buffer) inside the wgrad GEMM; returns how many.
+
+    Megatron passes config.gradient_accumulation_fusion to TE only at construction
+    (megatron-core 0.16.1 TELinear / TELayerNormColumnParallelLinear __init__), and that flag
+    cannot be set without apex (see `wgrad_fusion`). TE 2.20.2 reads `fuse_wgrad_accumulation`
+    from the module at every forward (Linear.forward, LayerNormLinear.forward,
+    LayerNormMLP.forward) and fetches `main_grad` only in backward, then marks the weight
+    `grad_added_to_main_grad`, which Megatron DDP's backward hook honours.
+    """
+    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
+    fused = 0
+    for module in gpt.modules():
+        if isinstance(module, TransformerEngineBaseModule) and hasattr(
+            module, "fuse_wgrad_accumulation"
+        ):
+            module.fuse_wgrad_accumulation = True
+            fused += 1
+    return fused
 
 
 def _layer_spec(arch: HFArch) -> Any:

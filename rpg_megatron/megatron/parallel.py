@@ -1,32 +1,21 @@
-"""Process groups, seeds and rank facts for one run, and the one CPU compatibility layer.
+"""Process groups, seeds and rank facts for one run.
 
 `init(cfg)` brings up torch.distributed (nccl with CUDA, gloo without, or what `cfg.backend`
 names), Megatron's tensor/pipeline/context/data-parallel groups and the RNG seeds, and returns a
-`ParallelContext` of plain sizes and ranks. `destroy()` undoes it.
-
-Without CUDA, `init` first calls `apply_cpu_compat()`: the patches in `CPU_PATCHES` let
-megatron-core 0.16.1 run a GPTModel (local layer spec) forward and backward with TP, PP and DP
-over gloo, through `get_forward_backward_func` schedules, Megatron's DistributedDataParallel,
-`finalize_model_grads` and the (non-distributed) Megatron optimizer. Each row names the symbol,
-the 0.16.1 function that fails on CPU and why. `_cuda_available()` is the only switch: with CUDA
-nothing is patched. What still does not work on CPU (checked in `model.validate`): Megatron's
-distributed optimizer and bf16/fp16 Megatron optimizers (both compare `param.type()` with
-'torch.cuda.*Tensor'), sequence parallelism (the torch RMSNorm fallback asserts it off) and
-context parallelism (needs Transformer Engine).
+`ParallelContext` of plain sizes and ranks. `destroy()` undoes it. Without CUDA it first applies
+the CPU compatibility layer (`compat.apply_cpu_compat`). On rank 0 it logs one line naming the
+megatron-core release and the fused kernels found (`stack_line`), and a warning when that
+release is outside the tested range (`compat.MCORE_TESTED`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib
 import importlib.util
 import logging
 import os
 import random
 import socket
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +23,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core import tensor_parallel as mp_tensor_parallel
-from megatron.core.tensor_parallel import random as mp_random
 
 from rpg_megatron.config import ConfigError, ParallelConfig
+from rpg_megatron.megatron import compat
 
 log = logging.getLogger(__name__)
-
-MEGATRON_CORE_VERSION = "0.16.1"
-"""The megatron-core release every CPU patch below was written against and tested with."""
 
 
 # ------------------------------------------------------------------------------ context
@@ -108,7 +94,7 @@ def init(cfg: ParallelConfig) -> ParallelContext:
     cuda = _cuda_available()
     backend = _pick_backend(cfg.backend, cuda)
     if not cuda:
-        apply_cpu_compat()
+        compat.apply_cpu_compat()
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError(
             "parallel.init: Megatron's model-parallel groups are already initialised; call "
@@ -177,8 +163,10 @@ def init(cfg: ParallelConfig) -> ParallelContext:
             ctx.cp,
             ctx.dp,
             backend,
-            fused_paths_line(),
+            stack_line(),
         )
+        if (untested := compat.untested_warning()) is not None:
+            log.warning("%s", untested)
     return ctx
 
 
@@ -191,10 +179,13 @@ def destroy() -> None:
     _OWNS_PROCESS_GROUP = False
 
 
-def fused_paths_line() -> str:
-    """One line saying which fused-kernel packages are importable (logged at start-up)."""
+def stack_line() -> str:
+    """The megatron-core release and which fused-kernel packages import (logged at start-up)."""
     found = [f"{name}={_importable(name)}" for name in ("apex", "transformer_engine", "flash_attn")]
-    return f"fused paths: cuda={_cuda_available()} " + " ".join(found)
+    return (
+        f"megatron-core {compat.mcore_version()}; fused paths: cuda={_cuda_available()} "
+        + " ".join(found)
+    )
 
 
 def _pick_backend(requested: str, cuda: bool) -> str:
@@ -232,311 +223,17 @@ def _importable(name: str) -> bool:
 
 
 def _cuda_available() -> bool:
-    """The single switch of the CPU compatibility layer: patches apply only when this is False."""
+    """Whether this process computes on CUDA (else gloo, and the CPU compatibility layer)."""
     return torch.cuda.is_available()
-
-
-# ---------------------------------------------------------------- CPU compatibility layer
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CpuPatch:
-    """One symbol replaced when CUDA is absent."""
-
-    target: str
-    """Dotted path of the replaced attribute: `package.module.attr` or `...module.Class.attr`."""
-    works_around: str
-    """The megatron-core 0.16.1 function(s) that fail on CPU without it, and why."""
-    make: Callable[[Any], Any]
-    """Original value -> replacement (most replacements ignore the original)."""
-
-
-def _to_cpu_device(device: Any) -> Any:
-    """Map a CUDA device request (a 'cuda' string/device or a bare CUDA ordinal) to CPU."""
-    if device is None:
-        return None
-    if isinstance(device, int) or torch.device(device).type == "cuda":
-        return torch.device("cpu")
-    return device
-
-
-_FACTORIES = frozenset({"empty", "zeros", "ones", "full", "tensor", "arange"})
-
-
-class _CpuDeviceTorch(types.ModuleType):
-    """Stands in for the name `torch` inside one megatron module.
-
-    Tensor factories asked for device="cuda" allocate on CPU; every other attribute is torch's
-    own object (looked up once, then cached on this instance). Only the megatron modules listed
-    in `CPU_PATCHES` see this object, so no other code's `torch.zeros` changes.
-    """
-
-    _rpg_cpu_compat = True
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(torch, name)
-        if name in _FACTORIES:
-            value = _cpu_factory(value)
-        object.__setattr__(self, name, value)
-        return value
-
-
-def _cpu_factory(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    @functools.wraps(factory)
-    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if "device" in kwargs:
-            kwargs["device"] = _to_cpu_device(kwargs["device"])
-        return factory(*args, **kwargs)
-
-    return wrapper
-
-
-def _cpu_torch(_original: Any) -> _CpuDeviceTorch:
-    return _CpuDeviceTorch()
-
-
-def _cpu_current_device(_original: Any) -> Callable[[], torch.device]:
-    def current_device() -> torch.device:
-        """CPU stand-in: megatron allocates on `torch.cuda.current_device()` in ~40 places."""
-        return torch.device("cpu")
-
-    return current_device
-
-
-def _cpu_synchronize(_original: Any) -> Callable[..., None]:
-    def synchronize(*_args: Any, **_kwargs: Any) -> None:
-        """CPU stand-in: no CUDA stream exists, so there is nothing to wait for."""
-
-    return synchronize
-
-
-class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
-    """Megatron's named RNG streams, kept as CPU generator states.
-
-    Same bookkeeping as megatron's tracker (`states_`, `seeds_`, get/set_states); only `add`
-    and `fork` differ: they save, seed and restore `torch.get_rng_state()` instead of the CUDA
-    generator. Nested forks restore in stack order because each fork saves the state it found.
-    """
-
-    _rpg_cpu_compat = True
-
-    def add(self, name: str, seed: int) -> None:
-        """Create stream `name` from `seed` without disturbing the default CPU generator."""
-        self._is_initialized = True
-        if seed in self.seeds_:
-            raise ValueError(f"RNG tracker: seed {seed} already used")
-        if name in self.states_:
-            raise ValueError(f"RNG tracker: state {name!r} already exists")
-        self.seeds_.add(seed)
-        saved = torch.get_rng_state()
-        torch.manual_seed(seed)
-        self.states_[name] = torch.get_rng_state()
-        torch.set_rng_state(saved)
-
-    @contextlib.contextmanager
-    def fork(self, name: str = mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
-        """Run the body on stream `name`, then put the default CPU generator back."""
-        if name not in self.states_:
-            raise ValueError(f"RNG tracker: state {name!r} was never added")
-        saved = torch.get_rng_state()
-        torch.set_rng_state(self.states_[name])
-        try:
-            yield
-        finally:
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(saved)
-
-
-def _cpu_tracker_class(_original: Any) -> type:
-    return CpuRNGStatesTracker
-
-
-def _cpu_get_rng_state(_original: Any) -> Callable[..., torch.Tensor]:
-    def get_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
-        """CPU stand-in for megatron's `_get_cuda_rng_state` (the 'device' stream is the CPU)."""
-        return torch.get_rng_state()
-
-    return get_rng_state
-
-
-def _cpu_set_rng_state(_original: Any) -> Callable[..., None]:
-    def set_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> None:
-        """CPU stand-in for megatron's `_set_cuda_rng_state`."""
-        torch.set_rng_state(new_state)
-
-    return set_rng_state
-
-
-def _cpu_clip_grad_by_total_norm(_original: Any) -> Callable[..., None]:
-    def clip_grad_by_total_norm_fp32(
-        parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
-    ) -> None:
-        """Scale grads in place by max_norm / (total_norm + 1e-6) when that is < 1 (as 0.16.1)."""
-        if isinstance(parameters, torch.Tensor):
-            parameters = [parameters]
-        coeff = max_norm / (total_norm + 1.0e-6)
-        if coeff >= 1.0:
-            return
-        for param in parameters:
-            grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
-            if grad is not None:
-                grad.detach().mul_(coeff)
-
-    return clip_grad_by_total_norm_fp32
-
-
-def _tensor_cuda_is_identity(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        # Swapped only for the duration of this call; not thread-safe, but megatron builds
-        # models on the main thread.
-        saved = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *_a, **_k: self  # type: ignore[method-assign]
-        try:
-            return original(*args, **kwargs)
-        finally:
-            torch.Tensor.cuda = saved  # type: ignore[method-assign]
-
-    wrapper._rpg_cpu_compat = True  # type: ignore[attr-defined]
-    return wrapper
-
-
-_MC = "megatron.core"
-CPU_PATCHES: tuple[CpuPatch, ...] = (
-    CpuPatch(
-        target="torch.cuda.current_device",
-        works_around="megatron-core 0.16.1 allocates on torch.cuda.current_device() in "
-        "RotaryEmbedding.get_emb, tensor_parallel.mappings (all-gather/reduce-scatter "
-        "outputs), p2p_communication.P2PCommunicator._communicate (receive buffers) and "
-        "param_and_grad_buffer._ParamAndGradBuffer.__init__ (DDP grad buffer); a CPU-only "
-        "torch raises there. Returns torch.device('cpu').",
-        make=_cpu_current_device,
-    ),
-    CpuPatch(
-        target="torch.cuda.synchronize",
-        works_around="megatron-core 0.16.1 p2p_communication.P2PCommunicator._communicate_shapes "
-        "(pp > 1 with variable_seq_lengths) and ._communicate (batch_p2p_sync) call "
-        "torch.cuda.synchronize(); with no CUDA streams there is nothing to wait for: no-op.",
-        make=_cpu_synchronize,
-    ),
-    CpuPatch(
-        target=f"{_MC}.tensor_parallel.random.CudaRNGStatesTracker",
-        works_around="tensor_parallel.random.initialize_rng_tracker instantiates this class "
-        "for model_parallel_cuda_manual_seed; its add()/fork() use torch.cuda RNG calls and "
-        "DotProductAttention.forward enters fork() even at dropout 0. Replaced by "
-        "CpuRNGStatesTracker (CPU generator states).",
-        make=_cpu_tracker_class,
-    ),
-    CpuPatch(
-        target=f"{_MC}.tensor_parallel.random._get_cuda_rng_state",
-        works_around="tensor_parallel.random._get_all_rng_states (CheckpointFunction, used by "
-        "recompute=selective|full) reads the CUDA generator; reads the CPU one instead.",
-        make=_cpu_get_rng_state,
-    ),
-    CpuPatch(
-        target=f"{_MC}.tensor_parallel.random._set_cuda_rng_state",
-        works_around="tensor_parallel.random._set_all_rng_states (CheckpointFunction.backward) "
-        "writes the CUDA generator; writes the CPU one instead.",
-        make=_cpu_set_rng_state,
-    ),
-    CpuPatch(
-        target=f"{_MC}.transformer.utils.torch",
-        works_around="transformer.utils.get_default_causal_mask builds the causal mask with "
-        "device='cuda' (FusedScaleMaskSoftmax.forward_torch_softmax, called when "
-        "attention_mask is None); with this, attention_mask=None works on CPU.",
-        make=_cpu_torch,
-    ),
-    CpuPatch(
-        target=f"{_MC}.pipeline_parallel.schedules.torch",
-        works_around="schedules.forward_backward_no_pipelining / "
-        "forward_backward_pipelining_without_interleaving / _with_interleaving create "
-        "total_num_tokens with torch.zeros(device='cuda').",
-        make=_cpu_torch,
-    ),
-    CpuPatch(
-        target=f"{_MC}.optimizer.optimizer.torch",
-        works_around="optimizer.MixedPrecisionOptimizer.__init__ and FP32Optimizer.__init__ "
-        "create found_inf/_scale/_scale_one with device='cuda'.",
-        make=_cpu_torch,
-    ),
-    CpuPatch(
-        target=f"{_MC}.optimizer.clip_grads.torch",
-        works_around="optimizer.clip_grads.get_grad_norm_fp32 creates dummy_overflow_buf and "
-        "norm tensors with device='cuda'.",
-        make=_cpu_torch,
-    ),
-    CpuPatch(
-        target=f"{_MC}.utils.torch",
-        works_around="utils.local_multi_tensor_l2_norm (the no-apex/no-TE grad-norm kernel "
-        "used by get_grad_norm_fp32) returns its norm with device='cuda'.",
-        make=_cpu_torch,
-    ),
-    CpuPatch(
-        target=f"{_MC}.optimizer.optimizer.clip_grad_by_total_norm_fp32",
-        works_around="optimizer.clip_grads.clip_grad_by_total_norm_fp32 asserts "
-        "param.grad.type() == 'torch.cuda.FloatTensor' (called by MegatronOptimizer.step via "
-        "clip_grad_norm when grad_clip > 0); replaced by the same in-place scaling.",
-        make=_cpu_clip_grad_by_total_norm,
-    ),
-    CpuPatch(
-        target=f"{_MC}.models.common.language_module.language_module.LanguageModule"
-        ".setup_embeddings_and_output_layer",
-        works_around="LanguageModule.setup_embeddings_and_output_layer calls "
-        "weight.data.cuda() before all-reducing tied embeddings across the first and last "
-        "pipeline stage (pp > 1 with tie_word_embeddings); Tensor.cuda is the identity "
-        "during that call only.",
-        make=_tensor_cuda_is_identity,
-    ),
-)
-"""Every symbol `apply_cpu_compat` replaces (megatron-core 0.16.1). Config-level CPU settings
-(no patch needed) live in `model.transformer_config`: use_cpu_initialization=True and no fused
-kernels."""
-
-
-def resolve(target: str) -> tuple[Any, str]:
-    """`a.b.C.attr` -> (the object holding `attr`, 'attr'); raises AttributeError if missing."""
-    parts = target.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            owner: Any = importlib.import_module(".".join(parts[:split]))
-        except ImportError:
-            continue
-        for name in parts[split:-1]:
-            owner = getattr(owner, name)
-        if not hasattr(owner, parts[-1]):
-            raise AttributeError(f"{target}: {owner!r} has no attribute {parts[-1]!r}")
-        return owner, parts[-1]
-    raise AttributeError(f"{target}: no importable module prefix")
-
-
-def apply_cpu_compat() -> tuple[str, ...]:
-    """Apply `CPU_PATCHES` when CUDA is absent; returns the targets patched by this call.
-
-    Idempotent: a symbol already replaced (marked `_rpg_cpu_compat`) is left alone, so a second
-    call returns (). With CUDA available nothing is touched and () is returned.
-    """
-    if _cuda_available():
-        return ()
-    applied = []
-    for patch in CPU_PATCHES:
-        owner, name = resolve(patch.target)
-        current = getattr(owner, name)
-        if getattr(current, "_rpg_cpu_compat", False):
-            continue
-        replacement = patch.make(current)
-        if not getattr(replacement, "_rpg_cpu_compat", False):
-            replacement._rpg_cpu_compat = True
-        setattr(owner, name, replacement)
-        applied.append(patch.target)
-    if applied:
-        log.debug("cpu compat: patched %s", ", ".join(applied))
-    return tuple(applied)
 
 
 # ------------------------------------------------------------------------- local ranks
 class RankFailed(RuntimeError):
     """A rank started by `spawn_local` raised; the message carries its rank and traceback."""
+
+
+class NotEnoughGPUs(RankFailed):
+    """`spawn_local` was asked for more ranks than CUDA GPUs: no rank was started."""
 
 
 def spawn_local(
@@ -550,12 +247,23 @@ def spawn_local(
     For CPU tools and tests that need several ranks without a launcher (conversion at TP > 1,
     bench/train_step.py at TP = 2, tests/dist). `fn` and its arguments must be picklable
     (module-level functions). Each rank gets cpu_count // world_size threads. A failing rank's
-    traceback is raised here as `RankFailed`.
+    traceback is raised here as `RankFailed`; with CUDA present but fewer GPUs than ranks,
+    `NotEnoughGPUs` is raised before any rank starts.
     """
     import io
     import tempfile
 
     import torch.multiprocessing as mp
+
+    if torch.cuda.is_available() and world_size > torch.cuda.device_count():
+        # Two ranks on one GPU: NCCL refuses a communicator with duplicate GPUs
+        # ("Duplicate GPU detected"), and parallel.init sets the device to LOCAL_RANK.
+        raise NotEnoughGPUs(
+            f"spawn_local: {world_size} ranks need {world_size} GPUs (NCCL takes one GPU per "
+            f"rank) and this machine has {torch.cuda.device_count()}; run on a machine with "
+            f"{world_size} GPUs, or hide CUDA (CUDA_VISIBLE_DEVICES=) to run the ranks on "
+            "CPU over gloo"
+        )
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -609,7 +317,7 @@ def _spawned_rank(
     try:
         backend = "gloo"
         if torch.cuda.is_available():  # TE's context parallelism needs NCCL's GPU send/recv
-            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.cuda.set_device(rank)  # spawn_local checked: one GPU per rank
             backend = "nccl"
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
         result = fn(rank, world, *args)

@@ -92,41 +92,84 @@ class Reference:
         )
 
     # ------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "weights": self.weights,
+    def checkpoint_state(self, policy: step.Policy) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(sharded, common) for `checkpoint.save`: the anchor weights sharded exactly like the
+        policy's (`reference.<the weight's global key>`), so another layout reads them, and
+        the reset bookkeeping."""
+        return self._sharded(policy), {
             "version": self.state.version,
             "kl_ema": self.state.kl_ema,
             "resets": self.state.resets,
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        missing = set(self.weights) ^ set(sd["weights"])
-        if missing:
+    def checkpoint_request(self, policy: step.Policy) -> dict[str, Any]:
+        """What to load for this rank's shard (the current weights are the buffers)."""
+        return self._sharded(policy)
+
+    def apply_checkpoint(self, state: dict[str, Any], common: dict[str, Any]) -> None:
+        """Take the loaded anchor (`checkpoint_request`'s structure) and bookkeeping."""
+        if set(state) != set(self.weights):
             raise KeyError(
-                f"reference checkpoint does not match this model shard: {sorted(missing)[:4]}"
+                "reference checkpoint does not match this model shard: "
+                f"{sorted(set(state) ^ set(self.weights))[:4]}"
             )
-        self.weights = {k: v.clone() for k, v in sd["weights"].items()}
+        self.weights = {n: t.detach().to("cpu").clone() for n, t in state.items()}
         self.state = ReferenceState(
-            version=int(sd["version"]), kl_ema=sd["kl_ema"], resets=int(sd["resets"])
+            version=int(common["version"]), kl_ema=common["kl_ema"], resets=int(common["resets"])
         )
+
+    def _sharded(self, policy: step.Policy) -> dict[str, Any]:
+        import dataclasses
+
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        names = {id(p): n for n, p in policy.gpt.named_parameters()}
+        out = {}
+        for v in nested_values(policy.gpt.sharded_state_dict()):
+            name = names.get(id(getattr(v, "data", None)))
+            if name is None or not isinstance(v, ShardedTensor | ShardedTensorFactory):
+                continue
+            weights = self.weights[name]
+            kwargs = {"dtype": weights.dtype} if isinstance(v, ShardedTensor) else {}
+            out[name] = dataclasses.replace(v, key=f"reference.{v.key}", data=weights, **kwargs)
+        return out
 
 
 def _snapshot(policy: step.Policy) -> dict[str, Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in policy.gpt.named_parameters()}
+    """This rank's weights on the host: pinned memory when the policy is on CUDA, so the
+    copies of every reference pass run at full PCIe speed without blocking the host."""
+    pin = policy.ctx.device.type == "cuda"
+    weights = {}
+    for n, p in policy.gpt.named_parameters():
+        weights[n] = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+        weights[n].copy_(p.detach(), non_blocking=pin)
+    if pin:  # checkpoints read the anchor on the host
+        torch.cuda.current_stream(policy.ctx.device).synchronize()
+    return weights
 
 
 @contextlib.contextmanager
 def _loaded(policy: step.Policy, weights: dict[str, Tensor]) -> Iterator[None]:
-    """Temporarily put `weights` into the policy's parameters (live weights staged on CPU)."""
+    """Temporarily put `weights` into the policy's parameters; the live weights wait in a
+    host buffer like the anchor's (pinned on CUDA: torch's caching host allocator hands the
+    same blocks back on the next pass).
+
+    On CUDA every copy is non-blocking and on the current stream, where the forward pass
+    also runs, so stream order alone keeps them right: each parameter is read into the
+    buffer before the anchor overwrites it, and restored after the pass; the host never
+    touches the buffers meanwhile (copies from pinned memory keep it alive until done).
+    """
     params = dict(policy.gpt.named_parameters())
-    live = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    pin = policy.ctx.device.type == "cuda"
+    live = {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for n, p in params.items()}
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(weights[n])
+            live[n].copy_(p, non_blocking=pin)
+            p.copy_(weights[n], non_blocking=pin)
     try:
         yield
     finally:
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(live[n])
+                p.copy_(live[n], non_blocking=pin)

@@ -24,7 +24,7 @@ sequence is padded to a multiple of 2 * cp and each CP rank keeps its two chunks
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from rpg_megatron.advantages import Aggregation
 from rpg_megatron.batch import TrainBatch
+from rpg_megatron.checkpoint import CheckpointError
 from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import model as model_lib
 from rpg_megatron.megatron import packing
@@ -93,8 +94,20 @@ def build_policy(
 
     model_lib.validate(arch, model_cfg, par, optim=optim_cfg)
     gpt = model_lib.build_gpt(
-        arch, model_cfg, par, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage
+        arch,
+        model_cfg,
+        par,
+        pre_process=ctx.is_first_stage,
+        post_process=ctx.is_last_stage,
+        main_grad=True,  # wrapped in Megatron DDP right below
     )
+    dtype = getattr(torch, model_cfg.dtype)
+    if any(p.dtype != dtype for p in gpt.parameters()):
+        # The local spec's torch RMSNorm (megatron-core 0.16.1 WrappedTorchNorm, CPU) keeps its
+        # weights in float32 whatever params_dtype says; TE's norms follow params_dtype. One
+        # dtype, as on GPU, and as Float16OptimizerWithFloat16Params.sharded_state_dict needs
+        # (it maps only 16-bit parameters to checkpoint keys).
+        gpt.to(dtype)
     if ctx.device.type == "cuda":
         gpt.cuda(ctx.device)
     ddp = DistributedDataParallel(
@@ -108,6 +121,13 @@ def build_policy(
     # q/k-norm grads, tied-embedding sync across stages, and the 1 / global-count scaling.
     gpt.config.finalize_model_grads_func = finalize_model_grads
     optimizer = _build_optimizer(optim_cfg, model_cfg, [ddp])
+    # The schedules multiply each micro-batch's loss by this before backward
+    # (megatron-core 0.16.1 schedules.backward_step), and the optimizer divides the gradients
+    # by the same scale (MixedPrecisionOptimizer._unscale_main_grads_and_check_for_nan):
+    # Megatron-LM's training loop sets it to optimizer.scale_loss. Without it float16's
+    # DynamicGradScaler unscales gradients that were never scaled (2^-32 too small). The scale
+    # is 1 for float32 and bfloat16.
+    gpt.config.grad_scale_func = optimizer.scale_loss
     return Policy(
         arch=arch,
         model_cfg=model_cfg,
@@ -180,9 +200,21 @@ def _schedule_free(cfg: OptimConfig, mcfg: Any, chunks: list[Any]) -> Any:
     )
     if mcfg.bf16 or mcfg.fp16:
         return Float16OptimizerWithFloat16Params(
-            inner, mcfg, ConstantGradScaler(1.0), lambda *_: None
+            inner, mcfg, ConstantGradScaler(1.0), _schedule_free_state
         )
-    return FP32Optimizer(inner, mcfg, lambda *_: None)
+    return FP32Optimizer(inner, mcfg, _schedule_free_state)
+
+
+def _schedule_free_state(opt: Any, _config: Any = None) -> None:
+    """Megatron's init_state_fn for Schedule-Free AdamW: the state its first step would make
+    (schedulefree 1.4 AdamWScheduleFree.step: z = a copy of the weights, exp_avg_sq = 0), so
+    a checkpoint load (`sharded_state_dict(is_loading=True)`) has tensors to load into."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if "z" not in state:
+                state["z"] = torch.clone(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def learning_rate(cfg: OptimConfig, step: int) -> float:
@@ -445,6 +477,21 @@ def _reduce_logs(out: list[dict[str, Tensor]], ctx: ParallelContext, ps: Any) ->
     return sums
 
 
+_SCALE_RETRIES = 33
+"""Overflowing float16 steps retried per minibatch: Megatron's DynamicGradScaler starts at 2^32
+and halves on every overflow after the first (hysteresis 2), so the 34th try runs at its
+minimum scale of 1; an overflow there is a real inf/nan."""
+
+
+def _dynamic_loss_scale(policy: Policy) -> bool:
+    """True when the optimizer has float16's DynamicGradScaler (megatron-core 0.16.1
+    get_megatron_optimizer builds one for fp16 without a constant loss scale)."""
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    opts = getattr(policy.optimizer, "chained_optimizers", None) or [policy.optimizer]
+    return any(isinstance(getattr(o, "grad_scaler", None), DynamicGradScaler) for o in opts)
+
+
 def update(
     policy: Policy,
     batch: TrainBatch,
@@ -472,14 +519,19 @@ def update(
             if not policy.schedule_free:
                 for group in policy.optimizer.param_groups:
                     group["lr"] = lr
-            logs = forward_backward(
-                policy,
-                batch.rows(slice(m * per, (m + 1) * per)),
-                objective,
-                aggregation=objective_cfg.aggregation,
-                with_entropy=with_entropy,
-            )
-            ok, grad_norm, _ = policy.optimizer.step()
+            for retry in range(_SCALE_RETRIES + 1):
+                logs = forward_backward(
+                    policy,
+                    batch.rows(slice(m * per, (m + 1) * per)),
+                    objective,
+                    aggregation=objective_cfg.aggregation,
+                    with_entropy=with_entropy,
+                )
+                ok, grad_norm, _ = policy.optimizer.step()
+                # float16: an overflow means the dynamic loss scale was too high; Megatron has
+                # lowered it and skipped the step, so the same minibatch is tried again.
+                if ok or retry == _SCALE_RETRIES or not _dynamic_loss_scale(policy):
+                    break
             if not ok:
                 raise FloatingPointError(f"optimizer step {policy.steps_done}: inf/nan gradient")
             policy.steps_done += 1
@@ -489,13 +541,229 @@ def update(
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def state_dict(policy: Policy) -> dict[str, Any]:
-    """This rank's model and optimizer state (for checkpoint.save)."""
-    return {"model": policy.gpt.state_dict(), "optimizer": policy.optimizer.state_dict()}
+# The optimizer's checkpoint is model space: for every parameter, tensors of the parameter's
+# own (TP/PP-sharded) shape under `optimizer.state.<name>.<the parameter's global key>`, sharded
+# like the weight, so any tp/pp/dp, and either optimizer, reads them back. What each optimizer's
+# megatron-core 0.16.1 `sharded_state_dict` gives:
+#   FP32Optimizer / Float16OptimizerWithFloat16Params: exp_avg, exp_avg_sq (fp32_param: the fp32
+#     main copy of 16-bit weights) in model space already;
+#   DistributedOptimizer with 'fully_reshardable': its flat DP shards gathered onto DP rank 0
+#     and cut back into model space (main copy named `param`). 'fully_sharded_model_space' would
+#     skip the gather but needs ShardedTensor.flattened_range, which 0.16.1 refuses
+#     (ShardedTensor.validate_metadata_integrity); 'dp_reshardable' keys the state by DP-group
+#     index and bucket, so tp and pp could not change.
+# Stored names are one vocabulary: the main copy is always `fp32_param` (the plain fp32
+# optimizer's is the weight itself, stored once more so a distributed reader finds it), and the
+# step count and param-group values (lr schedule position, Schedule-Free's k/weight_sum, ...)
+# go into the common state.
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    # Gather over the gloo DP group onto DP rank 0 only; the default all-gathers the whole
+    # TP/PP shard's fp32 state onto every DP rank at save time.
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+    "chained_optim_avoid_prefix": True,
+}
+"""`metadata` for Megatron's optimizer.sharded_state_dict (save and load)."""
+_MAIN = "optimizer.state.fp32_param."
+_DIST_MAIN = "optimizer.state.param."  # DistributedOptimizer's name for the main copy
+_GROUP_IDS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+"""Keys that identify a param group (megatron-core 0.16.1 optimizer.param_group_identifier_keys)."""
 
 
-def load_state_dict(policy: Policy, sd: dict[str, Any], *, steps_done: int) -> None:
-    """Inverse of `state_dict`; `steps_done` restores the learning-rate schedule position."""
-    policy.gpt.load_state_dict(sd["model"])
-    policy.optimizer.load_state_dict(sd["optimizer"])
-    policy.steps_done = steps_done
+def _sub_optimizers(policy: Policy) -> list[Any]:
+    """The Megatron optimizers under the policy's (a ChainedOptimizer's members, or itself)."""
+    return list(getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]))
+
+
+def _is_sharded(v: Any) -> bool:
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    return isinstance(v, ShardedBase)
+
+
+def _canonical(v: Any) -> Any:
+    """A stored optimizer entry under the one vocabulary (see above)."""
+    import dataclasses
+
+    if _is_sharded(v) and v.key.startswith(_DIST_MAIN):
+        return dataclasses.replace(v, key=_MAIN + v.key[len(_DIST_MAIN) :])
+    return v
+
+
+def _group_id(group: dict[str, Any]) -> tuple:
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in _GROUP_IDS)
+
+
+def _adam_step(inner: Any) -> float | None:
+    """The optimizer's step count: torch Adam keeps it per parameter (a 'step' its groups get
+    from DistributedOptimizer.load_state_dict is a stale copy), TE/Apex FusedAdam per group;
+    Megatron supports only one count shared by all (MegatronOptimizer._extract_common_per_
+    param_step)."""
+    if isinstance(inner, torch.optim.Adam):
+        steps = {float(s["step"]) for s in inner.state.values() if "step" in s}
+    else:
+        steps = {float(g["step"]) for g in inner.param_groups if "step" in g}
+    if len(steps) > 1:
+        raise RuntimeError(f"optimizer step counts differ between parameters: {sorted(steps)}")
+    return steps.pop() if steps else None
+
+
+def checkpoint_state(policy: Policy) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sharded, common) of this rank for `checkpoint.save`: the model's sharded state dict
+    under 'model', the optimizer's model-space tensors under 'optimizer', and the optimizer's
+    step and param-group values as common state. Collective with the distributed optimizer
+    (its DP shards are gathered)."""
+    import dataclasses
+
+    import torch.nn as nn
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    model_sd = policy.gpt.sharded_state_dict()
+    optim_sd = policy.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
+    tensors, _ = extract_matching_values(optim_sd, _is_sharded)
+    # A flat list: keys repeat within a rank (the layers of a stage share one key, at other
+    # offsets), and DP ranks > 0 of the distributed optimizer hold nothing (rank 0 writes).
+    stored = [_canonical(v) for v in nested_values(tensors)]
+    if all(isinstance(opt, FP32Optimizer) for opt in _sub_optimizers(policy)):
+        # Plain fp32 optimizer: the weights are the main copy; store them under its name too.
+        for v in nested_values(model_sd):
+            data = getattr(v, "data", None)
+            if isinstance(data, nn.Parameter) and data.requires_grad:
+                stored.append(dataclasses.replace(v, key=_MAIN + v.key))
+    groups, step = [], None
+    for opt in _sub_optimizers(policy):
+        inner = opt.optimizer
+        groups += [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+        step = _adam_step(inner) if step is None else step
+    scalers = [
+        opt.grad_scaler.state_dict() if getattr(opt, "grad_scaler", None) else None
+        for opt in _sub_optimizers(policy)
+    ]
+    common = {"step": step, "groups": groups, "grad_scalers": scalers}
+    sharded = {"model": model_sd}
+    if stored:  # an empty container would become common state that differs between ranks
+        sharded["optimizer"] = {str(i): v for i, v in enumerate(stored)}
+    return sharded, {"optimizer": common, "steps_done": policy.steps_done}
+
+
+def checkpoint_request(
+    policy: Policy, stored: frozenset[str]
+) -> tuple[dict[str, Any], Callable[[dict[str, Any], dict[str, Any]], None]]:
+    """(request, apply) for resuming at this rank's layout: `request` is what to load
+    (`checkpoint.load`), `apply(state, common)` puts the loaded state and the common state of
+    `checkpoint_state` into the policy. `stored`: the checkpoint's keys (to name what is
+    missing, e.g. a checkpoint of another model)."""
+    from megatron.core.dist_checkpointing.dict_utils import (
+        dict_list_map_inplace,
+        extract_matching_values,
+        merge,
+        nested_values,
+    )
+    from megatron.core.dist_checkpointing.mapping import (
+        LocalNonpersistentObject,
+        ShardedTensor,
+        ShardedTensorFactory,
+    )
+
+    model_sd = policy.gpt.sharded_state_dict()
+    for opt in _sub_optimizers(policy):
+        _allocate_state(opt)
+    optim_sd = policy.optimizer.sharded_state_dict(
+        model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
+    )
+    sharded, plain = extract_matching_values(
+        optim_sd, lambda v: _is_sharded(v) or isinstance(v, LocalNonpersistentObject)
+    )
+    sharded = dict_list_map_inplace(_canonical, sharded)
+    tensors = (ShardedTensor, ShardedTensorFactory)  # stored under their own keys
+    wanted = [v.key for v in nested_values(model_sd) if isinstance(v, tensors)]
+    wanted += [v.key for v in nested_values(sharded) if isinstance(v, tensors)]
+    missing = sorted({k for k in wanted if k not in stored})
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks {len(missing)} entries this run needs, e.g. {missing[:3]}: "
+            "was it written for another model (model.hf_path) or optimizer (optim.optimizer)?"
+        )
+
+    def apply(state: dict[str, Any], common: dict[str, Any]) -> None:
+        policy.gpt.load_state_dict(state["model"], strict=True)
+        _load_optimizer(policy, merge(plain, state.get("optimizer", {})), common["optimizer"])
+        _restore_optimizer_common(policy, common["optimizer"])
+        policy.steps_done = int(common["steps_done"])
+
+    return {"model": model_sd, "optimizer": sharded}, apply
+
+
+def _load_optimizer(policy: Policy, sd: dict[str, Any], saved: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(sd)` with the saved step count where Megatron keeps it (the
+    plain optimizers' `common_step`), except for a torch-Adam DistributedOptimizer: in
+    megatron-core 0.16.1 its _set_main_param_and_optimizer_states copies every key of the torch
+    state, 'step' included, from the loaded tensors, which never hold 'step'
+    (load_parameter_state_from_fully_reshardable drops it): a KeyError whenever neither TE nor
+    Apex provides FusedAdam. So the groups/step/scaler part goes through load_state_dict and
+    the tensors through load_parameter_state_from_fully_reshardable with 'step' set aside."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    (opt,) = _sub_optimizers(policy)  # one model chunk, one param dtype: one optimizer
+    inner = opt.optimizer
+    if not isinstance(opt, DistributedOptimizer):
+        torch_sd = sd["optimizer"] if isinstance(opt, Float16OptimizerWithFloat16Params) else sd
+        if saved["step"] is not None and torch_sd["state"]:
+            torch_sd["state"]["common_step"] = torch.tensor(float(saved["step"]))
+        policy.optimizer.load_state_dict(sd)
+        return
+    if not isinstance(inner, torch.optim.Adam):
+        policy.optimizer.load_state_dict(sd)
+        return
+    param_state = sd.pop("param_state")
+    assert sd.pop("param_state_sharding_type") == "fully_reshardable"
+    opt.load_state_dict(sd)
+    steps = {p: s.pop("step") for p, s in inner.state.items() if "step" in s}
+    try:
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+    finally:
+        for p, t in steps.items():
+            inner.state[p]["step"] = t
+
+
+def _allocate_state(opt: Any) -> None:
+    """Give a fresh torch-Adam DistributedOptimizer its state tensors before
+    `sharded_state_dict(is_loading=True)`: megatron-core 0.16.1 DistributedOptimizer.state_dict
+    asserts one common step over the (empty) torch state when neither TE nor Apex provides
+    FusedAdam (distrib_optimizer.py, `assert len(steps) == 1`). The values are overwritten by
+    the load."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(opt, "optimizer", None)
+    if not isinstance(opt, DistributedOptimizer) or not isinstance(inner, torch.optim.Adam):
+        return
+    if len(inner.state):
+        return
+    opt.init_state_fn(inner, opt.config)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            inner.state[p]["step"] = torch.tensor(0.0)
+
+
+def _restore_optimizer_common(policy: Policy, saved: dict[str, Any]) -> None:
+    """The saved step count and param-group values (matched by Megatron's group identifier
+    keys), and the grad scaler, onto this rank's optimizer."""
+    by_id = {_group_id(g): g for g in saved["groups"]}
+    step = saved["step"]
+    for opt, scaler in zip(_sub_optimizers(policy), saved["grad_scalers"], strict=False):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            values = by_id.get(_group_id(group))
+            if values is None:
+                ids = dict(zip(_GROUP_IDS, _group_id(group), strict=True))
+                raise CheckpointError(f"the checkpoint has no optimizer param group {ids}")
+            group.update({k: v for k, v in values.items() if k in group})
+            if step is not None and not isinstance(inner, torch.optim.Adam):
+                group["step"] = int(step)  # TE/Apex FusedAdam count per group
+        if step is not None and isinstance(inner, torch.optim.Adam):
+            for state in inner.state.values():
+                state["step"] = torch.tensor(float(step))
+        if scaler is not None and getattr(opt, "grad_scaler", None) is not None:
+            opt.grad_scaler.load_state_dict(scaler)

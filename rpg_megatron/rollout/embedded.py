@@ -22,6 +22,7 @@ Legend: B rows in the decode batch, L padded prompt length, S cached length so f
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -61,6 +62,7 @@ class EmbeddedEngine:
         # log-probs are compared with, and CPU matmuls in bf16 are slow anyway.
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         self._model: torch.nn.Module | None = model.to(self._device).eval()
+        self._cache_name = _cache_argument(model)
         self._model_type = str(config.model_type)
         self._vocab_size = int(config.vocab_size)
         self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
@@ -206,7 +208,7 @@ class EmbeddedEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = out.past_key_values
+        cache = getattr(out, self._cache_name)
         logits_BV = out.logits[:, -1, :].float()
         next_pos_B = pos_BL[:, -1] + 1
 
@@ -240,8 +242,8 @@ class EmbeddedEngine:
                 input_ids=tok_B[:, None],
                 attention_mask=mask_BS,
                 position_ids=next_pos_B[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_name: cache},
             )
             logits_BV = out.logits[:, -1, :].float()
             next_pos_B = next_pos_B + 1
@@ -341,6 +343,24 @@ def _choose(logits_BV: Tensor, params: SamplingParams, gens: list[torch.Generato
     # First index whose CDF exceeds x: a token with zero mass never has CDF > x first.
     tok_B = torch.searchsorted(cdf_BV, x_B1, right=True)[:, 0]
     return tok_B.clamp(max=V - 1)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The name this transformers gives the KV cache, in `forward`'s arguments and its output.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name still works there, with
+    a FutureWarning, until 5.40.0: `utils.deprecation.deprecate_kwarg` on every model's forward);
+    5.17 to 5.23 know only `past_key_values`, and an unknown `cache=` would vanish into
+    `**kwargs`, leaving each decode step without its prefix. So: the name `forward` declares.
+    """
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(
+        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values` (it takes "
+        f"{', '.join(params)}); this transformers is outside the tested range in pyproject.toml"
+    )
 
 
 def _build_hf_config(hf_config: Mapping[str, Any]) -> Any:

@@ -47,11 +47,13 @@ class RolloutEngine(Protocol):
         ...
 
     def sleep(self) -> None:
-        """Release accelerator memory so the trainer can use it (colocated mode)."""
+        """Release accelerator memory so the trainer can use it (colocated mode). The engine may
+        drop its weights (SGLang releases them); `update_weights` is allowed while asleep."""
         ...
 
     def wake(self) -> None:
-        """Undo `sleep`; weights are kept across sleep/wake."""
+        """Undo `sleep`; afterwards the engine serves the weights of the last `update_weights`
+        (an engine that dropped them reloads a kept copy, or raises on generate)."""
         ...
 
     def health(self) -> bool:

@@ -79,7 +79,11 @@ def test_bench_prints_both_rows_and_the_ratio_line(capsys):
     argv = ["--preset", "tiny-cpu", "--seq", "64", "--steps", "1"]
     assert train_step.main([*argv, "--levers", "grad-new-tensor", "tp-gather"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"step_ratio=\d+\.\d{3} mem_ratio=nan", out[-1])
+    assert re.fullmatch(
+        r"step_ratio=\d+\.\d{3} mem_ratio=nan ours_tokens_s=\d+ plain_tokens_s=\d+ "
+        r"ours_peak_gib=nan plain_peak_gib=nan",
+        out[-1],
+    )
     rows = {tp: [line for line in out if line.startswith(f"| {tp} |")] for tp in (1, 2)}
     # plain and ours at both TP sizes, then the levers: nothing to gather over TP at TP=1
     assert [len(rows[1]), len(rows[2])] == [3, 4]

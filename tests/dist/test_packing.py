@@ -161,6 +161,7 @@ def _needs_te(gpus: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.te
 def test_packed_on_transformer_engine_equals_padded():
     """One GPU: packs into 2 micro-batches run through TE's THD attention (cu_seqlens) and
     give the padded rows' results (TE's ordinary causal attention), bfloat16 both."""
@@ -171,6 +172,7 @@ def test_packed_on_transformer_engine_equals_padded():
 
 
 @pytest.mark.gpu
+@pytest.mark.te
 def test_context_parallel_2_equals_padded():
     """CP = 2 with Transformer Engine's THD attention (each sequence split into 2 * cp chunks,
     rank r holding chunks r and 3 - r) against the padded one-GPU run. Needs two GPUs (one

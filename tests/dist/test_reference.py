@@ -7,22 +7,50 @@ uninterrupted run compared bit for bit with a run killed after a checkpoint and 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from rpg_megatron import checkpoint
-from rpg_megatron.config import CheckpointConfig, ObjectiveConfig, OptimConfig, ParallelConfig
+from rpg_megatron import train
+from rpg_megatron.config import (
+    CheckpointConfig,
+    Config,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    ParallelConfig,
+)
 from rpg_megatron.megatron import parallel, step
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.objectives import build_objective
-from tests.dist.test_step import N, _batch, _build
+from tests.dist.test_step import HF, N, _batch, _build
 
 pytestmark = pytest.mark.slow
 
 OBJ_CFG = ObjectiveConfig(beta=0.05, ref_reset_every=2, aggregation="token")
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=2, micro_batch_size=N, weight_decay=0.0)
+
+
+class _NoData:
+    """The prompt sampler's place in a checkpoint (its round trip is tested in test_data)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state == {}
+
+
+def _cfg(ckpt_dir: str) -> Config:
+    model_dir = Path(ckpt_dir) / "model"  # the config.json a step directory copies
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(HF))
+    return Config(
+        model=ModelConfig(hf_path=str(model_dir), dtype="float32"),
+        checkpoint=CheckpointConfig(dir=str(Path(ckpt_dir) / "ck")),
+    )
 
 
 def _rl_steps(policy, ref, start, stop, ckpt_dir=None, save_at=None):
@@ -53,14 +81,7 @@ def _rl_steps(policy, ref, start, stop, ckpt_dir=None, save_at=None):
             }
         )
         if save_at == i + 1:
-            checkpoint.save(
-                CheckpointConfig(dir=ckpt_dir),
-                step=i + 1,
-                layout={"tp": 1, "pp": 1, "dp": 1},
-                model={"policy": step.state_dict(policy), "reference": ref.state_dict()},
-                optimizer=None,
-                extra={"steps_done": policy.steps_done},
-            )
+            train._save(_cfg(ckpt_dir), policy, ref, _NoData(), iteration=i + 1)
     return (
         trace,
         step.logprobs(policy, base),
@@ -120,16 +141,8 @@ def _run(rank, world, ckpt_dir, mode, optimizer):
             return _rl_steps(policy, ref, 0, 5)
         if mode == "crash":  # runs past the checkpoint at step 3, then "dies"
             return _rl_steps(policy, ref, 0, 4, ckpt_dir=ckpt_dir, save_at=3)
-        state = {}
-        got = checkpoint.load_latest(
-            CheckpointConfig(dir=ckpt_dir),
-            layout={"tp": 1, "pp": 1, "dp": 1},
-            load_model=state.update,
-            load_optimizer=None,
-        )
-        step.load_state_dict(policy, state["policy"], steps_done=got.extra["steps_done"])
-        ref.load_state_dict(state["reference"])
-        return _rl_steps(policy, ref, got.step, 5)
+        start = train._resume(_cfg(ckpt_dir), policy, ref, _NoData())
+        return _rl_steps(policy, ref, start, 5)
     finally:
         parallel.destroy()
 

@@ -240,6 +240,7 @@ def _fp8_case(rank: int, world: int, fp8: str | None, budget: int, full: dict | 
 
 
 @pytest.mark.gpu
+@pytest.mark.te
 @pytest.mark.parametrize("budget", [0, 24], ids=["padded-rows", "packed"])
 @pytest.mark.parametrize("fp8", ["delayed", "tensorwise"])
 def test_fp8_update_follows_the_bf16_update(fp8, budget):

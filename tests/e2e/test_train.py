@@ -4,6 +4,7 @@ sequence packing on)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,32 +109,75 @@ def _prepare(run: Path) -> None:
 PACKED = ("optim.max_tokens_per_microbatch=100",)
 
 
+def _torchrun(run: Path, steps: int, *extra: str) -> list[str]:
+    """2 gloo ranks (dp = 2) under torchrun, as `make demo` runs them."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "rpg_megatron.cli",
+        "train",
+        *_config_args(run, steps),
+        *extra,
+    ]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every rank under it (the ranks outlive a killed torchrun)."""
+    import psutil
+
+    tree = psutil.Process(proc.pid)
+    for p in [*tree.children(recursive=True), tree]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+# The GPU recipes' optimizer: Megatron's DistributedOptimizer, its state sharded over dp = 2.
+DISTOPT = ("optim.distributed_optimizer=true",)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """SIGKILL of every rank after step 4 (the checkpoint of step 3 exists), then --resume:
+    the metrics and the final weights equal the uninterrupted run's bit for bit. Then a shard
+    of the last checkpoint is truncated: --resume stops on every rank with a line naming the
+    file before any rank prints a resume line or writes into the run directory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for run in (straight, broken):
         _prepare(run)
-    subprocess.run(_cmd(straight, 6, *PACKED), cwd=REPO, env=env, check=True, capture_output=True)
+    over = (*PACKED, *DISTOPT)
+    run = {"cwd": REPO, "env": env, "capture_output": True}
+    hf_every = "checkpoint.save_hf_every=3"  # <run_dir>/hf/step_00000003 (weights only)
+    subprocess.run(_torchrun(straight, 6, *over, hf_every), check=True, **run)
 
     proc = subprocess.Popen(
-        _cmd(broken, 6, *PACKED),
+        _torchrun(broken, 6, *over),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:  # kill -9 once step 4 is logged (checkpoint of step 3 exists)
         path = broken / "metrics.jsonl"
         if path.exists() and len(path.read_text().splitlines()) >= 4:
             break
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_tree(proc)
     assert (broken / "ck" / "latest").read_text().strip() == "step_00000003"
-    subprocess.run(
-        _cmd(broken, 6, *PACKED, "--resume"), cwd=REPO, env=env, check=True, capture_output=True
+    out = subprocess.run(
+        _torchrun(broken, 6, *over, "--resume"), cwd=REPO, env=env, check=True, capture_output=True
     )
+    assert b"resume: continuing from step 3 of 6" in out.stdout
 
     want, got = _records(straight), _records(broken)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
@@ -146,6 +190,44 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     hf_model = AutoModelForCausalLM.from_pretrained(broken / "hf")
     assert {n for n, _ in hf_model.named_parameters()} <= a.keys()
+
+    # Any training checkpoint exports and evaluates as the policy it holds: a step directory
+    # (or the checkpoint directory, through `latest`) gives the weights of the HF exports.
+    hf3 = straight / "hf" / "step_00000003"
+    assert (hf3 / "config.json").is_file()  # the final export kept it
+    cli = [sys.executable, "-m", "rpg_megatron.cli"]
+    for src, want in ((straight / "ck" / "step_00000003", hf3), (straight / "ck", straight / "hf")):
+        out_dir = tmp_path / f"export-{src.name}"
+        convert = [*cli, "convert", "mcore-to-hf", "--mcore", str(src), "--out", str(out_dir)]
+        subprocess.run(convert, check=True, **run)
+        x, y = tiny_hf.read_safetensors(out_dir), tiny_hf.read_safetensors(want)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    answers = {}
+    for flag, src in (("--mcore", straight / "ck" / "step_00000006"), ("--model", straight / "hf")):
+        report = tmp_path / f"eval{flag}.json"
+        evaluate = [
+            *cli, "eval", flag, str(src), "--config", str(straight / "config.yaml"),
+            "--data", str(straight / "train.parquet"), "--k", "1", "--max-new-tokens", "2",
+            "--out", str(report), "reward.workers=1",
+        ]  # fmt: skip
+        subprocess.run(evaluate, check=True, **run)
+        problems = json.loads(report.read_text())["benchmarks"][0]["problems"]
+        answers[flag] = [p["answers"] for p in problems]
+    assert answers["--mcore"] == answers["--model"] and len(answers["--model"]) > 1
+
+    # Rank 1's shard of the last checkpoint, cut short.
+    shard = broken / "ck" / "step_00000006" / "weights" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = _files(broken)
+    out = subprocess.run(
+        _torchrun(broken, 6, *over, "--resume"), cwd=REPO, env=env, capture_output=True
+    )
+    assert out.returncode != 0
+    assert b"resume:" not in out.stdout  # no rank announced a resume
+    lines = [x for x in out.stderr.decode().splitlines() if x.startswith("rpg-megatron train:")]
+    assert len(lines) == 2 and lines[0] == lines[1]  # both ranks, the same one line
+    assert str(shard) in lines[0] and "truncated" in lines[0]
+    assert _files(broken) == before  # config.yaml, metrics, TensorBoard, checkpoints untouched
 
 
 def test_sigusr1_checkpoints_and_stops_then_resume_continues(tmp_path):
@@ -203,7 +285,13 @@ def test_a_short_dynamic_sampling_step_trains_on_a_multiple_that_splits(tmp_path
     samples); 3 groups (24 sequences) failed the micro-batch split before. With too few
     groups for one micro-batch the run stops with a message naming data.max_gen_batches."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dapo = ("objective.name=dapo", "objective.advantage=group_norm", "data.dynamic_sampling=true")
+    dapo = (
+        "objective.name=dapo",
+        "objective.advantage=group_norm",
+        "objective.beta=0",  # tiny_cpu.yaml's KL settings do not apply to DAPO (refused)
+        "objective.ref_reset_every=0",
+        "data.dynamic_sampling=true",
+    )
     run = tmp_path / "dapo"
     _prepare(run)
     subprocess.run(

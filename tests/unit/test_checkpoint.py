@@ -1,144 +1,156 @@
-"""Checkpoint save/resume: exact state round trip, atomicity, clear layout errors."""
+"""Checkpoint directories (one process): the round trip through Megatron's dist_checkpointing,
+write-then-rename, pruning, and one clear line for every damaged or foreign checkpoint."""
 
 from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from rpg_megatron import checkpoint
-from rpg_megatron.config import CheckpointConfig, Config
+from rpg_megatron.config import CheckpointConfig, Config, ParallelConfig
+from rpg_megatron.megatron import parallel
+
+LAYOUT = {"tp": 1, "pp": 1, "cp": 1, "dp": 1}
 
 
-def _train(model, opt, steps):
-    for _ in range(steps):
-        x = torch.randn(8, 4)
-        loss = model(x).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
+@pytest.fixture(autouse=True)
+def group():
+    """dist_checkpointing needs a process group: a one-process gloo one."""
+    parallel.init(ParallelConfig())
+    yield
+    parallel.destroy()
 
 
-def _fresh():
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+def _sharded(a: torch.Tensor, b: torch.Tensor) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return {
+        "a": ShardedTensor.from_rank_offsets("a", a),
+        "nested": {"b": ShardedTensor.from_rank_offsets("b", b)},
+    }
 
 
-def test_resume_continues_exactly(tmp_path):
-    cfg = CheckpointConfig(dir=str(tmp_path / "ck"), keep=2)
-    model, opt = _fresh()
-    straight = _train(model, opt, 5)  # the uninterrupted reference run
-
-    model, opt = _fresh()
-    _train(model, opt, 3)
-    checkpoint.save(
-        cfg,
-        step=3,
-        layout={"tp": 1},
-        model=model.state_dict(),
-        optimizer=opt.state_dict(),
-        extra={"ref_reset_step": 2},
-        run_config=Config(),
+def _save(cfg: CheckpointConfig, step: int, **kw) -> Path:
+    a, b = torch.arange(6.0).view(2, 3) * step, torch.full((4,), float(step))
+    return checkpoint.save(
+        cfg, step=step, layout=LAYOUT, sharded=_sharded(a, b), common={"n": step}, **kw
     )
-    _train(model, opt, 1)  # the "crashed" run drifts on; resume must not see this
-
-    model, opt = _fresh()
-    torch.manual_seed(123)  # resume must restore the RNG, whatever the new process drew
-    got = checkpoint.load_latest(
-        cfg, layout={"tp": 1}, load_model=model.load_state_dict, load_optimizer=opt.load_state_dict
-    )
-    assert got is not None and got.step == 3 and got.extra == {"ref_reset_step": 2}
-    resumed = _train(model, opt, 2)
-    for a, b in zip(resumed, straight, strict=True):
-        assert torch.equal(a, b)
-    assert (checkpoint.latest_dir(cfg) / "config.yaml").exists()
 
 
-def test_interrupted_save_keeps_previous(tmp_path):
+def test_round_trip_restores_tensors_common_state_and_rng(tmp_path):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ck"))
+    torch.manual_seed(7)
+    random.seed(7)
+    path = _save(cfg, 3, run_config=Config(), meta={"dtype": "float32"})
+    after_save = (torch.rand(3), random.random())
+    torch.manual_seed(123)  # the resumed process has drawn other numbers
+    found = checkpoint.find_latest(cfg)
+    assert found is not None and found.path == path and found.step == 3
+    assert found.layout == LAYOUT and found.meta["dtype"] == "float32"
+    assert {"a", "b"} <= found.keys
+    a, b = torch.zeros(2, 3), torch.zeros(4)
+    got = checkpoint.load(found, _sharded(a, b), layout=LAYOUT)
+    assert torch.equal(got.state["a"], torch.arange(6.0).view(2, 3) * 3)
+    assert torch.equal(got.state["nested"]["b"], torch.full((4,), 3.0))
+    assert got.common == {"n": 3} and got.rng_restored
+    assert torch.equal(torch.rand(3), after_save[0]) and random.random() == after_save[1]
+    assert (path / "config.yaml").is_file()
+
+
+def test_rng_is_restored_exactly_at_the_writers_layout_only(tmp_path):
+    cfg = CheckpointConfig(dir=str(tmp_path))
+    torch.manual_seed(7)
+    _save(cfg, 1)
+    want = torch.rand(4)
+    torch.manual_seed(99)
+    found = checkpoint.find_latest(cfg)
+    checkpoint.load(found, _sharded(torch.zeros(2, 3), torch.zeros(4)), layout=LAYOUT)
+    assert torch.equal(torch.rand(4), want)
+    other = {**LAYOUT, "tp": 2}  # another layout: the caller re-derives the streams
+    got = checkpoint.load(found, _sharded(torch.zeros(2, 3), torch.zeros(4)), layout=other)
+    assert not got.rng_restored
+
+
+def test_an_interrupted_save_is_invisible_and_cleared_by_the_next(tmp_path):
     cfg = CheckpointConfig(dir=str(tmp_path), keep=3)
-    model, _ = _fresh()
-    checkpoint.save(cfg, step=1, layout={}, model=model.state_dict(), optimizer=None, extra={})
-    # A save killed half-way leaves only a .tmp directory: it is invisible to resume.
-    (tmp_path / "step_00000002.tmp").mkdir()
-    (tmp_path / "step_00000002.tmp" / "rank_00000.pt").write_bytes(b"truncated")
-    got = checkpoint.load_latest(
-        cfg, layout={}, load_model=model.load_state_dict, load_optimizer=None
-    )
-    assert got.step == 1
-    # The next save of that step clears the leftover and completes.
-    checkpoint.save(cfg, step=2, layout={}, model=model.state_dict(), optimizer=None, extra={})
+    _save(cfg, 1)
+    # A save killed half-way leaves only a .tmp directory: resume does not see it.
+    (tmp_path / "step_00000002.tmp" / "weights").mkdir(parents=True)
+    (tmp_path / "step_00000002.tmp" / "weights" / "__0_0.distcp").write_bytes(b"partial")
+    assert checkpoint.find_latest(cfg).step == 1
+    _save(cfg, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "latest",
         "step_00000001",
         "step_00000002",
     ]
+    assert checkpoint.find_latest(cfg).step == 2
 
 
-def test_keep_prunes_old_checkpoints(tmp_path):
+def test_keep_prunes_but_never_the_checkpoint_just_written(tmp_path):
     cfg = CheckpointConfig(dir=str(tmp_path), keep=2)
-    model, _ = _fresh()
-    for step in (1, 2, 3):
-        checkpoint.save(
-            cfg, step=step, layout={}, model=model.state_dict(), optimizer=None, extra={}
-        )
+    for s in (1, 2, 3):
+        _save(cfg, s)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    for s in (5, 7):  # an earlier, longer run in the same directory
+        _save(cfg, s)
+    _save(cfg, 4)
+    assert checkpoint.latest_name(cfg) == "step_00000004"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000007"]
+    assert checkpoint.find_latest(cfg).step == 4
 
 
-def test_layout_mismatch_and_missing_shard_are_named(tmp_path):
+def test_no_checkpoint_is_none(tmp_path):
+    assert checkpoint.find_latest(CheckpointConfig(dir=str(tmp_path / "none"))) is None
+
+
+def _refused(cfg: CheckpointConfig, *needles: str) -> str:
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.find_latest(cfg)
+    message = str(e.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_the_old_per_rank_format_is_refused_with_what_to_do(tmp_path):
     cfg = CheckpointConfig(dir=str(tmp_path))
-    model, _ = _fresh()
-    path = checkpoint.save(
-        cfg, step=4, layout={"tp": 2}, model=model.state_dict(), optimizer=None, extra={}
-    )
-    with pytest.raises(ValueError, match=r"layout=\{'tp': 2\}.*layout=\{'tp': 1\}"):
-        checkpoint.load_latest(
-            cfg, layout={"tp": 1}, load_model=model.load_state_dict, load_optimizer=None
-        )
-    (path / "rank_00000.pt").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match="no shard for rank 0"):
-        checkpoint.load_latest(
-            cfg, layout={"tp": 2}, load_model=model.load_state_dict, load_optimizer=None
-        )
-    assert (
-        checkpoint.load_latest(
-            CheckpointConfig(dir=str(tmp_path / "none")),
-            layout={},
-            load_model=None,
-            load_optimizer=None,
-        )
-        is None
-    )
+    old = tmp_path / "step_00000006"
+    old.mkdir()
+    torch.save({"model": {}}, old / "rank_00000.pt")
+    (old / "meta.json").write_text(json.dumps({"step": 6, "world_size": 1, "layout": {}}))
+    (tmp_path / "latest").write_text(old.name)
+    _refused(cfg, str(old), "per-rank format", "model.hf_path")
 
 
-def test_the_checkpoint_just_written_survives_higher_steps_of_an_earlier_run(tmp_path):
-    cfg = CheckpointConfig(dir=str(tmp_path), keep=2)
-    model, _ = _fresh()
-    for step in (3, 5):  # an earlier, longer run in the same directory
-        checkpoint.save(
-            cfg, step=step, layout={}, model=model.state_dict(), optimizer=None, extra={}
-        )
-    checkpoint.save(cfg, step=2, layout={}, model=model.state_dict(), optimizer=None, extra={})
-    assert checkpoint.latest_dir(cfg) == tmp_path / "step_00000002"
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000005"]
-    got = checkpoint.load_latest(cfg, layout={}, load_model=lambda sd: None, load_optimizer=None)
-    assert got is not None and got.step == 2
-
-
-def test_unreadable_or_mismatched_shards_are_named(tmp_path):
+def test_damaged_checkpoints_are_named(tmp_path):
     cfg = CheckpointConfig(dir=str(tmp_path))
-    model, _ = _fresh()
-    path = checkpoint.save(
-        cfg, step=1, layout={}, model=model.state_dict(), optimizer=None, extra={}
-    )
-    other = torch.nn.Linear(4, 5)  # "the model changed since": a size mismatch
-    with pytest.raises(checkpoint.CheckpointError, match=r"rank_00000\.pt: does not fit"):
-        checkpoint.load_latest(
-            cfg, layout={}, load_model=other.load_state_dict, load_optimizer=None
-        )
-    shard = path / "rank_00000.pt"
-    shard.write_bytes(shard.read_bytes()[:100])  # truncated
-    with pytest.raises(checkpoint.CheckpointError, match=r"rank_00000\.pt: unreadable"):
-        checkpoint.load_latest(
-            cfg, layout={}, load_model=model.load_state_dict, load_optimizer=None
-        )
+    path = _save(cfg, 2)
+    weights = path / "weights"
+    shard = weights / "__0_0.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    _refused(cfg, str(shard), "truncated")
+    shard.unlink()
+    _refused(cfg, str(shard), "missing")
+    shard.write_bytes(data)
+    assert checkpoint.find_latest(cfg).step == 2  # whole again
+    meta = path / "meta.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    _refused(cfg, str(meta), "cut off", "latest")
+    meta.write_text(text)
+    dcp = weights / ".metadata"
+    dcp_bytes = dcp.read_bytes()
+    dcp.write_bytes(dcp_bytes[:30])
+    _refused(cfg, str(dcp), "corrupt")
+    dcp.write_bytes(dcp_bytes)
+    (weights / "common.pt").write_bytes(b"not a pickle")
+    _refused(cfg, str(weights / "common.pt"))
+    (tmp_path / "latest").write_text("step_00000009")
+    _refused(cfg, "step_00000009", "does not exist")

@@ -9,6 +9,7 @@ Corrupt inputs must fail with an error naming the tensor or file, before --out e
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -51,6 +52,7 @@ def test_hf_mcore_hf_is_bit_exact_and_logits_match(hf_dirs, tmp_path, family):
     ]  # fmt: skip
     record = json.loads((mc / "conversion.json").read_text())
     assert record["dtype"] == ("bfloat16" if "bf16" in family else "float32")
+    assert record["megatron_core"] == importlib.metadata.version("megatron-core")
     back = convert.mcore_to_hf(mc, tmp_path / "hf")
     _assert_same_hf(back, src)
     assert (back / "config.json").read_bytes() == (src / "config.json").read_bytes()
@@ -224,3 +226,36 @@ def test_cli_refuses_out_equal_to_source(hf_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out {src} is the source --hf {src}" in err and err.count("\n") == 1
     assert _snapshot(src) == before
+
+
+def test_a_damaged_dist_checkpoint_is_named_and_out_is_kept(hf_dirs, tmp_path, capsys):
+    """mcore-to-hf of a checkpoint with a cut-off .distcp (or .metadata) names the file in one
+    line, before any output; an existing --out stays as it was, even with --overwrite."""
+    mc = convert.hf_to_mcore(hf_dirs["qwen3"][0], tmp_path / "mc")
+    out = convert.mcore_to_hf(mc, tmp_path / "out")
+    kept = _snapshot(out)
+    shard = max((mc / "weights").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    argv = ["convert", "mcore-to-hf", "--mcore", str(mc), "--out", str(out), "--overwrite"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{shard}: truncated" in err and err.count("\n") == 1
+    shard.write_bytes(data)
+    meta = mc / "weights" / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:50])
+    with pytest.raises(convert.ConvertError, match=rf"{meta}: cut off or corrupt"):
+        convert.mcore_to_hf(mc, out, overwrite=True)
+    assert _snapshot(out) == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mc", "out"]  # no temporary left
+
+
+def test_the_old_per_rank_training_format_is_refused_with_what_to_do(tmp_path):
+    old = tmp_path / "ck" / "step_00000004"
+    old.mkdir(parents=True)
+    torch.save({}, old / "rank_00000.pt")
+    (tmp_path / "ck" / "latest").write_text(old.name)
+    for src in (old, tmp_path / "ck"):  # the step, or the checkpoint directory (latest)
+        with pytest.raises(convert.ConvertError, match=r"per-rank format.*<log.run_dir>/hf"):
+            convert.mcore_to_hf(src, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ KV-cached path differs from the full forward only in summation order: 1.7e-6 mea
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -108,6 +109,20 @@ def test_greedy_tokens_and_logprobs_match_hf(family):
             torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0
         )
         assert c.token_ids == ref[0, len(prompt) :].tolist()
+
+
+def test_decoding_uses_no_deprecated_transformers_api(caplog):
+    # transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: the old name warns
+    # (a FutureWarning from the forward's deprecate_kwarg, a logged warning from the output's
+    # property) and goes in 5.40. A row that finishes early shrinks the cache too.
+    hf_config = _hf_config()
+    engine = _engine(hf_config, _hf_model(hf_config, seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, stop_token_ids=(7, 9)))
+    assert len(out) == len(PROMPTS)
+    assert "deprecated" not in caplog.text
 
 
 def test_batched_prompts_of_different_lengths_equal_one_by_one():

@@ -174,10 +174,6 @@ BAD_VALIDATE = [
     ("cp_no_te", {}, ModelConfig(), ParallelConfig(cp=2), None, "parallel.cp=2"),
     ("sp_no_te", {}, ModelConfig(), ParallelConfig(tp=2, sequence_parallel=True), None,
      "parallel.sequence_parallel"),
-    ("distopt_cpu", {}, FP32, ParallelConfig(), OptimConfig(distributed_optimizer=True),
-     "optim.distributed_optimizer"),
-    ("bf16_opt_cpu", {}, ModelConfig(dtype="bfloat16"), ParallelConfig(), OptimConfig(),
-     "model.dtype='bfloat16'"),
 ]  # fmt: skip
 
 

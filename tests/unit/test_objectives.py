@@ -162,7 +162,9 @@ def test_values_reduce_to_the_papers_tables_when_ref_is_old():
     w = (logp - old).exp()
     lw = logp - old
     table2 = {
-        ("forward", True): -w * R - b * logp,
+        # Table 2's -b log pi plus the theta-constant b log pi_ref (= b log pi_old here): the
+        # KL term is then the per-token KL estimate -b log(pi/pi_ref), with the same gradient.
+        ("forward", True): -w * R - b * logp + b * old,
         ("reverse", True): w * (-R + b * lw),
         ("forward", False): -w * R + b * (w - lw - 1),
         ("reverse", False): -w * R + b * (w * lw - w),
@@ -462,3 +464,208 @@ def test_build_objective_from_config():
     )
     assert isinstance(grpo, GRPO) and grpo.kl_importance_weight and grpo.kl_estimator == "k3"
     assert not build_objective(load_config(None, ["objective.name=dapo"]).objective).needs_ref
+
+
+def test_kl_clamp_on_forward_kl_keeps_an_unlikely_tokens_gradient():
+    """kl_clamp bounds a KL value, never the log-likelihood: an on-policy token with
+    log pi_theta = -12 has per-token KL 0 (pi_ref == pi_old == pi_theta), so kl_clamp=10 must
+    leave its gradient at Table 1's -(w A + beta u) = -beta (A = 0, w = u = 1)."""
+    beta = 0.5
+    logp = torch.tensor([-12.0, -0.3, -25.0]).requires_grad_()
+    old = logp.detach().clone()  # on-policy, and the anchor is pi_old
+    terms = TokenTerms(
+        logp_T=logp, old_logp_T=old, ref_logp_T=old, adv_T=torch.zeros(3), mask_T=torch.ones(3)
+    )
+    for clamp in (None, 10.0):
+        obj = RPG(kl="forward", normalized=True, form="differentiable", beta=beta, kl_clamp=clamp)
+        loss, _ = obj(terms)
+        (grad,) = torch.autograd.grad(loss.sum(), logp)
+        torch.testing.assert_close(grad, torch.full((3,), -beta), rtol=0, atol=1e-15)
+
+
+# ------------------------------------------------- clipped KL weight and the hard clamp
+CLIPPED_OPTIONS = [("rpg", "clipped"), ("hard", "raw"), ("hard", "clipped")]
+
+
+def _table1_kl_part(kl: str, normalized: bool, w: torch.Tensor) -> torch.Tensor:
+    """C / beta of Table 1 with pi_ref == pi_old (u = 1): g = w A + C."""
+    if kl == "forward":
+        return torch.ones_like(w) if normalized else -(w - 1)
+    return -w * (w.log() + 1) if normalized else -w * w.log()
+
+
+@pytest.mark.parametrize(("clip_style", "kl_weight"), CLIPPED_OPTIONS)
+@pytest.mark.parametrize("policy", ["softmax", "sequence"])
+@pytest.mark.parametrize(
+    ("kl", "normalized"), list(itertools.product(["forward", "reverse"], [True, False]))
+)
+def test_clipped_options_are_exact_where_nothing_is_clipped(
+    kl, normalized, policy, clip_style, kl_weight
+):
+    """Without clip bounds w_bar = w, so the hard clamp is plain REINFORCE and C(w_bar) = C(w):
+    the exact gradient off-policy. With the paper's bounds they stay exact on-policy (w = 1 is
+    inside them), for a separate anchor too."""
+    beta = 0.7
+    for seed in range(3):
+        fn, theta, old_logp, ref_logp, adv = _draw(policy, seed, "separate")
+        g_J = objective_grad(kl, normalized, beta, fn, theta, ref_logp, adv)
+        unclipped = RPG(
+            kl=kl,
+            normalized=normalized,
+            form="reinforce",
+            beta=beta,
+            clip_style=clip_style,
+            kl_weight=kl_weight,
+        )
+        g_sur = surrogate_grad(unclipped, fn, theta, old_logp, ref_logp, adv)
+        assert _relerr(g_sur, -g_J) < 1e-10, (clip_style, kl_weight, seed)
+        on_policy = fn(theta).detach()
+        clipped = RPG(
+            kl=kl,
+            normalized=normalized,
+            form="reinforce",
+            beta=beta,
+            clip=(0.2, 0.28),
+            dual_clip_c=None if clip_style == "hard" else 10.0,
+            clip_style=clip_style,
+            kl_weight=kl_weight,
+        )
+        g_sur = surrogate_grad(clipped, fn, theta, on_policy, ref_logp, adv)
+        assert _relerr(g_sur, -g_J) < 1e-10, (clip_style, kl_weight, seed)
+
+
+@pytest.mark.parametrize(("clip_style", "kl_weight"), CLIPPED_OPTIONS)
+def test_clipped_options_are_biased_where_w_leaves_the_bounds(clip_style, kl_weight):
+    """Off-policy with clip bounds, the clipped variants trade exactness for a trust region:
+    their gradient is not -grad J (the check above can fail)."""
+    fn, theta, old_logp, ref_logp, adv = _draw("sequence", 1, "old")
+    w = (fn(theta) - old_logp).exp()
+    assert bool(((w < 0.8) | (w > 1.28)).any())  # some outcomes are clipped
+    obj = RPG(
+        kl="reverse",
+        normalized=False,
+        form="reinforce",
+        beta=0.7,
+        clip=(0.2, 0.28),
+        dual_clip_c=None,
+        clip_style=clip_style,
+        kl_weight=kl_weight,
+    )
+    g_sur = surrogate_grad(obj, fn, theta, old_logp, ref_logp, adv)
+    g_J = objective_grad("reverse", False, 0.7, fn, theta, ref_logp, adv)
+    assert _relerr(g_sur, -g_J) > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("kl", "normalized"), list(itertools.product(["forward", "reverse"], [True, False]))
+)
+@pytest.mark.parametrize("kl_weight", ["raw", "clipped"])
+def test_hard_clamp_by_hand(kl, normalized, kl_weight):
+    """clip_style=hard: L = -SG(w_bar A + C) log pi per token, every token keeps its gradient
+    -(w_bar A + C); with kl_weight=clipped C = C(w_bar), the authors' rpg_rf_<kl> loss."""
+    beta, lo, hi = 0.3, 0.8, 1.28
+    w = torch.tensor([0.5, 0.9, 1.1, 1.6, 3.0])
+    A = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0])
+    old = torch.log(torch.tensor([0.3, 0.2, 0.4, 0.25, 0.1]))
+    logp = (old + w.log()).requires_grad_()
+    obj = RPG(
+        kl=kl,
+        normalized=normalized,
+        form="reinforce",
+        beta=beta,
+        clip=(0.2, 0.28),
+        dual_clip_c=None,
+        clip_style="hard",
+        kl_weight=kl_weight,
+    )
+    loss, metrics = obj(
+        TokenTerms(logp_T=logp, old_logp_T=old, ref_logp_T=old, adv_T=A, mask_T=torch.ones(5))
+    )
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    w_bar = torch.tensor([lo, 0.9, 1.1, hi, hi])
+    C = beta * _table1_kl_part(kl, normalized, w_bar if kl_weight == "clipped" else w)
+    weight = w_bar * A + C
+    torch.testing.assert_close(loss.detach(), -weight * logp.detach(), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(grad, -weight, rtol=1e-13, atol=1e-14)
+    assert metrics["clip_low"].tolist() == [1, 0, 0, 0, 0]
+    assert metrics["clip_high"].tolist() == [0, 0, 0, 1, 1]
+    assert metrics["clip_dual"].tolist() == [0] * 5
+
+
+def test_rpg_style_clip_with_the_clipped_kl_weight_by_hand():
+    """kl_weight=clipped (Remark F.2) on Algorithm 2: C = -beta w_bar log w_bar (URKL, ref ==
+    old) in A' = A + C / w and in every branch; w itself still picks the branch."""
+    beta, eps_low, eps_high, c = 0.1, 0.2, 0.28, 3.0
+    cases = _branch_case()
+    A = torch.tensor([x[0] for x in cases])
+    w = torch.tensor([x[1] for x in cases])
+    old_logp = torch.log(torch.tensor([x[2] for x in cases]))
+    logp = (old_logp + w.log()).requires_grad_()
+    obj = RPG(
+        kl="reverse",
+        normalized=False,
+        form="reinforce",
+        beta=beta,
+        clip=(eps_low, eps_high),
+        dual_clip_c=c,
+        kl_weight="clipped",
+    )
+    loss, _ = obj(
+        TokenTerms(
+            logp_T=logp, old_logp_T=old_logp, ref_logp_T=old_logp, adv_T=A, mask_T=torch.ones(6)
+        )
+    )
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    for i, (a, wi, p_old, _) in enumerate(cases):
+        w_bar = min(max(wi, 1 - eps_low), 1 + eps_high)
+        C = -beta * w_bar * math.log(w_bar)
+        nll = -(math.log(p_old) + math.log(wi))
+        psi = (a + C / wi) * nll
+        if psi >= 0:
+            bound = None if wi < 1 + eps_high else 1 + eps_high
+        elif wi <= 1 - eps_low:
+            bound = 1 - eps_low
+        else:
+            bound = None if wi < c else c
+        if bound is None:
+            exp_loss, exp_grad = (a * wi + C) * nll, -(a * wi + C)
+        else:
+            exp_loss, exp_grad = (a * bound + C) * nll, 0.0
+        assert math.isclose(float(loss.detach()[i]), exp_loss, rel_tol=1e-12), i
+        assert math.isclose(float(grad[i]), exp_grad, rel_tol=1e-12, abs_tol=1e-15), i
+
+
+def test_clipped_options_are_refused_for_the_differentiable_form():
+    for extra in ({"kl_weight": "clipped"}, {"clip_style": "hard", "dual_clip_c": None}):
+        with pytest.raises(ValueError, match="form='differentiable'"):
+            RPG(kl="reverse", normalized=False, form="differentiable", beta=0.1, **extra)
+    with pytest.raises(ValueError, match=r"dual_clip_c=3\.0 with clip_style='hard'"):
+        RPG(
+            kl="reverse",
+            normalized=False,
+            form="reinforce",
+            beta=0.1,
+            clip_style="hard",
+            dual_clip_c=3.0,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kl", "normalized"), [("forward", True), ("reverse", True), ("forward", False)]
+)
+def test_kl_clamp_bounds_the_kl_value_of_every_differentiable_kl(kl, normalized):
+    """With a separate anchor far from pi_theta the per-token KL exceeds the clamp: that token's
+    KL term is held at the bound (no gradient); a token inside keeps the exact KL gradient."""
+    logp = torch.tensor([-0.2, -0.2]).requires_grad_()
+    old = torch.tensor([-0.2, -0.2])
+    ref = torch.tensor([-0.2, 11.8 if kl == "forward" else -14.0])  # log rho = 0 / huge
+    obj = RPG(kl=kl, normalized=normalized, form="differentiable", beta=1.0, kl_clamp=10.0)
+    terms = TokenTerms(
+        logp_T=logp, old_logp_T=old, ref_logp_T=ref, adv_T=torch.zeros(2), mask_T=torch.ones(2)
+    )
+    loss, _ = obj(terms)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert float(loss.detach()[1]) == 10.0 and float(grad[1]) == 0.0
+    exact = RPG(kl=kl, normalized=normalized, form="differentiable", beta=1.0)
+    (g_exact,) = torch.autograd.grad(exact(terms)[0].sum(), logp)
+    assert math.isclose(float(grad[0]), float(g_exact[0]), rel_tol=1e-14)

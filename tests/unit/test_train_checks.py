@@ -7,7 +7,6 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from rpg_megatron import checkpoint, train
 from rpg_megatron.config import (
@@ -32,13 +31,11 @@ def test_a_fresh_run_refuses_a_directory_holding_an_earlier_run(tmp_path):
         train.train(cfg)
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
     (run / "metrics.jsonl").unlink()
-    model = torch.nn.Linear(4, 3)
-    checkpoint.save(
-        cfg.checkpoint, step=4, layout={}, model=model.state_dict(), optimizer=None, extra={}
-    )
+    ck.mkdir()  # an earlier run's checkpoint pointer (its step directory does not matter)
+    (ck / "latest").write_text("step_00000004")
     with pytest.raises(ConfigError, match=r"checkpoint .*step_00000004.*--resume"):
         train.train(cfg)
-    assert checkpoint.latest_dir(cfg.checkpoint) == ck / "step_00000004"
+    assert checkpoint.latest_name(cfg.checkpoint) == "step_00000004"
 
 
 def _sizes_cfg(**over):
@@ -52,7 +49,8 @@ def _sizes_cfg(**over):
 
 def test_batch_and_length_mismatches_fail_before_the_model_is_built():
     """The sizes that used to fail only after model build and the first rollout."""
-    prompts = SimpleNamespace(prompts=[SimpleNamespace(token_ids=(1,) * 14)])
+    longest = SimpleNamespace(token_ids=(1,) * 14, origin="t.parquet:row 3")
+    prompts = SimpleNamespace(prompts=[SimpleNamespace(token_ids=(1,) * 5), longest])
     hf = {"max_position_embeddings": 256}
 
     def check(dp=1, **over):
@@ -68,7 +66,10 @@ def test_batch_and_length_mismatches_fail_before_the_model_is_built():
         check(micro_batch_size=1, minibatches=3, steps=3, **base)
     with pytest.raises(ConfigError, match=r"= 1 per optimizer step, fewer than the dp=2"):
         check(dp=2, max_tokens_per_microbatch=100, minibatches=32, steps=320, **base)
-    with pytest.raises(ConfigError, match=r"max_new_tokens=400.*14 tokens.*414 > .*=256"):
+    # The longest prompt is named by file and row (the one to shorten or drop).
+    with pytest.raises(
+        ConfigError, match=r"max_new_tokens=400.*t\.parquet:row 3.*14 tokens.*414 >"
+    ):
         check(micro_batch_size=16, **{**base, "max_new_tokens": 400})
     check(micro_batch_size=16, **{**base, "max_new_tokens": 242})  # 14 + 242 = 256 fits
     for ev in (EvalConfig(files=("aime.parquet",)), EvalConfig(every=5)):
@@ -78,7 +79,8 @@ def test_batch_and_length_mismatches_fail_before_the_model_is_built():
 
 
 def test_steps_and_group_sizes_are_checked_at_start_up():
-    prompts = SimpleNamespace(prompts=[SimpleNamespace(token_ids=(1,) * 14)])
+    longest = SimpleNamespace(token_ids=(1,) * 14, origin="t.parquet:row 3")
+    prompts = SimpleNamespace(prompts=[SimpleNamespace(token_ids=(1,) * 5), longest])
     hf = {"max_position_embeddings": 256}
     cfg = _sizes_cfg(prompts_per_step=4, n_samples=8, max_new_tokens=2, micro_batch_size=8)
     bad_steps = dataclasses.replace(
