@@ -110,13 +110,19 @@ def pool_script(launch: LaunchConfig, rollout: RolloutConfig, *, container: str)
     srun step runs one server per tp_size GPUs on every pool node (sglang_protocol's command
     lines, listening on all interfaces), another the sglang-router on the first pool node; the
     trainer gets their URLs as overrides (POOL_ARGS)."""
-    from rpg_megatron.rollout.sglang_protocol import router_argv, server_argv
+    from rpg_megatron.rollout.sglang_protocol import router_argv, server_argv, server_env
 
     sg = replace(rollout.sglang, host="0.0.0.0")  # reached from the trainer's and other nodes
     python = sg.python or "python"
     per_node = launch.gpus_per_node // sg.tp_size
-    servers = " & ".join(shlex.join(server_argv(sg, i, python=python)) for i in range(per_node))
-    router = shlex.join(router_argv(sg, ["@URLS@"], python=python))
+    # The same environment a launching engine gives its servers (raw log-probs, a /health that
+    # does not generate).
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(server_env(sg).items()))
+    servers = " & ".join(
+        f"{env} {shlex.join(server_argv(sg, i, python=python))}" for i in range(per_node)
+    )
+    # The router has its pool node to itself: its Prometheus exporter takes the next port.
+    router = shlex.join(router_argv(sg, ["@URLS@"], python=python, metrics_port=sg.router_port + 1))
     router = router.replace("@URLS@", '"${SERVER_URLS[@]}"')
     ports = " ".join(str(sg.base_port + i) for i in range(per_node))
     k, m = launch.nodes, rollout.pool_nodes

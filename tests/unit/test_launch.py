@@ -298,9 +298,16 @@ def test_rollout_pool_gets_nodes_of_its_own_in_the_job() -> None:
     assert trainer.startswith('srun --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --relative=0')
     pool = next(line for line in script.splitlines() if line.startswith("srun --nodes=2"))
     assert "--relative=4" in pool and "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in pool
-    line = next(x for x in script.splitlines() if "bash -c 'python -m sglang.launch_server" in x)
+    line = next(x for x in script.splitlines() if "sglang.launch_server" in x)
     servers = shlex.split(line)[2]
-    argvs = [shlex.split(cmd) for cmd in servers.removesuffix(" & wait").split(" & ")]
+    commands = [shlex.split(cmd) for cmd in servers.removesuffix(" & wait").split(" & ")]
+    # Each server gets the environment a launching engine gives it: raw log-probs, and a
+    # /health that does not generate (sglang 0.5.23 http_server.py).
+    for words in commands:
+        env = dict(w.split("=", 1) for w in words[: words.index("python")])
+        assert env["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
+        assert env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "0"
+    argvs = [words[words.index("python") :] for words in commands]
     assert [a[a.index("--base-gpu-id") + 1] for a in argvs] == ["0", "4"]  # 8 GPUs / tp 4
     assert [a[a.index("--port") + 1] for a in argvs] == ["30000", "30001"]
     assert all(a[a.index("--host") + 1] == "0.0.0.0" for a in argvs)
