@@ -51,10 +51,12 @@ format: $(STAMP)
 SGLANG_PYTHON = $$(bash tools/sglang_venv.sh --path)/bin/python
 FREE_PORT = $$($(BIN)/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 
-# A single-node Slurm (slurm-wlm + munge, apt, ~20 s cold) for tests/e2e/test_slurm.py; if it
-# cannot start here, that test skips and says why. The sglang tier (tests/sglang) runs too.
+# A single-node Slurm (slurm-wlm + munge, apt, ~20 s cold) for tests/e2e/test_slurm.py and a
+# separate two-node one on this host for tests/e2e/test_slurm_nodes.py; if one cannot start
+# here, its tests skip and say why. The sglang tier (tests/sglang) runs too.
 test: lint
 	-bash tools/slurm_local.sh || echo "tools/slurm_local.sh failed: Slurm tests will skip"
+	-bash tools/slurm_local.sh --nodes 2 || echo "two-node Slurm failed: its test will skip"
 	bash tools/sglang_venv.sh
 	RPG_SGLANG_PYTHON=$(SGLANG_PYTHON) $(BIN)/python -m pytest -q tests
 	$(MAKE) test-mcore-latest
@@ -62,7 +64,7 @@ test: lint
 # megatron-core $(MCORE_LATEST) in a second venv, for the suites that run Megatron's schedules,
 # DDP and optimizer (tests/dist, tests/e2e) and the unit tests of what we take from megatron-core
 # (the version logic, CPU patches and docs/megatron-core.md; the model config); the other unit
-# tests run once, in .venv.
+# tests and the Slurm launch tests (no megatron-core in them) run once, in .venv.
 # Its wheel's metadata asks for Python >= 3.12 but it ships a cp311 build that runs on 3.11, so
 # it goes in with --ignore-requires-python, and with --no-deps so pip keeps the torch pinned
 # first (its own requirements, torch/numpy/packaging, are ours too). It imports triton at
@@ -81,7 +83,8 @@ $(LATEST_STAMP): pyproject.toml
 
 test-mcore-latest: $(LATEST_STAMP)
 	$(LATEST_VENV)/bin/python -m pytest -q tests/dist tests/e2e tests/unit/test_compat.py \
-		tests/unit/test_parallel.py tests/unit/test_model.py
+		tests/unit/test_parallel.py tests/unit/test_model.py \
+		--ignore=tests/e2e/test_slurm.py --ignore=tests/e2e/test_slurm_nodes.py
 
 # Only the tests against real SGLang servers on CPU (tests/sglang, marker `sglang`).
 test-sglang: $(STAMP)

@@ -31,6 +31,21 @@ build) is excluded from the per-step times and reported separately.
 
 Last line, exactly: step_ratio=<ours / TRL median seconds per step>, then with --sglang
 ` sglang_step_ratio=<ours through SGLang / ours embedded>`.
+
+`--compare engines` (`compare_engines`) instead times a step's generation phase, the
+trainer's collect() (generation, reward scoring, the gather: what `time/generate_s` measures), on
+2 gloo ranks with one thread each, each with an embedded engine and reward workers as
+rollout.placement=dp_rank gives them: spread over both engines (rollout/dispatch.py), against
+rank 0 alone (placement=rank0). The two alternate round by round in the same processes, on the
+same prompts, seed and (random-init) weights, so they do the same work, which the bench checks
+(same token ids). The figure is the median over the rounds after the first of each round's
+ratio: the two arms of a round run back to back under the same load, while the load of other
+processes drifts between rounds. Beside it, the machine's parallel capacity in the same rounds
+(a fixed kernel on rank 0 alone vs on both ranks at once), the ceiling of the figure here now:
+
+    python bench/e2e.py --compare engines [--steps 20] [--max-new-tokens 16] [--record]
+
+Last line, exactly: engines_speedup=<median per-round generate s, rank 0 alone / engine per rank>
 """
 
 from __future__ import annotations
@@ -295,6 +310,162 @@ def trl_worker(demo: Path, result: Path, args: argparse.Namespace) -> None:
     os.replace(tmp, result)
 
 
+# ------------------------------------------------------------------------------ engines
+def engines_worker(
+    rank: int, world: int, demo: Path, steps: int, prompts: int, samples: int, tokens: int
+) -> dict[str, Any] | None:
+    """One rank of `--compare engines` (started by parallel.spawn_local, gloo, one thread):
+    an embedded engine and reward workers, as the trainer gives every rank with
+    placement=dp_rank, then `steps` rounds of the trainer's own collect() on the same prompts
+    and seed, once with rank 0 alone and once spread over both ranks, the order alternating by
+    round so that drifting load falls on both alike. Rank 0 returns the wall times."""
+    import time as time_
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rpg_megatron import data
+    from rpg_megatron.config_io import load_config
+    from rpg_megatron.megatron.arch import load_config_json
+    from rpg_megatron.rewards import RewardScorer
+    from rpg_megatron.rollout import make_engine
+    from rpg_megatron.rollout.collect import collect
+    from rpg_megatron.rollout.dispatch import Spread
+
+    cfg = load_config(
+        CONFIG,
+        [
+            f"model.hf_path={demo / 'model'}",
+            f"data.train_files=[{demo / 'train.parquet'}]",
+            f"rollout.prompts_per_step={prompts}",
+            f"rollout.n_samples={samples}",
+            f"rollout.max_new_tokens={tokens}",
+            # decode batches of at most half the samples, so both engines get a share
+            f"rollout.embedded_batch_size={min(64, max(1, prompts * samples // 2))}",
+        ],
+    )
+    hf_config = load_config_json(demo / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(demo / "model"))
+    pool = data.load_prompts(cfg.data, tokenizer)
+    torch.manual_seed(cfg.parallel.seed)  # the same random policy on both ranks
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+    engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer)
+    engine.update_weights([list(model.state_dict().items())], version=0)
+    chunk = cfg.rollout.embedded_batch_size
+    arms = {
+        "alone": Spread(ranks=(0,), rank=rank, chunk=chunk, distributed=True),
+        "spread": Spread(ranks=(0, 1), rank=rank, chunk=chunk, distributed=True),
+    }
+    times: dict[str, list[float]] = {
+        k: [] for k in ("alone", "spread", "kernel_alone", "kernel_spread")
+    }
+    same, both, lengths = True, True, []
+    with RewardScorer(cfg.reward) as scorer:
+        for step in range(steps):
+            order = ["alone", "spread"] if step % 2 == 0 else ["spread", "alone"]
+            got = {}
+            for arm in order:
+                sampler = data.PromptSampler(pool, seed=cfg.data.seed + step, shuffle=True)
+                torch.distributed.barrier()
+                t0 = time_.perf_counter()
+                got[arm] = collect(
+                    engine, scorer, tokenizer, sampler, cfg, seed=step, spread=arms[arm]
+                )
+                times[arm].append(time_.perf_counter() - t0)
+            same &= torch.equal(got["alone"].batch.tokens_NS, got["spread"].batch.tokens_NS)
+            both &= set(got["spread"].engine_rank_N.tolist()) == {0, 1}
+            lengths.append(got["alone"].metrics["response_len/mean"])
+            for arm in order:  # the machine's own parallel capacity, in the same round
+                torch.distributed.barrier()
+                t0 = time_.perf_counter()
+                if arm == "spread" or rank == 0:
+                    _compute_kernel()
+                torch.distributed.barrier()
+                times[f"kernel_{arm}"].append(time_.perf_counter() - t0)
+    engine.shutdown()
+    if rank:
+        return None
+    return {
+        **times,
+        "same": same,
+        "both": both,
+        "response_len": lengths,
+        "samples": prompts * samples,
+    }
+
+
+def _compute_kernel() -> None:
+    """A fixed single-threaded CPU load (matmuls), about 0.1 s on an idle core."""
+    import torch
+
+    x = torch.full((128, 128), 0.01)
+    for _ in range(300):
+        x = torch.tanh(x @ x)
+
+
+def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--compare engines`: an engine per rank against rank 0 alone (module docstring)."""
+    from rpg_megatron.megatron.parallel import spawn_local
+    from rpg_megatron.tiny import prepare_demo
+
+    steps, tokens = args.steps or 20, args.max_new_tokens or 16
+    prompts, samples = args.prompts or 32, args.samples or 8
+    load = os.getloadavg()[0]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory(prefix="bench_e2e.") as tmp:
+        demo = prepare_demo((args.work_dir or Path(tmp)) / "demo")
+        result, _ = spawn_local(2, engines_worker, demo, steps, prompts, samples, tokens)
+    if not result["same"]:
+        raise RuntimeError("the two placements generated different completions: not the same work")
+    if not result["both"]:
+        raise RuntimeError("spread over two engines, one of them generated nothing")
+    lines = [
+        "| engines | steps | samples x max new tokens | generate s (median) | min | max "
+        "| generated tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    tok = result["samples"] * _median(result["response_len"])
+    for name, key in (("rank 0 alone (placement=rank0)", "alone"), ("one per rank", "spread")):
+        xs = result[key][1:] or result[key]
+        lines.append(
+            f"| {name} | {steps} | {result['samples']} x {tokens} | {_median(result[key]):.3f} "
+            f"| {min(xs):.3f} | {max(xs):.3f} | {tok / _median(result[key]):.0f} |"
+        )
+    # The two arms of a round run back to back, so they see the same load; the load of other
+    # processes drifts between rounds. So the figure is the median of the per-round ratios.
+    ratios = [a / b for a, b in zip(result["alone"], result["spread"], strict=True)]
+    speedup = _median(ratios)
+    # A fixed kernel on rank 0 alone and on both ranks at once, in every round: how much faster
+    # two processes get through twice the work here now (2.0 on two idle cores), the ceiling
+    # of engines_speedup on this machine at this load.
+    capacity = [
+        2 * a / b for a, b in zip(result["kernel_alone"], result["kernel_spread"], strict=True)
+    ]
+    text = (
+        "\n".join(lines)
+        + "\n\nsame completions in both (token ids of every step): yes; the first round is "
+        "warm-up and left out of the medians"
+        + "\ngenerate s per step, rank 0 alone / one engine per rank, per round: "
+        + " ".join(f"{r:.2f}" for r in ratios[1:])
+        + f"\nmedian of those: {speedup:.3f} (ratio of the medians above: "
+        f"{_median(result['alone']) / _median(result['spread']):.3f})"
+        + "\nparallel capacity per round (2 x a fixed kernel's s on rank 0 alone / on both "
+        "ranks at once; 2.00 on two idle cores): "
+        + " ".join(f"{c:.2f}" for c in capacity[1:])
+        + f"\nmedian capacity: {_median(capacity):.2f}"
+        + f"\n1-minute load average at start: {load:.1f}\n"
+    )
+    print(text)
+    if args.record:
+        record(
+            "e2e engines: an embedded engine per rank vs rank 0 alone (2 gloo ranks)",
+            f"python bench/e2e.py {' '.join(argv)}",
+            text,
+        )
+    print(f"engines_speedup={speedup:.3f}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- report
 def _run(cmd: list[str], threads: int, log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
@@ -360,7 +531,15 @@ def table(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps per system")
+    p.add_argument(
+        "--compare",
+        choices=("trl", "engines"),
+        default="trl",
+        help="trl: ours vs TRL's GRPOTrainer; engines: an engine per rank vs rank 0 alone",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (250; engines: 8)"
+    )
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (default: yaml)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: yaml)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both runs")
@@ -381,11 +560,16 @@ def main(argv: list[str] | None = None) -> int:
         "--trl-worker", nargs=2, type=Path, metavar=("DEMO", "RESULT"), help=argparse.SUPPRESS
     )
     p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="engines: new tokens per sample (16)"
+    )
     args = p.parse_args(argv)
     if args.trl_worker:
         trl_worker(*args.trl_worker, args)
         return 0
+    if args.compare == "engines":
+        return compare_engines(args, argv)
+    args.steps = args.steps or 250
 
     import yaml
 

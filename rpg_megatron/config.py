@@ -384,6 +384,8 @@ class SGLangConfig:
 
 
 EngineName = Literal["embedded", "sglang"]
+Placement = Literal["node", "dp_rank", "rank0"]
+"""Where rollout engines run (RolloutConfig.placement; rollout/placement.py lays them out)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -417,11 +419,31 @@ class RolloutConfig:
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token's loss by min(pi_old / pi_rollout,
     tis_cap) to correct rollout/trainer log-prob mismatch; None turns it off."""
+    placement: Placement = "node"
+    """Which ranks drive engines (rollout/placement.py). node: the local rank 0 of every node,
+    with one embedded engine, or one launched SGLang server per sglang.tp_size of the node's
+    GPUs (sglang.num_engines left at 1 or equal to that count); dp_rank (embedded only): the
+    first rank of every data-parallel replica, so each replica generates; rank0: global rank 0
+    alone (sglang.num_engines servers on its node). A step's samples are cut into contiguous
+    shares, one per engine, generated and scored there, and gathered on every rank; seed
+    streams follow a sample's index in the whole batch, so the completions are the same for any
+    placement. Attached servers (sglang.server_urls) and a rollout pool are driven by rank 0."""
+    pool_nodes: int = 0
+    """mode=disaggregated with sglang: nodes of a rollout pool in the same Slurm job, after the
+    launch.nodes trainer nodes (`rpg-megatron launch` asks for both). Each pool node runs one
+    server per sglang.tp_size GPUs, the first also the sglang-router; the job passes their URLs
+    to rank 0, which attaches and broadcasts weights to them by NCCL
+    (sglang.weight_sync=distributed). 0: no pool."""
+    dump_dir: str = ""
+    """Directory where rank 0 writes each step's gathered rollout (step_<k>.pt: token ids,
+    masks, engine log-probs, the trainer's log-probs of the same tokens, rewards, group ids and
+    the rank that generated each sample), for debugging and comparing runs; "" writes nothing."""
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "prompts_per_step", "max_new_tokens", "embedded_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)}: must be >= 1")
+        self._check_placement()
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
@@ -434,6 +456,34 @@ class RolloutConfig:
             )
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"rollout.top_k={self.top_k}: must be >= 1, or null to disable")
+
+    def _check_placement(self) -> None:
+        if self.placement not in typing.get_args(Placement):
+            raise ConfigError(
+                f"rollout.placement={self.placement!r}: valid placements are "
+                f"{', '.join(typing.get_args(Placement))}"
+            )
+        sg = self.sglang
+        if self.engine == "sglang" and self.placement == "dp_rank":
+            raise ConfigError(
+                "rollout.placement='dp_rank' with rollout.engine='sglang': SGLang servers are "
+                "placed per node (one per sglang.tp_size GPUs); use rollout.placement=node, or "
+                "the embedded engine"
+            )
+        if self.pool_nodes < 0:
+            raise ConfigError(f"rollout.pool_nodes={self.pool_nodes}: must be >= 0")
+        if self.pool_nodes and (
+            self.mode != "disaggregated"
+            or self.engine != "sglang"
+            or sg.weight_sync != "distributed"
+        ):
+            raise ConfigError(
+                f"rollout.pool_nodes={self.pool_nodes} with rollout.mode={self.mode!r}, "
+                f"rollout.engine={self.engine!r}, rollout.sglang.weight_sync={sg.weight_sync!r}: "
+                "a rollout pool runs SGLang servers on nodes of their own and receives weights "
+                "by NCCL; set mode=disaggregated, engine=sglang, sglang.weight_sync=distributed "
+                "(or pool_nodes=0)"
+            )
 
 
 DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl")

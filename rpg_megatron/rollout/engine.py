@@ -12,12 +12,13 @@ update_weights(version=k)] ... -> shutdown. An engine has no usable weights unti
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import RolloutConfig
+
+if TYPE_CHECKING:  # rpg-megatron plan reads the engine layout without importing torch
+    from torch import Tensor
 
 
 class Detokenizer(Protocol):

@@ -79,9 +79,11 @@ def generate_payload(
 ) -> dict[str, Any]:
     """Body of one batched /generate request (sglang GenerateReqInput, batch form).
 
-    Prompt j of the chunk is prompt `first_index + j` of the generate call; its sampling seed
-    depends on that global index only, so chunking does not change the samples. seed None (or a
-    single prompt): one `sampling_params` dict (see the module doc); else one dict per prompt.
+    Prompt j of the chunk is prompt `first_index + j` of the generate call, and prompt
+    `params.stream_offset + first_index + j` of the whole batch; its sampling seed depends on
+    that batch-wide index only, so neither chunking nor the engine count changes the samples.
+    seed None (or a single prompt): one `sampling_params` dict (see the module doc); else one
+    dict per prompt.
     """
     base: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
@@ -97,7 +99,7 @@ def generate_payload(
     sampling: dict[str, Any] | list[dict[str, Any]] = base
     if seed is not None:
         sampling = [
-            {**base, "sampling_seed": stream_seed(seed, first_index + j)}
+            {**base, "sampling_seed": stream_seed(seed, params.stream_offset + first_index + j)}
             for j in range(len(prompts))
         ]
         if len(sampling) == 1:  # the form a router takes
