@@ -13,6 +13,11 @@
     the ground truth, as `reward.extract=[last_number]`). One optimizer step per rollout batch
     on both sides (TRL: micro-batches of 32 with gradient accumulation over the batch).
 
+(3) with `--sglang`: our loop again, with rollout.engine=sglang: one real SGLang 0.5.23 server on
+    this CPU (float32, sglang's native-torch CPU path, launched by the trainer from the SGLang
+    venv of tools/sglang_venv.sh), the same config otherwise; its start-up (~1 min) counts in
+    the start-up column, not in the step times.
+
 Not equal by construction: the initial weights (Megatron's seeded init vs HF's, both random
 with std 0.02), the prompt order (each side shuffles the pool with its own sampler), and what
 each side computes per step (ours adds an old-policy log-prob pass; TRL skips it when on-policy).
@@ -22,8 +27,25 @@ build) is excluded from the per-step times and reported separately.
     python bench/e2e.py                      # 250 steps each (~6 min on 2 CPU cores)
     python bench/e2e.py --steps 3 --prompts 4
     python bench/e2e.py --record             # append the table to docs/benchmarks.md
+    python bench/e2e.py --sglang             # plus the SGLang-server row
 
-Last line, exactly: step_ratio=<ours / TRL median seconds per step>
+Last line, exactly: step_ratio=<ours / TRL median seconds per step>, then with --sglang
+` sglang_step_ratio=<ours through SGLang / ours embedded>`.
+
+`--compare engines` (`compare_engines`) instead times a step's generation phase, the
+trainer's collect() (generation, reward scoring, the gather: what `time/generate_s` measures), on
+2 gloo ranks with one thread each, each with an embedded engine and reward workers as
+rollout.placement=dp_rank gives them: spread over both engines (rollout/dispatch.py), against
+rank 0 alone (placement=rank0). The two alternate round by round in the same processes, on the
+same prompts, seed and (random-init) weights, so they do the same work, which the bench checks
+(same token ids). The figure is the median over the rounds after the first of each round's
+ratio: the two arms of a round run back to back under the same load, while the load of other
+processes drifts between rounds. Beside it, the machine's parallel capacity in the same rounds
+(a fixed kernel on rank 0 alone vs on both ranks at once), the ceiling of the figure here now:
+
+    python bench/e2e.py --compare engines [--steps 20] [--max-new-tokens 16] [--record]
+
+Last line, exactly: engines_speedup=<median per-round generate s, rank 0 alone / engine per rank>
 """
 
 from __future__ import annotations
@@ -76,11 +98,56 @@ def time_to_reward(
 
 
 # ---------------------------------------------------------------------------------- ours
+def sglang_overrides(demo: Path, run_dir: Path, python: str) -> list[str]:
+    """Config overrides that put one real SGLang server (CPU) under our loop."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        "rollout.engine=sglang",
+        f"rollout.sglang.model_path={demo / 'model'}",
+        "rollout.sglang.load_format=dummy",  # the first weight sync brings the trainer's
+        "rollout.sglang.device=cpu",
+        "rollout.sglang.dtype=float32",
+        "rollout.sglang.max_total_tokens=16384",
+        "rollout.sglang.mem_fraction_static=0.5",
+        "rollout.sglang.prompts_per_request=256",
+        f"rollout.sglang.python={python}",
+        f"rollout.sglang.base_port={port}",
+        f"rollout.sglang.log_dir={run_dir / 'sglang'}",
+        "rollout.sglang.launch_timeout_s=1200",
+        "rollout.sglang.health_timeout_s=120",
+    ]
+
+
+def default_sglang_python() -> str | None:
+    """The SGLang venv tools/sglang_venv.sh keeps, if it is complete."""
+    out = subprocess.run(
+        ["bash", str(REPO / "tools" / "sglang_venv.sh"), "--path"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    venv = Path(out.stdout.strip())
+    return str(venv / "bin" / "python") if (venv / ".rpg-complete").exists() else None
+
+
 def run_ours(
-    demo: Path, out: Path, *, steps: int, prompts: int, samples: int, threads: int
+    demo: Path,
+    out: Path,
+    *,
+    steps: int,
+    prompts: int,
+    samples: int,
+    threads: int,
+    name: str = "ours",
+    sglang_python: str | None = None,
 ) -> dict[str, Any]:
-    """Train `steps` steps with our loop in a subprocess; returns the per-step metrics."""
-    run_dir = out / "ours"
+    """Train `steps` steps with our loop in a subprocess; returns the per-step metrics. With
+    `sglang_python`, rollouts come from a real SGLang server run by that interpreter."""
+    run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a reused --work-dir: this run starts afresh
     cmd = [
         sys.executable,
@@ -97,6 +164,8 @@ def run_ours(
         f"rollout.prompts_per_step={prompts}",
         f"rollout.n_samples={samples}",
     ]
+    if sglang_python is not None:
+        cmd += sglang_overrides(demo, run_dir, sglang_python)
     t0 = time.perf_counter()
     _run(cmd, threads, run_dir.with_suffix(".log"))
     wall = time.perf_counter() - t0
@@ -241,6 +310,162 @@ def trl_worker(demo: Path, result: Path, args: argparse.Namespace) -> None:
     os.replace(tmp, result)
 
 
+# ------------------------------------------------------------------------------ engines
+def engines_worker(
+    rank: int, world: int, demo: Path, steps: int, prompts: int, samples: int, tokens: int
+) -> dict[str, Any] | None:
+    """One rank of `--compare engines` (started by parallel.spawn_local, gloo, one thread):
+    an embedded engine and reward workers, as the trainer gives every rank with
+    placement=dp_rank, then `steps` rounds of the trainer's own collect() on the same prompts
+    and seed, once with rank 0 alone and once spread over both ranks, the order alternating by
+    round so that drifting load falls on both alike. Rank 0 returns the wall times."""
+    import time as time_
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from rpg_megatron import data
+    from rpg_megatron.config_io import load_config
+    from rpg_megatron.megatron.arch import load_config_json
+    from rpg_megatron.rewards import RewardScorer
+    from rpg_megatron.rollout import make_engine
+    from rpg_megatron.rollout.collect import collect
+    from rpg_megatron.rollout.dispatch import Spread
+
+    cfg = load_config(
+        CONFIG,
+        [
+            f"model.hf_path={demo / 'model'}",
+            f"data.train_files=[{demo / 'train.parquet'}]",
+            f"rollout.prompts_per_step={prompts}",
+            f"rollout.n_samples={samples}",
+            f"rollout.max_new_tokens={tokens}",
+            # decode batches of at most half the samples, so both engines get a share
+            f"rollout.embedded_batch_size={min(64, max(1, prompts * samples // 2))}",
+        ],
+    )
+    hf_config = load_config_json(demo / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(demo / "model"))
+    pool = data.load_prompts(cfg.data, tokenizer)
+    torch.manual_seed(cfg.parallel.seed)  # the same random policy on both ranks
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf_config))
+    engine = make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer)
+    engine.update_weights([list(model.state_dict().items())], version=0)
+    chunk = cfg.rollout.embedded_batch_size
+    arms = {
+        "alone": Spread(ranks=(0,), rank=rank, chunk=chunk, distributed=True),
+        "spread": Spread(ranks=(0, 1), rank=rank, chunk=chunk, distributed=True),
+    }
+    times: dict[str, list[float]] = {
+        k: [] for k in ("alone", "spread", "kernel_alone", "kernel_spread")
+    }
+    same, both, lengths = True, True, []
+    with RewardScorer(cfg.reward) as scorer:
+        for step in range(steps):
+            order = ["alone", "spread"] if step % 2 == 0 else ["spread", "alone"]
+            got = {}
+            for arm in order:
+                sampler = data.PromptSampler(pool, seed=cfg.data.seed + step, shuffle=True)
+                torch.distributed.barrier()
+                t0 = time_.perf_counter()
+                got[arm] = collect(
+                    engine, scorer, tokenizer, sampler, cfg, seed=step, spread=arms[arm]
+                )
+                times[arm].append(time_.perf_counter() - t0)
+            same &= torch.equal(got["alone"].batch.tokens_NS, got["spread"].batch.tokens_NS)
+            both &= set(got["spread"].engine_rank_N.tolist()) == {0, 1}
+            lengths.append(got["alone"].metrics["response_len/mean"])
+            for arm in order:  # the machine's own parallel capacity, in the same round
+                torch.distributed.barrier()
+                t0 = time_.perf_counter()
+                if arm == "spread" or rank == 0:
+                    _compute_kernel()
+                torch.distributed.barrier()
+                times[f"kernel_{arm}"].append(time_.perf_counter() - t0)
+    engine.shutdown()
+    if rank:
+        return None
+    return {
+        **times,
+        "same": same,
+        "both": both,
+        "response_len": lengths,
+        "samples": prompts * samples,
+    }
+
+
+def _compute_kernel() -> None:
+    """A fixed single-threaded CPU load (matmuls), about 0.1 s on an idle core."""
+    import torch
+
+    x = torch.full((128, 128), 0.01)
+    for _ in range(300):
+        x = torch.tanh(x @ x)
+
+
+def compare_engines(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--compare engines`: an engine per rank against rank 0 alone (module docstring)."""
+    from rpg_megatron.megatron.parallel import spawn_local
+    from rpg_megatron.tiny import prepare_demo
+
+    steps, tokens = args.steps or 20, args.max_new_tokens or 16
+    prompts, samples = args.prompts or 32, args.samples or 8
+    load = os.getloadavg()[0]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory(prefix="bench_e2e.") as tmp:
+        demo = prepare_demo((args.work_dir or Path(tmp)) / "demo")
+        result, _ = spawn_local(2, engines_worker, demo, steps, prompts, samples, tokens)
+    if not result["same"]:
+        raise RuntimeError("the two placements generated different completions: not the same work")
+    if not result["both"]:
+        raise RuntimeError("spread over two engines, one of them generated nothing")
+    lines = [
+        "| engines | steps | samples x max new tokens | generate s (median) | min | max "
+        "| generated tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    tok = result["samples"] * _median(result["response_len"])
+    for name, key in (("rank 0 alone (placement=rank0)", "alone"), ("one per rank", "spread")):
+        xs = result[key][1:] or result[key]
+        lines.append(
+            f"| {name} | {steps} | {result['samples']} x {tokens} | {_median(result[key]):.3f} "
+            f"| {min(xs):.3f} | {max(xs):.3f} | {tok / _median(result[key]):.0f} |"
+        )
+    # The two arms of a round run back to back, so they see the same load; the load of other
+    # processes drifts between rounds. So the figure is the median of the per-round ratios.
+    ratios = [a / b for a, b in zip(result["alone"], result["spread"], strict=True)]
+    speedup = _median(ratios)
+    # A fixed kernel on rank 0 alone and on both ranks at once, in every round: how much faster
+    # two processes get through twice the work here now (2.0 on two idle cores), the ceiling
+    # of engines_speedup on this machine at this load.
+    capacity = [
+        2 * a / b for a, b in zip(result["kernel_alone"], result["kernel_spread"], strict=True)
+    ]
+    text = (
+        "\n".join(lines)
+        + "\n\nsame completions in both (token ids of every step): yes; the first round is "
+        "warm-up and left out of the medians"
+        + "\ngenerate s per step, rank 0 alone / one engine per rank, per round: "
+        + " ".join(f"{r:.2f}" for r in ratios[1:])
+        + f"\nmedian of those: {speedup:.3f} (ratio of the medians above: "
+        f"{_median(result['alone']) / _median(result['spread']):.3f})"
+        + "\nparallel capacity per round (2 x a fixed kernel's s on rank 0 alone / on both "
+        "ranks at once; 2.00 on two idle cores): "
+        + " ".join(f"{c:.2f}" for c in capacity[1:])
+        + f"\nmedian capacity: {_median(capacity):.2f}"
+        + f"\n1-minute load average at start: {load:.1f}\n"
+    )
+    print(text)
+    if args.record:
+        record(
+            "e2e engines: an embedded engine per rank vs rank 0 alone (2 gloo ranks)",
+            f"python bench/e2e.py {' '.join(argv)}",
+            text,
+        )
+    print(f"engines_speedup={speedup:.3f}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- report
 def _run(cmd: list[str], threads: int, log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
@@ -256,17 +481,27 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
 
-def table(ours: dict, trl: dict, *, threshold: float, window: int, load: float) -> str:
-    """The markdown table: per-phase medians of ours, step medians of both, time to reward."""
-    n_ours = sum(ours["samples"]) / len(ours["samples"])
-    n_trl = sum(trl["samples"]) / len(trl["samples"])
+def table(
+    ours: dict,
+    trl: dict,
+    *,
+    threshold: float,
+    window: int,
+    load: float,
+    sglang: dict | None = None,
+) -> str:
+    """The markdown table: per-phase medians of ours, step medians of all, time to reward."""
+    systems = [("ours (rpg_megatron)", ours), (f"TRL {trl['trl']}", trl)]
+    if sglang is not None:
+        systems.append(("ours, rollouts from a real SGLang server (CPU)", sglang))
     lines = [
         "| system | steps | prompts x samples / step | generate s | log-prob s | train s "
         "| sync s | step s | response tok/s | final reward (last 10) "
         f"| steps, s to reward {threshold} (window {window}) | start-up s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, d, n in (("ours (rpg_megatron)", ours, n_ours), (f"TRL {trl['trl']}", trl, n_trl)):
+    for name, d in systems:
+        n = sum(d["samples"]) / len(d["samples"])
         step_s = _median(d["step_s"])
         phases = [f"{_median(d['phases'][p]):.3f}" for p in PHASES] if "phases" in d else ["-"] * 4
         tok_s = n * _median(d["response_len"]) / step_s
@@ -281,17 +516,30 @@ def table(ours: dict, trl: dict, *, threshold: float, window: int, load: float) 
             f"| {startup:.1f} |"
         )
     ratio = _median(ours["step_s"]) / _median(trl["step_s"])
-    return (
+    text = (
         "\n".join(lines)
         + f"\n\nstep-time ratio ours / TRL (median s per step, first step excluded): {ratio:.3f}"
-        + f"\n1-minute load average at start: {load:.1f}\n"
     )
+    if sglang is not None:
+        text += (
+            "\nstep-time ratio ours through SGLang / ours embedded: "
+            f"{_median(sglang['step_s']) / _median(ours['step_s']):.3f}"
+        )
+    return text + f"\n1-minute load average at start: {load:.1f}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps per system")
+    p.add_argument(
+        "--compare",
+        choices=("trl", "engines"),
+        default="trl",
+        help="trl: ours vs TRL's GRPOTrainer; engines: an engine per rank vs rank 0 alone",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (250; engines: 8)"
+    )
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (default: yaml)")
     p.add_argument("--samples", type=int, default=None, help="samples per prompt (default: yaml)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both runs")
@@ -300,14 +548,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="keep runs here (default: tmp)")
     p.add_argument("--record", action="store_true", help="append the table to the docs")
     p.add_argument(
+        "--sglang",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PYTHON",
+        help="also run our loop with rollouts from a real SGLang server on this CPU, run by "
+        "PYTHON (default: the venv of tools/sglang_venv.sh)",
+    )
+    p.add_argument(
         "--trl-worker", nargs=2, type=Path, metavar=("DEMO", "RESULT"), help=argparse.SUPPRESS
     )
     p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--max-new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--max-new-tokens", type=int, default=None, help="engines: new tokens per sample (16)"
+    )
     args = p.parse_args(argv)
     if args.trl_worker:
         trl_worker(*args.trl_worker, args)
         return 0
+    if args.compare == "engines":
+        return compare_engines(args, argv)
+    args.steps = args.steps or 250
 
     import yaml
 
@@ -323,16 +585,28 @@ def main(argv: list[str] | None = None) -> int:
         common = {"steps": args.steps, "prompts": prompts, "samples": samples}
         ours = run_ours(demo, out, threads=args.threads, **common)
         trl = run_trl(demo, out, threads=args.threads, config=config, **common)
-    text = table(ours, trl, threshold=args.threshold, window=args.window, load=load)
+        sglang = None
+        if args.sglang is not None:
+            python = default_sglang_python() if args.sglang == "auto" else args.sglang
+            if python is None:
+                p.error("--sglang: no SGLang venv; build it with `bash tools/sglang_venv.sh`")
+            sglang = run_ours(
+                demo, out, threads=args.threads, name="ours_sglang", sglang_python=python, **common
+            )
+    text = table(ours, trl, threshold=args.threshold, window=args.window, load=load, sglang=sglang)
     print(text)
     if args.record:
         record(
-            "e2e: one RL step, ours vs TRL GRPOTrainer",
+            "e2e: one RL step, ours vs TRL GRPOTrainer"
+            + (", and ours through a real SGLang server (CPU)" if sglang is not None else ""),
             f"python bench/e2e.py {' '.join(argv)}",
             text,
         )
     ratio = _median(ours["step_s"]) / _median(trl["step_s"])
-    print(f"step_ratio={ratio:.3f}")
+    last = f"step_ratio={ratio:.3f}"
+    if sglang is not None:
+        last += f" sglang_step_ratio={_median(sglang['step_s']) / _median(ours['step_s']):.3f}"
+    print(last)
     return 0
 
 

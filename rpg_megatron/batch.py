@@ -1,16 +1,24 @@
-"""Data contracts between the rollout engines and the trainer: SamplingParams and Completion.
+"""Data contracts between the rollout engines and the trainer: SamplingParams, Completion and
+TrainBatch.
 
-Plain Python, no torch: every engine (embedded, SGLang) takes `SamplingParams` and returns one
-`Completion` per prompt, so the trainer never sees an engine's own request or response format.
+Every engine (embedded, SGLang) takes `SamplingParams` and returns one `Completion` per prompt
+(plain Python), so the trainer never sees an engine's own request or response format. The
+rollout turns completions into a `TrainBatch` of right-padded tensors, which the trainer
+(megatron/step.py) consumes; neither side imports the other.
 
 Alignment: `Completion.token_ids[t]` and `Completion.logprobs[t]` describe the same generated
-token, `logprobs[t] = log pi(token_ids[t] | prompt + token_ids[:t])`.
+token, `logprobs[t] = log pi(token_ids[t] | prompt + token_ids[:t])`. In a `TrainBatch`, index
+[n, s] holds quantities of token tokens_NS[n, s] given tokens_NS[n, :s] (megatron/step.py shifts
+them to the model's inputs). Legend: N sequences, S padded positions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # config.py imports SamplingParams from here and must import without torch
+    from torch import Tensor
 
 FinishReason = Literal["stop", "length", "abort"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort")
@@ -39,8 +47,14 @@ class SamplingParams:
     """Do not stop at the model's `eos_token_id` (stop_token_ids still apply)."""
     seed: int | None = None
     """Base seed. The same seed, weights and prompts give the same completions; prompt i of the
-    batch draws from its own stream derived from (seed, i), so repeated prompts differ. None
-    draws fresh entropy (not reproducible)."""
+    batch draws from its own stream derived from (seed, stream_offset + i) (`stream_seed`), so
+    repeated prompts differ. None draws fresh entropy (not reproducible)."""
+    stream_offset: int = 0
+    """Index in the whole batch of this call's first prompt, when the batch is spread over
+    several engines in contiguous shares (rollout/dispatch.py): prompt i of the call is prompt
+    stream_offset + i of the batch and draws that prompt's stream, so the completions do not
+    depend on how many engines share the batch. `Completion.prompt_index` stays the position in
+    the call."""
 
     def __post_init__(self) -> None:
         for name in ("stop", "stop_token_ids"):
@@ -75,6 +89,11 @@ class SamplingParams:
             )
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"SamplingParams.seed={self.seed}: must be >= 0, or None")
+        if self.stream_offset < 0:
+            raise ValueError(
+                f"SamplingParams.stream_offset={self.stream_offset}: must be >= 0 (the index of "
+                "the call's first prompt in the whole batch)"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -123,3 +142,86 @@ def stream_seed(seed: int, index: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainBatch:
+    """A right-padded batch of sequences (prompt + response), CPU or device tensors."""
+
+    tokens_NS: Tensor
+    """int64 [N, S]: token ids; padding after each sequence may hold any valid id."""
+    mask_NS: Tensor
+    """float [N, S]: 1.0 where tokens_NS[n, s] is a trained response token (never s = 0)."""
+    adv_NS: Tensor | None = None
+    """float [N, S]: advantage of token [n, s] (0 off-mask); needed for training."""
+    old_logp_NS: Tensor | None = None
+    """float [N, S]: log pi_old(token [n, s] | prefix); needed for training."""
+    ref_logp_NS: Tensor | None = None
+    """float [N, S]: log pi_ref(token [n, s] | prefix); needed when the objective has a KL."""
+    max_response_len: int | None = None
+    """Response-length budget, for aggregation='constant'."""
+    weight_NS: Tensor | None = None
+    """float [N, S], optional: per-token loss weights (truncated importance weights)."""
+    lengths_N: Tensor | None = None
+    """int64 [N], optional: tokens of each sequence (prompt + response); positions from there
+    on are padding. None: every row is S tokens long. Packing trains only the real tokens."""
+
+    def __post_init__(self) -> None:
+        import torch  # already loaded by whoever built the tensors; see the import above
+
+        if self.tokens_NS.dim() != 2 or self.tokens_NS.dtype != torch.int64:
+            raise ValueError(
+                f"TrainBatch.tokens_NS: need int64 [N, S], got {self.tokens_NS.dtype} "
+                f"{tuple(self.tokens_NS.shape)}"
+            )
+        if self.tokens_NS.shape[1] < 2:
+            raise ValueError("TrainBatch.tokens_NS: sequences need >= 2 positions")
+        for name in ("mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS", "weight_NS"):
+            x = getattr(self, name)
+            if x is not None and x.shape != self.tokens_NS.shape:
+                raise ValueError(
+                    f"TrainBatch.{name}: shape {tuple(x.shape)} != tokens_NS "
+                    f"{tuple(self.tokens_NS.shape)}"
+                )
+        if bool((self.mask_NS[:, 0] != 0).any()):
+            raise ValueError("TrainBatch.mask_NS[:, 0] must be 0: the first token has no prefix")
+        if self.lengths_N is not None:
+            N, S = self.tokens_NS.shape
+            n = self.lengths_N
+            if n.shape != (N,) or bool(((n < 2) | (n > S)).any()):
+                raise ValueError(
+                    f"TrainBatch.lengths_N: need {N} lengths in [2, {S}], got "
+                    f"{n.tolist() if n.dim() == 1 else tuple(n.shape)}"
+                )
+            beyond = torch.arange(S) >= n[:, None]
+            if bool((self.mask_NS.cpu()[beyond] != 0).any()):
+                raise ValueError("TrainBatch.mask_NS: trained tokens past lengths_N")
+
+    @property
+    def n(self) -> int:
+        return self.tokens_NS.shape[0]
+
+    def rows(self, sl: slice) -> TrainBatch:
+        """The sequences in `sl` (a view)."""
+        return replace(
+            self, **{k: None if v is None else v[sl] for k, v in _tensor_fields(self).items()}
+        )
+
+    def take(self, index_K: Tensor) -> TrainBatch:
+        """The sequences index_K (a copy)."""
+        return replace(
+            self, **{k: None if v is None else v[index_K] for k, v in _tensor_fields(self).items()}
+        )
+
+
+def _tensor_fields(b: TrainBatch) -> dict[str, Tensor | None]:
+    names = (
+        "tokens_NS",
+        "mask_NS",
+        "adv_NS",
+        "old_logp_NS",
+        "ref_logp_NS",
+        "weight_NS",
+        "lengths_N",
+    )
+    return {k: getattr(b, k) for k in names}

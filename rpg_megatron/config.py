@@ -273,11 +273,27 @@ class SGLangConfig:
     """Launch mode: server i listens on base_port + i."""
     router_port: int = 30100
     """Launch mode: port of the router (when num_engines > 1)."""
+    router_policy: Literal["cache_aware", "round_robin", "random", "power_of_two"] = "cache_aware"
+    """Launch mode: the router's --policy. cache_aware keeps a prompt's n_samples on the server
+    that holds its prefix."""
     mem_fraction_static: float = 0.8
     """Launch mode: fraction of GPU memory for weights + KV cache (--mem-fraction-static)."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where the servers run. cpu: sglang's native-torch CPU path (SGLANG_USE_CPU_ENGINE=1,
+    torch_native attention, no CUDA graphs; the venv needs the sgl-kernel stand-in that
+    tools/sglang_venv.sh installs); sleep/wake are no-ops there (nothing to hand back, and
+    sglang's release_memory_occupation needs CUDA), and weight_sync=distributed uses gloo."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """The servers' weight dtype (--dtype); the trainer exports its weights in this dtype."""
+    max_total_tokens: int = 0
+    """Launch mode: --max-total-tokens (KV-cache size in tokens); 0 = sglang sizes it from
+    mem_fraction_static (on CPU that is ~10 GB, so set it there)."""
     deterministic: bool = False
-    """Launch mode: --enable-deterministic-inference, which makes SGLang honour the per-prompt
-    `sampling_seed` (slower kernels)."""
+    """The servers run with --enable-deterministic-inference (launch mode adds it; attach mode:
+    declare that they were started so): only then does SGLang read the per-prompt
+    `sampling_seed` the engine then sends (slower kernels). GPU only: sglang 0.5.23 accepts it
+    only with a triton / fa3 / flashinfer attention backend and samples seeded tokens with a
+    Triton kernel."""
     extra_server_args: tuple[str, ...] = ()
     """Launch mode: further `sglang.launch_server` arguments, appended verbatim."""
     python: str = ""
@@ -297,9 +313,11 @@ class SGLangConfig:
     max_concurrency: int = 16
     """/generate requests in flight at once (over all engines)."""
     weight_sync: WeightSync = "colocated"
-    """colocated: trainer and servers share GPUs; tensors travel as CUDA IPC handles via
-    /update_weights_from_tensor. distributed: servers on their own GPUs; tensors travel by NCCL
-    broadcast via /init_weights_update_group + /update_weights_from_distributed."""
+    """colocated: trainer and servers share a host (GPUs); tensors travel as CUDA IPC handles
+    (CPU tensors: `file_system` shared memory) via /update_weights_from_tensor. distributed:
+    servers on their own GPUs; tensors travel by NCCL broadcast (gloo for device=cpu) via
+    /init_weights_update_group + /update_weights_from_distributed. Both inside a weight-update
+    session (/begin_weight_update ... /end_weight_update)."""
     nccl_master_address: str = "127.0.0.1"
     """distributed: address of this (trainer) process, reachable from every server."""
     nccl_master_port: int = 29600
@@ -308,8 +326,13 @@ class SGLangConfig:
     """Attach mode: the servers run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, so their log-probs
     are raw (temperature 1) at any temperature; without it generate refuses temperature != 1."""
     restart_on_failure: bool = True
-    """Keep a host copy of the last weights so a launched server that died can be relaunched and
-    reloaded (costs one model in host RAM)."""
+    """Relaunch a launched server that died and reload the last weights into it (kept as
+    `restart_weights` says)."""
+    restart_weights: Literal["host", "disk"] = "host"
+    """Where the last weights are kept for a relaunch (and for a wake after sleep released
+    them). host: a copy in host RAM (one model), reloaded by /update_weights_from_tensor. disk:
+    safetensors under log_dir/weights, rewritten every update (one model on disk, plus the write
+    time), reloaded by /update_weights_from_disk."""
 
     def __post_init__(self) -> None:
         if self.router_url and not self.server_urls:
@@ -324,6 +347,18 @@ class SGLangConfig:
         if self.retries < 0:
             raise ConfigError(f"rollout.sglang.retries={self.retries}: must be >= 0")
         last = self.base_port + self.num_engines - 1  # server i listens on base_port + i
+        if self.max_total_tokens < 0:
+            raise ConfigError(
+                f"rollout.sglang.max_total_tokens={self.max_total_tokens}: must be >= 0 "
+                "(0 = sglang's own sizing)"
+            )
+        if self.deterministic and self.device == "cpu":
+            raise ConfigError(
+                "rollout.sglang.deterministic=true with device=cpu: sglang 0.5.23 enables "
+                "deterministic inference only with a triton, fa3 or flashinfer attention backend "
+                "and samples seeded tokens with a Triton kernel (GPU only); set "
+                "deterministic=false on CPU (sampling_seed is then not honoured)"
+            )
         for name, lo, hi in (
             ("base_port", self.base_port, last),
             ("router_port", self.router_port, self.router_port),
@@ -352,6 +387,8 @@ class SGLangConfig:
 
 
 EngineName = Literal["embedded", "sglang"]
+Placement = Literal["node", "dp_rank", "rank0"]
+"""Where rollout engines run (RolloutConfig.placement; rollout/placement.py lays them out)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -385,11 +422,31 @@ class RolloutConfig:
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token's loss by min(pi_old / pi_rollout,
     tis_cap) to correct rollout/trainer log-prob mismatch; None turns it off."""
+    placement: Placement = "node"
+    """Which ranks drive engines (rollout/placement.py). node: the local rank 0 of every node,
+    with one embedded engine, or one launched SGLang server per sglang.tp_size of the node's
+    GPUs (sglang.num_engines left at 1 or equal to that count); dp_rank (embedded only): the
+    first rank of every data-parallel replica, so each replica generates; rank0: global rank 0
+    alone (sglang.num_engines servers on its node). A step's samples are cut into contiguous
+    shares, one per engine, generated and scored there, and gathered on every rank; seed
+    streams follow a sample's index in the whole batch, so the completions are the same for any
+    placement. Attached servers (sglang.server_urls) and a rollout pool are driven by rank 0."""
+    pool_nodes: int = 0
+    """mode=disaggregated with sglang: nodes of a rollout pool in the same Slurm job, after the
+    launch.nodes trainer nodes (`rpg-megatron launch` asks for both). Each pool node runs one
+    server per sglang.tp_size GPUs, the first also the sglang-router; the job passes their URLs
+    to rank 0, which attaches and broadcasts weights to them by NCCL
+    (sglang.weight_sync=distributed). 0: no pool."""
+    dump_dir: str = ""
+    """Directory where rank 0 writes each step's gathered rollout (step_<k>.pt: token ids,
+    masks, engine log-probs, the trainer's log-probs of the same tokens, rewards, group ids and
+    the rank that generated each sample), for debugging and comparing runs; "" writes nothing."""
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "prompts_per_step", "max_new_tokens", "embedded_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)}: must be >= 1")
+        self._check_placement()
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
@@ -402,6 +459,34 @@ class RolloutConfig:
             )
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"rollout.top_k={self.top_k}: must be >= 1, or null to disable")
+
+    def _check_placement(self) -> None:
+        if self.placement not in typing.get_args(Placement):
+            raise ConfigError(
+                f"rollout.placement={self.placement!r}: valid placements are "
+                f"{', '.join(typing.get_args(Placement))}"
+            )
+        sg = self.sglang
+        if self.engine == "sglang" and self.placement == "dp_rank":
+            raise ConfigError(
+                "rollout.placement='dp_rank' with rollout.engine='sglang': SGLang servers are "
+                "placed per node (one per sglang.tp_size GPUs); use rollout.placement=node, or "
+                "the embedded engine"
+            )
+        if self.pool_nodes < 0:
+            raise ConfigError(f"rollout.pool_nodes={self.pool_nodes}: must be >= 0")
+        if self.pool_nodes and (
+            self.mode != "disaggregated"
+            or self.engine != "sglang"
+            or sg.weight_sync != "distributed"
+        ):
+            raise ConfigError(
+                f"rollout.pool_nodes={self.pool_nodes} with rollout.mode={self.mode!r}, "
+                f"rollout.engine={self.engine!r}, rollout.sglang.weight_sync={sg.weight_sync!r}: "
+                "a rollout pool runs SGLang servers on nodes of their own and receives weights "
+                "by NCCL; set mode=disaggregated, engine=sglang, sglang.weight_sync=distributed "
+                "(or pool_nodes=0)"
+            )
 
 
 DATA_SUFFIXES: tuple[str, ...] = (".parquet", ".jsonl")

@@ -21,12 +21,12 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from rpg_megatron.config import Config, ConfigError, LaunchConfig, ParallelConfig
+from rpg_megatron.config import Config, ConfigError, LaunchConfig, ParallelConfig, RolloutConfig
 from rpg_megatron.config_io import load_config, save_config
 
 Executor = Literal["slurm", "local", "nemo-run", "nemo-run-local"]
@@ -60,6 +60,98 @@ def validate(launch: LaunchConfig, parallel: ParallelConfig, *, executor: str) -
         )
     if launch.tunnel == "ssh" and executor == "nemo-run" and not launch.ssh_host:
         raise ConfigError("launch.tunnel='ssh' needs launch.ssh_host (the cluster login node)")
+
+
+def validate_pool(launch: LaunchConfig, rollout: RolloutConfig, *, executor: str) -> None:
+    """A rollout pool (rollout.pool_nodes) is started by our sbatch script only."""
+    if not rollout.pool_nodes:
+        return
+    if executor != "slurm":
+        raise ConfigError(
+            f"rollout.pool_nodes={rollout.pool_nodes} with --executor {executor}: the pool's "
+            "servers run on nodes of their own in the same Slurm job, which only slurm/"
+            "train.sbatch starts (nemo-run would need a heterogeneous job); use --executor slurm"
+        )
+    if not launch.gpus_per_node:
+        raise ConfigError(
+            f"rollout.pool_nodes={rollout.pool_nodes} with launch.gpus_per_node=0: SGLang "
+            "servers need GPUs; set launch.gpus_per_node"
+        )
+    if not rollout.sglang.model_path:
+        raise ConfigError(
+            f"rollout.pool_nodes={rollout.pool_nodes} with rollout.sglang.model_path empty: "
+            "the pool's servers start from that model directory (config.json + tokenizer); "
+            "set it to a path every node can read"
+        )
+    if rollout.sglang.server_urls or rollout.sglang.router_url:
+        raise ConfigError(
+            f"rollout.pool_nodes={rollout.pool_nodes} with rollout.sglang.server_urls or "
+            "router_url set: the job passes the pool's own URLs to the trainer; clear them"
+        )
+
+
+def placement_lines(launch: LaunchConfig, cfg: Config) -> list[str]:
+    """Where the job's rollout engines run (rollout/placement.py), as the trainer lays them out."""
+    from rpg_megatron.rollout import placement
+
+    par = cfg.parallel
+    return placement.job_lines(
+        cfg.rollout,
+        nodes=launch.nodes,
+        ranks_per_node=launch.ranks_per_node,
+        tp=par.tp,
+        pp=par.pp,
+        cp=par.cp,
+    )
+
+
+def pool_script(launch: LaunchConfig, rollout: RolloutConfig, *, container: str) -> str:
+    """The sbatch lines that start a rollout pool on the nodes after the trainer nodes: one
+    srun step runs one server per tp_size GPUs on every pool node (sglang_protocol's command
+    lines, listening on all interfaces), another the sglang-router on the first pool node; the
+    trainer gets their URLs as overrides (POOL_ARGS)."""
+    from rpg_megatron.rollout.sglang_protocol import router_argv, server_argv, server_env
+
+    sg = replace(rollout.sglang, host="0.0.0.0")  # reached from the trainer's and other nodes
+    python = sg.python or "python"
+    per_node = launch.gpus_per_node // sg.tp_size
+    # The same environment a launching engine gives its servers (raw log-probs, a /health that
+    # does not generate).
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(server_env(sg).items()))
+    servers = " & ".join(
+        f"{env} {shlex.join(server_argv(sg, i, python=python))}" for i in range(per_node)
+    )
+    # The router has its pool node to itself: its Prometheus exporter takes the next port.
+    router = shlex.join(router_argv(sg, ["@URLS@"], python=python, metrics_port=sg.router_port + 1))
+    router = router.replace("@URLS@", '"${SERVER_URLS[@]}"')
+    ports = " ".join(str(sg.base_port + i) for i in range(per_node))
+    k, m = launch.nodes, rollout.pool_nodes
+    return "\n".join(
+        [
+            f"# Rollout pool: job nodes {k}..{k + m - 1} run {per_node} SGLang server(s) each, the "
+            "first of them also the router;",
+            "# the trainer's rank 0 attaches to them and broadcasts weights by NCCL. Logs: "
+            "$RUN_LOG_DIR/pool_<node>.out.",
+            'mapfile -t JOB_HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+            f'POOL_HOSTS=("${{JOB_HOSTS[@]:{k}}}")',
+            "SERVER_URLS=()",
+            'for host in "${POOL_HOSTS[@]}"; do',
+            f'    for port in {ports}; do SERVER_URLS+=("http://$host:$port"); done',
+            "done",
+            f'ROUTER_URL="http://${{POOL_HOSTS[0]}}:{sg.router_port}"',
+            f"srun --nodes={m} --ntasks={m} --relative={k} --ntasks-per-node=1 "
+            f'--output="$RUN_LOG_DIR/pool_%N.out" {container}\\',
+            f"    bash -c {shlex.quote(servers + ' & wait')} &",
+            "POOL_PIDS+=($!)",
+            f"srun --nodes=1 --ntasks=1 --relative={k} --overlap "
+            f'--output="$RUN_LOG_DIR/router.out" {container}\\',
+            f"    {router} &",
+            "POOL_PIDS+=($!)",
+            'POOL_ARGS=("rollout.sglang.server_urls=[$(IFS=,; echo "${SERVER_URLS[*]}")]" '
+            '"rollout.sglang.router_url=$ROUTER_URL")',
+            'echo "rpg-megatron: rollout pool ${POOL_HOSTS[*]}, router $ROUTER_URL"',
+        ]
+    )
 
 
 # -------------------------------------------------------------------------------- recipe
@@ -114,8 +206,13 @@ def job_env(launch: LaunchConfig) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------- sbatch
-def render_sbatch(launch: LaunchConfig, files: JobFiles, *, template: Path = TEMPLATE) -> str:
-    """Fill `slurm/train.sbatch`'s `{{name}}` placeholders from `launch`."""
+def render_sbatch(
+    launch: LaunchConfig, files: JobFiles, *, template: Path = TEMPLATE, cfg: Config | None = None
+) -> str:
+    """Fill `slurm/train.sbatch`'s `{{name}}` placeholders from `launch` and the rollout
+    placement of `cfg` (default: Config())."""
+    cfg = cfg or Config()
+    pool = cfg.rollout.pool_nodes
     options = []
     if launch.gpus_per_node:
         options.append(f"#SBATCH --gpus-per-node={launch.gpus_per_node}")
@@ -144,7 +241,10 @@ def render_sbatch(launch: LaunchConfig, files: JobFiles, *, template: Path = TEM
 
     values = {
         "job_name": launch.job_name,
-        "nodes": str(launch.nodes),
+        "nodes": str(launch.nodes + pool),
+        "train_nodes": str(launch.nodes),
+        "placement": "\n".join(f"#   {line}" for line in placement_lines(launch, cfg)),
+        "rollout_pool": pool_script(launch, cfg.rollout, container=container) if pool else "",
         "time": launch.time,
         "grace_s": str(launch.grace_s),
         "log_dir": str(files.log_dir),
@@ -154,7 +254,10 @@ def render_sbatch(launch: LaunchConfig, files: JobFiles, *, template: Path = TEM
         "master_port": str(launch.master_port),
         "ranks_per_node": str(launch.ranks_per_node),
         "srun_container": container,
-        "train_args": " ".join(shlex.quote(a) for a in train_args(files.config)),
+        "train_args": " ".join(shlex.quote(a) for a in train_args(files.config)[:-1])
+        # The pool's URLs as overrides, which must come before --resume.
+        + (' "${POOL_ARGS[@]}"' if pool else "")
+        + " --resume",
     }
     return fill_template(template.read_text(), values, template=template)
 
@@ -218,9 +321,11 @@ def run_nemo(
     executor: str,
     dry_run: bool,
     before_submit: Callable[[], None],
+    placement: Sequence[str] = (),
 ) -> str:
     """A nemo-run `Experiment` with one task, torchrun over `rpg_megatron.cli train`: printed
-    (dry-run) or run. Returns the experiment id ("" on dry-run)."""
+    (dry-run) or run; `placement` lines become comments of its script. Returns the
+    experiment id ("" on dry-run)."""
     try:
         import nemo_run as run
     except ImportError as e:
@@ -273,7 +378,8 @@ def run_nemo(
             srun_args=[f"--chdir={files.workdir}"],
             tunnel=tunnel,
             packager=run.Packager(),  # the job runs in `workdir`; no git-archive copy
-            setup_lines=f"cd {shlex.quote(str(files.workdir))}"
+            setup_lines="".join(f"# rollout: {line}\n" for line in placement)
+            + f"cd {shlex.quote(str(files.workdir))}"
             + (
                 f"\nsource {shlex.quote(str(files.workdir / launch.venv / 'bin/activate'))}"
                 if launch.venv
@@ -383,9 +489,11 @@ def launch(
     Dry-run prints the exact script or plan and writes nothing.
     """
     validate(launch_cfg, cfg.parallel, executor=executor)
+    validate_pool(launch_cfg, cfg.rollout, executor=executor)
+    lines = placement_lines(launch_cfg, cfg)  # a layout that cannot be placed fails here
     files = job_files(launch_cfg, stamp=stamp)
     if executor == "slurm":
-        script = render_sbatch(launch_cfg, files)
+        script = render_sbatch(launch_cfg, files, cfg=cfg)
         if dry_run:
             sys.stdout.write(script)
             return ""
@@ -402,6 +510,7 @@ def launch(
         cmd = local_command(launch_cfg, files)
         if dry_run:
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in job_env(launch_cfg).items())
+            print("\n".join(f"# rollout: {line}" for line in lines))
             print(f"cd {shlex.quote(str(files.workdir))} && {env} {shlex.join(cmd)}")
             return ""
         save_config(cfg, files.config)
@@ -415,4 +524,5 @@ def launch(
         executor=executor,
         dry_run=dry_run,
         before_submit=lambda: save_config(cfg, files.config),
+        placement=lines,
     )

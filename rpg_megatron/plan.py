@@ -78,6 +78,7 @@ import yaml
 from rpg_megatron import launch
 from rpg_megatron.config import Config, ConfigError
 from rpg_megatron.megatron.arch import HFArch, padded_vocab_size, read_hf_config
+from rpg_megatron.rollout import placement
 
 GIB = 2**30
 USABLE_GIB_PER_GB = 79.1 / 80
@@ -256,6 +257,7 @@ def plan_recipe(path: str | Path, overrides: list[str] | tuple[str, ...], *, gpu
     has_launch = "launch" in (yaml.safe_load(Path(path).read_text()) or {}) or any(
         o.startswith("launch.") for o in overrides
     )
+    n_nodes = launch_cfg.nodes if has_launch else 1
     if not has_launch:
         world, where = DEFAULT_WORLD, f"no launch section: assuming 1 node x {DEFAULT_WORLD} GPUs"
     elif launch_cfg.gpus_per_node < 1:
@@ -273,7 +275,7 @@ def plan_recipe(path: str | Path, overrides: list[str] | tuple[str, ...], *, gpu
             "model.hf_path=DIR"
         )
     arch = read_hf_config(cfg.model.hf_path)
-    return plan(cfg, arch, world=world, world_note=where, gpu_gb=gpu_gb)
+    return plan(cfg, arch, world=world, world_note=where, gpu_gb=gpu_gb, nodes=n_nodes)
 
 
 def _check_layout(cfg: Config, arch: HFArch, world: int) -> None:
@@ -301,8 +303,11 @@ def _check_layout(cfg: Config, arch: HFArch, world: int) -> None:
         )
 
 
-def plan(cfg: Config, arch: HFArch, *, world: int, world_note: str, gpu_gb: float) -> Plan:
-    """The worst pipeline stage's per-GPU terms for `cfg` on `world` GPUs."""
+def plan(
+    cfg: Config, arch: HFArch, *, world: int, world_note: str, gpu_gb: float, nodes: int = 1
+) -> Plan:
+    """The worst pipeline stage's per-GPU terms for `cfg` on `world` GPUs of `nodes` nodes,
+    with the rollout placement in the header."""
     _check_layout(cfg, arch, world)
     par = cfg.parallel
     dp = world // (par.tp * par.pp * par.cp)
@@ -336,6 +341,7 @@ def plan(cfg: Config, arch: HFArch, *, world: int, world_note: str, gpu_gb: floa
         f"{' (tied)' if arch.tie_word_embeddings else ''}",
         f"layout   {world} GPUs ({world_note}); tp={par.tp} pp={par.pp} cp={par.cp} dp={dp}, "
         f"sequence_parallel={str(par.sequence_parallel).lower()}",
+        *rollout_lines(cfg, nodes=nodes, gpus_per_node=world // nodes),
         f"batch    {mb_tokens} tokens per micro-batch ({mb_how}); {tokens} per GPU after cp",
         f"stage    {worst.stage} of {par.pp} (the largest; 1F1B keeps up to "
         f"{par.pp - worst.stage} micro-batches in flight there)"
@@ -360,6 +366,16 @@ def plan(cfg: Config, arch: HFArch, *, world: int, world_note: str, gpu_gb: floa
         gpu_gb=gpu_gb,
         notes=tuple(notes),
     )
+
+
+def rollout_lines(cfg: Config, *, nodes: int, gpus_per_node: int) -> list[str]:
+    """Where the rollout engines run on `nodes` x `gpus_per_node` (one rank per GPU), as the
+    trainer will lay them out (rollout/placement.py), under a "rollout" key."""
+    par = cfg.parallel
+    lines = placement.job_lines(
+        cfg.rollout, nodes=nodes, ranks_per_node=gpus_per_node, tp=par.tp, pp=par.pp, cp=par.cp
+    )
+    return [f"{'rollout' if i == 0 else '':<8} {line}" for i, line in enumerate(lines)]
 
 
 def _stage_terms(

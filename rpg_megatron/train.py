@@ -1,11 +1,13 @@
 """The RL loop: rollout -> reward -> advantages -> pi_old / pi_ref log-probs -> update ->
 export weights to the engine -> metrics -> checkpoint. Read `train()` top to bottom.
 
-Placement (v1, synchronous): global rank 0 owns the rollout engine and the reward workers; it
-generates and scores the whole global batch and broadcasts it, every rank trains on its
-data-parallel slice, and the weight export (a collective) feeds rank 0's engine. In
-rollout.mode=colocated the engine sleeps while the trainer runs (a no-op on CPU); in
-disaggregated mode it stays awake on its own devices.
+Placement (synchronous; rollout/placement.py): the ranks rollout.placement names (by default
+the local rank 0 of every node) each drive an engine and reward workers; each generates and
+scores a contiguous share of the step's samples, every rank gathers the whole batch
+(rollout/dispatch.py) and trains on its data-parallel slice, and the weight export (a
+collective that yields full tensors on every rank) feeds each rank's own engine. In
+rollout.mode=colocated the engines sleep while the trainer runs (a no-op on CPU); in
+disaggregated mode they stay awake on their own devices.
 
 Legend: N samples of the global batch (prompts_per_step * n_samples), S padded positions.
 """
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards, rundir
+from rpg_megatron.batch import TrainBatch
 from rpg_megatron.config import Config, ConfigError, RolloutConfig
 from rpg_megatron.config_io import save_config
 from rpg_megatron.megatron import export, parallel, sharded_state, step
@@ -31,8 +34,9 @@ from rpg_megatron.megatron.arch import load_config_json, read_hf_config
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.metrics import MetricsSink, plot, read_metrics
 from rpg_megatron.objectives import build_objective
-from rpg_megatron.rollout import make_engine
+from rpg_megatron.rollout import placement
 from rpg_megatron.rollout.collect import Rollout, collect
+from rpg_megatron.rollout.dispatch import Spread
 
 _log = logging.getLogger(__name__)
 
@@ -80,7 +84,8 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
 
     # Every rank reads its inputs, and all agree that they are usable, before any builds.
     hf_config, arch, tokenizer, prompts, eval_sets = rundir.agreed(inputs)
-    scorer = _start_scorer(cfg, prompts.prompts[0], is_main=is_main)
+    engines = placement.layout(cfg.rollout, _ranks(ctx))
+    scorer = _start_scorer(cfg, prompts.prompts[0], scores=ctx.rank in engines.ranks)
     policy = step.build_policy(
         arch=arch, model_cfg=cfg.model, par=cfg.parallel, optim_cfg=cfg.optim, ctx=ctx
     )
@@ -98,16 +103,16 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     first = 0 if start is None else start
     # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
     iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
-    # Rank 0's engine, once everything else is known to be usable (SGLang servers take minutes
-    # to start); a missing engine package fails there alone.
-    engine = rundir.agreed(lambda: _rank0_engine(cfg, hf_config, tokenizer, scorer))
+    # The engines, once everything else is known to be usable (SGLang servers take minutes to
+    # start); one that cannot start stops every rank.
+    engine, spread = _start_engine(cfg, ctx, engines, hf_config=hf_config, tokenizer=tokenizer)
     if is_main and resume:
         print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
     stop_flag = _install_preemption_handler()
-    _sync_weights(policy, engine, version=first)
+    _sync_weights(policy, engine, version=first, dtype=_engine_dtype(cfg))
 
     for it in range(first, iterations):
         t0 = time.perf_counter()
@@ -115,25 +120,25 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             # Colocated engines share these GPUs: hand back the trainer's cached activation
             # blocks before they wake (weights, grads and optimizer state stay resident).
             torch.cuda.empty_cache()
-        rollout = _broadcast(
-            collect(
-                engine,
-                scorer,
-                tokenizer,
-                sampler,
-                cfg,
-                seed=cfg.parallel.seed + it,
-                group_sizes=_group_sizes(cfg, ctx.dp),
-            )
-            if is_main
-            else None
+        rollout = collect(
+            engine,
+            scorer,
+            tokenizer,
+            sampler,
+            cfg,
+            seed=cfg.parallel.seed + it,
+            group_sizes=_group_sizes(cfg, ctx.dp),
+            spread=spread,
         )
         t_gen = time.perf_counter()
         batch = rollout.batch
         old_logp = step.logprobs(policy, batch)
+        if is_main and cfg.rollout.dump_dir:
+            dump = Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt"
+            rollout.save(dump, old_logp_NS=old_logp)
         ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp) if ref is not None else None
         adv = _advantages(cfg, rollout, old_logp, ref_logp)
-        batch = step.TrainBatch(
+        batch = TrainBatch(
             tokens_NS=batch.tokens_NS,
             mask_NS=batch.mask_NS,
             adv_NS=adv,
@@ -151,7 +156,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             for s in stats:
                 ref.observe(s.get("kl", 0.0))
             reset = ref.maybe_reset(policy)
-        _sync_weights(policy, engine, version=it + 1)
+        _sync_weights(policy, engine, version=it + 1, dtype=_engine_dtype(cfg))
         t_sync = time.perf_counter()
         validation = (
             evaluate.maybe_evaluate(
@@ -189,6 +194,9 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
                 "train_rollout_logprob_abs_diff": float(
                     (old_logp - rollout.sample_logp_NS).abs()[mask].mean()
                 ),
+                "train_rollout_logprob_abs_diff/worst_engine": max(
+                    rollout.logprob_diff_by_engine(old_logp).values()
+                ),
                 "time/generate_s": t_gen - t0,
                 "time/logprob_s": t_lp - t_gen,
                 "time/train_s": t_train - t_lp,
@@ -223,22 +231,38 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         print(f"metrics: {run_dir / 'metrics.jsonl'}  plot: {run_dir / 'reward.png'}", flush=True)
         if (run_dir / "hf").is_dir():
             print(f"policy (Hugging Face format): {run_dir / 'hf'}", flush=True)
+    if engine is not None:
         engine.shutdown()
+    if scorer is not None:
         scorer.close()
     return run_dir
 
 
-def _rank0_engine(
-    cfg: Config, hf_config: dict[str, Any], tokenizer: Any, scorer: rewards.RewardScorer | None
-) -> Any:
-    """Rank 0's rollout engine (None elsewhere); the reward workers stop if it cannot start."""
-    if scorer is None:
-        return None
-    try:
-        return make_engine(cfg.rollout, hf_config=hf_config, tokenizer=tokenizer)
-    except BaseException:
-        scorer.close()
-        raise
+def _start_engine(
+    cfg: Config,
+    ctx: parallel.ParallelContext,
+    engines: placement.Layout,
+    *,
+    hf_config: dict[str, Any],
+    tokenizer: Any,
+) -> tuple[Any, Spread]:
+    """This rank's engine (None where it drives none) and the spread of each generation batch
+    over all engines; rank 0 logs the layout."""
+    rc = cfg.rollout
+    chunk = placement.dispatch_chunk(rc)
+    if ctx.rank == 0:
+        for line in engines.describe(samples=rc.prompts_per_step * rc.n_samples, chunk=chunk):
+            _log.info("rollout: %s", line)
+    engine = placement.start_engine(
+        engines, rc, rank=ctx.rank, hf_config=hf_config, tokenizer=tokenizer
+    )
+    return engine, Spread.over(engines, rank=ctx.rank, chunk=chunk)
+
+
+def _ranks(ctx: parallel.ParallelContext) -> list[placement.RankInfo]:
+    """Every rank's place in the job, for the rollout layout (a collective)."""
+    first = ctx.tp_rank == 0 and ctx.pp_rank == 0 and ctx.cp_rank == 0
+    return placement.gather_ranks(rank=ctx.rank, local_rank=ctx.local_rank, replica_first=first)
 
 
 def _mean_over_steps(stats: list[dict[str, float]]) -> dict[str, float]:
@@ -353,14 +377,13 @@ def _check_before_build(
         )
 
 
-def _start_scorer(
-    cfg: Config, prompt: data.Prompt, *, is_main: bool
-) -> rewards.RewardScorer | None:
-    """Rank 0's reward workers, with reward.functions imported and probed on the first prompt
-    (RewardScorer.check) before any model is built. When that fails every rank raises the same
-    one-line error (a rank left waiting in a later collective would hang instead)."""
+def _start_scorer(cfg: Config, prompt: data.Prompt, *, scores: bool) -> rewards.RewardScorer | None:
+    """The reward workers of a rank that drives an engine (`scores`), with reward.functions
+    imported and probed on the first prompt (RewardScorer.check) before any model is built.
+    When that fails on any rank every rank raises the same one-line error, the lowest failing
+    rank's (a rank left waiting in a later collective would hang instead)."""
     scorer, problem = None, ("", "")
-    if is_main:
+    if scores:
         try:
             scorer = rewards.RewardScorer(cfg.reward)
             scorer.check(prompt=prompt.text, columns=prompt.columns, origin=prompt.origin)
@@ -368,10 +391,12 @@ def _start_scorer(
             if scorer is not None:
                 scorer.close()
             problem = (type(e).__name__, str(e))
+    rank = 0
     if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
+        problems: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p[0]), ("", ""))
+        rank = dist.get_rank()
     kind, message = problem
     if not kind:
         return scorer
@@ -381,7 +406,7 @@ def _start_scorer(
         else ConfigError(f"reward: {message}")  # math-verify missing, a worker cannot start
     )
     # The CLI prints one line for the job: rank 0's (see rundir.agreed).
-    error.quiet = not is_main  # type: ignore[attr-defined]
+    error.quiet = rank != 0  # type: ignore[attr-defined]
     raise error
 
 
@@ -458,16 +483,6 @@ def _tis(
     return (old_logp - sample_logp).exp().clamp(max=cap)
 
 
-def _broadcast(rollout: Rollout | None) -> Rollout:
-    """Rank 0's rollout to every rank (one pickled object; small next to a train step)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        assert rollout is not None
-        return rollout
-    box = [rollout]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _advantages(
     cfg: Config, rollout: Rollout, old_logp: torch.Tensor, ref_logp: torch.Tensor | None
 ) -> torch.Tensor:
@@ -493,10 +508,23 @@ def _reward_kl_coef(cfg: Config) -> float:
     return cfg.objective.beta if cfg.objective.advantage == "reinforce_pp" else 0.0
 
 
-def _sync_weights(policy: step.Policy, engine: Any, *, version: int) -> None:
-    """Full HF-named tensors from the (TP/PP-sharded) policy to rank 0's engine. The export is
-    collective, so every rank walks the buckets; only rank 0 loads them."""
-    buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=torch.float32)
+def _engine_dtype(cfg: Config) -> torch.dtype:
+    """The dtype the engine holds its weights in, which the export casts to once on the way
+    (a float32 export to bfloat16 servers doubles the bytes over IPC/NCCL and in the relaunch
+    copy): the SGLang servers' rollout.sglang.dtype; the embedded engine's float32."""
+    if cfg.rollout.engine == "sglang":
+        return getattr(torch, cfg.rollout.sglang.dtype)
+    return torch.float32
+
+
+def _sync_weights(
+    policy: step.Policy, engine: Any, *, version: int, dtype: torch.dtype = torch.float32
+) -> None:
+    """Full HF-named tensors from the (TP/PP-sharded) policy to this rank's engine, if it drives
+    one, in `dtype` (train passes `_engine_dtype(cfg)`). The export is collective, so every rank
+    walks the buckets; the driving ranks load them (each node's into its own node's engines). In
+    colocated mode the engine is asleep here; it takes the update anyway (RolloutEngine)."""
+    buckets = export.iter_hf_buckets(policy.chunks, policy.arch, dtype=dtype)
     if engine is None:
         for _ in buckets:
             pass

@@ -1,28 +1,19 @@
 """Dump sglang's HTTP request schemas to tests/fixtures/sglang_schemas.json; check our payloads.
 
-Run with an interpreter that has sglang (not the project venv: sglang pins transformers). On a
-CPU box, per shared/gpu/README.md "SGLang":
+Run with an interpreter that has sglang (not the project venv: sglang pins torch==2.14.1): the
+venv of the `sglang` test tier, which `tools/sglang_venv.sh` builds (or finds) and prints:
 
-    python3.11 -m venv /tmp/sglang-venv
-    /tmp/sglang-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /tmp/sglang-venv/bin/pip install --no-deps sglang==0.5.23
-    /tmp/sglang-venv/bin/pip install numpy orjson msgspec pyzmq pydantic fastapi uvicorn pillow \
-        tqdm IPython dill apache-tvm-ffi==0.1.11 sentencepiece compressed-tensors==0.18.0 \
-        loguru gguf openai==2.8.0 sniffio partial_json_parser requests psutil aiohttp packaging \
-        regex pybase64 setproctitle xxhash transformers==5.19.0 einops python-multipart \
-        prometheus-client triton
-    PYTHONPATH=. /tmp/sglang-venv/bin/python tools/check_sglang_schemas.py [--check-payloads]
-
-(torch 2.13.0+cpu is not enough: torchvision's PyPI wheels need libtorch_cuda, and io_struct
-imports torchvision through transformers.)
+    PYTHONPATH=. "$(tools/sglang_venv.sh)/bin/python" tools/check_sglang_schemas.py \
+        [--check-payloads]
 
 Writes, per request class, every field's name, annotation, JSON type (a small grammar the unit
 test understands: "int", "number", "bool", "str", "null", "object", "any", {"list": T},
 {"anyOf": [...]}, {"enum": [...]}), default and whether it is required. `--check-payloads` also
 feeds the payloads `rpg_megatron.rollout.sglang_protocol` builds through sglang's own validators:
 the generated JSON contract of /generate (`sglang.api.v1.api_types`), the pydantic schema FastAPI
-builds for the msgspec request structs, the server's argparse parser for our launch command, and
-a MultiprocessingSerializer round trip of a weight bucket through the base64 HTTP encoding.
+builds for the msgspec request structs, the server's and the router's argument parsers for our
+command lines, and sglang's MultiprocessingSerializer.deserialize (its SafeUnpickler) on a bucket
+serialised by our own `sglang_weights.per_rank_payloads`, through the base64 HTTP encoding.
 """
 
 from __future__ import annotations
@@ -44,6 +35,10 @@ IO_STRUCT = (
     "UpdateWeightsFromTensorReqInput",
     "InitWeightsUpdateGroupReqInput",
     "UpdateWeightsFromDistributedReqInput",
+    "DestroyWeightsUpdateGroupReqInput",
+    "UpdateWeightFromDiskReqInput",
+    "BeginWeightUpdateReqInput",
+    "EndWeightUpdateReqInput",
     "ReleaseMemoryOccupationReqInput",
     "ResumeMemoryOccupationReqInput",
 )
@@ -126,10 +121,12 @@ def check_payloads() -> None:
     from sglang.srt.managers import io_struct
     from sglang.srt.server_args import ServerArgs
     from sglang.srt.utils import MultiprocessingSerializer
+    from sglang_router.launch_router import parse_router_args
 
     from rpg_megatron.batch import SamplingParams
     from rpg_megatron.config import SGLangConfig
     from rpg_megatron.rollout import sglang_protocol as ours
+    from rpg_megatron.rollout.sglang_weights import per_rank_payloads
 
     for params in (
         SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=20, seed=3),
@@ -138,13 +135,14 @@ def check_payloads() -> None:
     ):
         body = ours.generate_payload([[1, 2, 3], [4]], params, 0, params.seed)
         api_types.GenerateRequest.from_json_value(json.loads(json.dumps(body)))
-        for sp in body["sampling_params"]:
+        sps = body["sampling_params"]  # one dict for the batch, or one per prompt (seeded)
+        for sp in sps if isinstance(sps, list) else [sps]:
             api_types.SamplingParams.from_json_value(sp)  # unknown keys rejected here
         pydantic.TypeAdapter(io_struct.GenerateReqInput).validate_python(body)
 
     bucket = [("model.embed_tokens.weight", torch.randn(4, 3)), ("lm_head.weight", torch.ones(2))]
-    blob = MultiprocessingSerializer.serialize(bucket, output_str=True)
-    body = ours.update_tensor_payload([blob, blob], 5, flush_cache=True)
+    blobs = per_rank_payloads(bucket, 2)
+    body = ours.update_tensor_payload(blobs, 5, flush_cache=True)
     req = pydantic.TypeAdapter(io_struct.UpdateWeightsFromTensorReqInput).validate_python(
         json.loads(json.dumps(body))
     )
@@ -154,13 +152,17 @@ def check_payloads() -> None:
 
     checks = {
         io_struct.InitWeightsUpdateGroupReqInput: ours.init_group_payload(
-            "10.0.0.1", 29600, rank_offset=1, world_size=3, group_name="g"
+            "10.0.0.1", 29600, rank_offset=1, world_size=3, group_name="g", backend="gloo"
         ),
         io_struct.UpdateWeightsFromDistributedReqInput: ours.update_distributed_payload(
             bucket, 5, group_name="g", flush_cache=False
         ),
-        io_struct.ReleaseMemoryOccupationReqInput: {},
-        io_struct.ResumeMemoryOccupationReqInput: {},
+        io_struct.DestroyWeightsUpdateGroupReqInput: {"group_name": "g"},
+        io_struct.UpdateWeightFromDiskReqInput: ours.update_disk_payload("/w", 5, flush_cache=True),
+        io_struct.BeginWeightUpdateReqInput: ours.session_payload(),
+        io_struct.EndWeightUpdateReqInput: ours.session_payload(),
+        io_struct.ReleaseMemoryOccupationReqInput: ours.memory_payload(None),
+        io_struct.ResumeMemoryOccupationReqInput: ours.memory_payload(["weights"]),
     }
     for cls, body in checks.items():
         pydantic.TypeAdapter(cls).validate_python(json.loads(json.dumps(body)))
@@ -169,13 +171,20 @@ def check_payloads() -> None:
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
-    cfg = SGLangConfig(model_path="/m", num_engines=2, tp_size=2, deterministic=True)
-    argv = ours.server_argv(cfg, 1, python=sys.executable)
-    assert argv[1:3] == ["-m", "sglang.launch_server"], argv
-    parser.parse_args(argv[3:])
-    print("payloads: generate, update_weights_from_tensor (serializer round trip), "
-          "init_weights_update_group, update_weights_from_distributed, release/resume memory, "
-          "launch_server argv: all accepted by sglang's validators")  # fmt: skip
+    for cfg in (
+        SGLangConfig(model_path="/m", num_engines=2, tp_size=2, deterministic=True),
+        SGLangConfig(model_path="/m", device="cpu", dtype="float32", max_total_tokens=4096),
+    ):
+        argv = ours.server_argv(cfg, 1, python=sys.executable)
+        assert argv[1:3] == ["-m", "sglang.launch_server"], argv
+        parser.parse_args(argv[3:])
+    router = ours.router_argv(cfg, ["http://a:1", "http://b:2"], python="p", metrics_port=9)
+    assert router[1:3] == ["-m", "sglang_router.launch_router"], router
+    parse_router_args(router[3:])
+    print("payloads: generate, update_weights_from_tensor (our serializer, sglang's "
+          "deserializer), init/destroy_weights_update_group, update_weights_from_distributed, "
+          "update_weights_from_disk, begin/end_weight_update, release/resume memory, "
+          "launch_server and launch_router argv: all accepted by sglang's validators")  # fmt: skip
 
 
 def main() -> None:

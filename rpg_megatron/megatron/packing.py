@@ -1,7 +1,7 @@
 """How a batch becomes micro-batches: DP balancing, token budgets, THD packs, the CP split.
 
 The rules (`balance`, `token_budget_batches`, `cp_indices`, ...) are pure index arithmetic,
-tested with property tests. The builders below apply them to a `step.TrainBatch`: padded rows,
+tested with property tests. The builders below apply them to a `batch.TrainBatch`: padded rows,
 or sequences packed end to end with Megatron's `PackedSeqParams` and, under context
 parallelism, each CP rank's two chunks of every sequence. No torch.distributed here: the
 choice of rows for a rank and the collectives live in `step`.

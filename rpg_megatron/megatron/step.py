@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from rpg_megatron.advantages import Aggregation
+from rpg_megatron.batch import TrainBatch
 from rpg_megatron.config import ModelConfig, ObjectiveConfig, OptimConfig, ParallelConfig
 from rpg_megatron.megatron import model as model_lib
 from rpg_megatron.megatron import packing
@@ -40,87 +41,6 @@ from rpg_megatron.megatron.arch import HFArch, padded_vocab_size
 from rpg_megatron.megatron.loss_hook import make_loss_func, vocab_parallel_logprobs
 from rpg_megatron.megatron.parallel import ParallelContext
 from rpg_megatron.objectives import Objective
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TrainBatch:
-    """A right-padded batch of sequences (prompt + response), CPU or device tensors."""
-
-    tokens_NS: Tensor
-    """int64 [N, S]: token ids; padding after each sequence may hold any valid id."""
-    mask_NS: Tensor
-    """float [N, S]: 1.0 where tokens_NS[n, s] is a trained response token (never s = 0)."""
-    adv_NS: Tensor | None = None
-    """float [N, S]: advantage of token [n, s] (0 off-mask); needed for training."""
-    old_logp_NS: Tensor | None = None
-    """float [N, S]: log pi_old(token [n, s] | prefix); needed for training."""
-    ref_logp_NS: Tensor | None = None
-    """float [N, S]: log pi_ref(token [n, s] | prefix); needed when the objective has a KL."""
-    max_response_len: int | None = None
-    """Response-length budget, for aggregation='constant'."""
-    weight_NS: Tensor | None = None
-    """float [N, S], optional: per-token loss weights (truncated importance weights)."""
-    lengths_N: Tensor | None = None
-    """int64 [N], optional: tokens of each sequence (prompt + response); positions from there
-    on are padding. None: every row is S tokens long. Packing trains only the real tokens."""
-
-    def __post_init__(self) -> None:
-        if self.tokens_NS.dim() != 2 or self.tokens_NS.dtype != torch.int64:
-            raise ValueError(
-                f"TrainBatch.tokens_NS: need int64 [N, S], got {self.tokens_NS.dtype} "
-                f"{tuple(self.tokens_NS.shape)}"
-            )
-        if self.tokens_NS.shape[1] < 2:
-            raise ValueError("TrainBatch.tokens_NS: sequences need >= 2 positions")
-        for name in ("mask_NS", "adv_NS", "old_logp_NS", "ref_logp_NS", "weight_NS"):
-            x = getattr(self, name)
-            if x is not None and x.shape != self.tokens_NS.shape:
-                raise ValueError(
-                    f"TrainBatch.{name}: shape {tuple(x.shape)} != tokens_NS "
-                    f"{tuple(self.tokens_NS.shape)}"
-                )
-        if bool((self.mask_NS[:, 0] != 0).any()):
-            raise ValueError("TrainBatch.mask_NS[:, 0] must be 0: the first token has no prefix")
-        if self.lengths_N is not None:
-            N, S = self.tokens_NS.shape
-            n = self.lengths_N
-            if n.shape != (N,) or bool(((n < 2) | (n > S)).any()):
-                raise ValueError(
-                    f"TrainBatch.lengths_N: need {N} lengths in [2, {S}], got "
-                    f"{n.tolist() if n.dim() == 1 else tuple(n.shape)}"
-                )
-            beyond = torch.arange(S) >= n[:, None]
-            if bool((self.mask_NS.cpu()[beyond] != 0).any()):
-                raise ValueError("TrainBatch.mask_NS: trained tokens past lengths_N")
-
-    @property
-    def n(self) -> int:
-        return self.tokens_NS.shape[0]
-
-    def rows(self, sl: slice) -> TrainBatch:
-        """The sequences in `sl` (a view)."""
-        return replace(
-            self, **{k: None if v is None else v[sl] for k, v in _tensor_fields(self).items()}
-        )
-
-    def take(self, index_K: Tensor) -> TrainBatch:
-        """The sequences index_K (a copy)."""
-        return replace(
-            self, **{k: None if v is None else v[index_K] for k, v in _tensor_fields(self).items()}
-        )
-
-
-def _tensor_fields(b: TrainBatch) -> dict[str, Tensor | None]:
-    names = (
-        "tokens_NS",
-        "mask_NS",
-        "adv_NS",
-        "old_logp_NS",
-        "ref_logp_NS",
-        "weight_NS",
-        "lengths_N",
-    )
-    return {k: getattr(b, k) for k in names}
 
 
 @dataclass(slots=True, kw_only=True)

@@ -1,33 +1,37 @@
-"""prompts -> engine -> rewards -> a padded, scored `Rollout` (groups, DAPO filter, stats).
+"""prompts -> engines -> rewards -> a padded, scored `Rollout` (groups, DAPO filter, stats).
 
-Runs on the rank that owns the engine (global rank 0 in train.py). Legend: N samples of the
-batch (groups of n_samples completions of one prompt), S padded positions.
+Runs on every rank: each draws the same prompts, the ranks that drive engines generate and
+score their shares (rollout/dispatch.py), and every rank builds the same Rollout from the
+gathered batch. Legend: N samples of the batch (groups of n_samples completions of one
+prompt), S padded positions.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 from rpg_megatron import data
-from rpg_megatron.batch import Completion, SamplingParams
+from rpg_megatron.batch import Completion, SamplingParams, TrainBatch
 from rpg_megatron.config import Config, ConfigError
-from rpg_megatron.megatron import step
 from rpg_megatron.rewards import RewardResult, batch_metrics
+from rpg_megatron.rollout.dispatch import Spread
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rollout:
-    """One scored rollout batch, right-padded (built on rank 0, broadcast to all)."""
+    """One scored rollout batch, right-padded (the same on every rank)."""
 
-    batch: step.TrainBatch
+    batch: TrainBatch
     """tokens and response mask of every sample (old/ref/adv filled later)."""
     sample_logp_NS: torch.Tensor
     """Engine log-probs of the response tokens (0 elsewhere), same alignment as tokens."""
@@ -37,6 +41,37 @@ class Rollout:
     """int64: samples of one prompt share an id."""
     metrics: dict[str, float]
     """Reward counters and rollout statistics."""
+    engine_rank_N: torch.Tensor
+    """int64: the global rank whose engine generated each sample (rollout.placement)."""
+
+    def logprob_diff_by_engine(self, old_logp_NS: Tensor) -> dict[int, float]:
+        """Mean |trainer log-prob - engine log-prob| over the response tokens each engine
+        generated, by its driving rank: an engine that missed a weight update stands out."""
+        diff_NS = (old_logp_NS - self.sample_logp_NS).abs()
+        mask_NS = self.batch.mask_NS > 0
+        out = {}
+        for rank in self.engine_rank_N.unique().tolist():
+            rows_N = self.engine_rank_N == rank
+            out[int(rank)] = float(diff_NS[rows_N][mask_NS[rows_N]].mean())
+        return out
+
+    def save(self, path: Path, *, old_logp_NS: Tensor | None = None) -> None:
+        """Write the tensors (and the trainer's log-probs of the same tokens, if given) to
+        `path`: torch.save of a dict, to a temporary sibling, then renamed."""
+        tensors = {
+            "tokens_NS": self.batch.tokens_NS,
+            "mask_NS": self.batch.mask_NS,
+            "lengths_N": self.batch.lengths_N,
+            "sample_logp_NS": self.sample_logp_NS,
+            "rewards_N": self.rewards_N,
+            "group_ids_N": self.group_ids_N,
+            "engine_rank_N": self.engine_rank_N,
+            **({} if old_logp_NS is None else {"old_logp_NS": old_logp_NS}),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(tensors, tmp)
+        os.replace(tmp, path)
 
 
 def collect(
@@ -48,23 +83,32 @@ def collect(
     *,
     seed: int,
     group_sizes: tuple[int, int] = (1, 1),
+    spread: Spread | None = None,
 ) -> Rollout:
     """n_samples completions per prompt for prompts_per_step prompts, scored and padded.
+
+    Collective when `spread` spans several ranks: every rank calls it, with its own engine and
+    scorer where it drives an engine (None elsewhere); without `spread` this process generates
+    and scores everything with `engine` and `scorer`.
 
     With data.dynamic_sampling, groups whose rewards are all equal are dropped and further
     generation batches are drawn (up to data.max_gen_batches) until prompts_per_step groups
     remain (DAPO). A step that ends short trains on a multiple of `group_sizes[0]` of them
     (what its minibatches and micro-batches can split), at least `group_sizes[1]`; fewer stops
-    the run with a ConfigError naming data.max_gen_batches. Only rank 0 advances the prompt
-    sampler; its cursor is what is checkpointed.
+    the run with a ConfigError naming data.max_gen_batches. Every rank advances its prompt
+    sampler the same way (the same draws, and dynamic sampling decides on the gathered rewards),
+    so every rank's cursor is the one checkpointed.
     """
     rc, n = cfg.rollout, cfg.rollout.n_samples
+    spread = spread or Spread.local()
     counts: dict[str, float] = {}
     scored_batches: list[RewardResult] = []
 
     def generate(b: int) -> list[tuple[tuple, list[float]]]:
-        """One generation batch as (group = (prompt ids, completions, rewards), rewards)."""
+        """One generation batch as (group = (prompt ids, completions, rewards, engine ranks),
+        rewards)."""
         prompts = sampler.next_batch(rc.prompts_per_step)
+        samples = [p for p in prompts for _ in range(n)]
         params = SamplingParams(
             max_new_tokens=rc.max_new_tokens,
             temperature=rc.temperature,
@@ -73,25 +117,35 @@ def collect(
             stop=rc.stop,
             seed=seed * 1000 + b,  # a fresh, reproducible stream per generation batch
         )
-        ids = [list(p.token_ids) for p in prompts for _ in range(n)]
-        if rc.mode == "colocated":
+        ids = [list(p.token_ids) for p in samples]
+
+        def score(lo: int, completions: list[Completion]) -> RewardResult:
+            rows = samples[lo : lo + len(completions)]
+            return scorer.score(
+                [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
+                [p.ground_truth for p in rows],
+                prompts=[p.text for p in rows],
+                completion_ids=[c.token_ids for c in completions],
+                columns=[p.columns for p in rows],
+            )
+
+        if rc.mode == "colocated" and engine is not None:
             engine.wake()
-        completions: list[Completion] = engine.generate(ids, params)
-        if rc.mode == "colocated":
+        out = spread.run(engine, ids, params, score)
+        if rc.mode == "colocated" and engine is not None:
             engine.sleep()
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
-        scored = scorer.score(
-            texts,
-            [p.ground_truth for p in prompts for _ in range(n)],
-            prompts=[p.text for p in prompts for _ in range(n)],
-            completion_ids=[c.token_ids for c in completions],
-            columns=[p.columns for p in prompts for _ in range(n)],
-        )
+        completions, scored = out.completions, out.scored
         scored_batches.append(scored)
         groups = []
         for i in range(len(prompts)):
             rs = scored.rewards[i * n : (i + 1) * n]
-            groups.append(((ids[i * n], completions[i * n : (i + 1) * n], rs), rs))
+            group = (
+                ids[i * n],
+                completions[i * n : (i + 1) * n],
+                rs,
+                out.ranks[i * n : (i + 1) * n],
+            )
+            groups.append((group, rs))
         return groups
 
     if cfg.data.dynamic_sampling:
@@ -133,8 +187,8 @@ def collect(
 
 def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
     """Right-padded tokens, response mask, engine log-probs and rewards of every sample of
-    `groups` (each (prompt ids, completions, rewards))."""
-    rows = [(prompt, c) for prompt, comps, _ in groups for c in comps]
+    `groups` (each (prompt ids, completions, rewards, engine ranks))."""
+    rows = [(prompt, c) for prompt, comps, *_ in groups for c in comps]
     N, S = len(rows), max(len(p) + len(c.token_ids) for p, c in rows)
     tokens = torch.zeros(N, S, dtype=torch.int64)
     mask = torch.zeros(N, S)
@@ -145,7 +199,7 @@ def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
         mask[i, len(p) : L] = 1.0
         sample_logp[i, len(p) : L] = torch.tensor(c.logprobs)
     lens = [len(c.token_ids) for _, c in rows]
-    r = torch.tensor([x for _, _, rs in groups for x in rs], dtype=torch.float32)
+    r = torch.tensor([x for _, _, rs, _ in groups for x in rs], dtype=torch.float32)
     metrics = {
         "reward/mean": float(r.mean()),
         "response_len/mean": sum(lens) / N,
@@ -154,7 +208,7 @@ def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
         **counts,
     }
     return Rollout(
-        batch=step.TrainBatch(
+        batch=TrainBatch(
             tokens_NS=tokens,
             mask_NS=mask,
             lengths_N=torch.tensor([len(p) + len(c.token_ids) for p, c in rows]),
@@ -163,6 +217,7 @@ def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
         rewards_N=r,
         group_ids_N=torch.arange(len(groups)).repeat_interleave(n),
         metrics=metrics,
+        engine_rank_N=torch.tensor([x for *_, ranks in groups for x in ranks], dtype=torch.int64),
     )
 
 

@@ -10,10 +10,11 @@ each prompt's first real token), one prefill fills the model's own KV cache, the
 step for every live row; rows that finish are dropped from the batch and the cache.
 
 Sampling per step: logits / temperature -> top-k -> top-p -> inverse-CDF draw with a uniform
-from the row's own generator (seeded from (seed, prompt index)), so a row's tokens do not depend
-on which other prompts share its batch. Returned log-probs are log_softmax of the RAW logits
-(temperature 1, unfiltered) at the sampled token: the quantity the trainer recomputes as pi_old,
-which makes `train_rollout_logprob_abs_diff` a pure numerics check. With temperature != 1 or an
+from the row's own generator (seeded from (seed, stream_offset + prompt index)), so a row's tokens
+do not depend on which other prompts share its batch, nor on which engine decodes its share.
+Returned log-probs are log_softmax of the RAW logits (temperature 1, unfiltered) at the sampled
+token: the quantity the trainer recomputes as pi_old, which makes
+`train_rollout_logprob_abs_diff` a pure numerics check. With temperature != 1 or an
 active filter it is not the log-prob of the distribution actually sampled from.
 
 Legend: B rows in the decode batch, L padded prompt length, S cached length so far, V vocab.
@@ -198,9 +199,8 @@ class EmbeddedEngine:
         # 0 and are masked). RoPE is shift-invariant only in exact arithmetic, so this keeps the
         # float results, and absolute or length-dependent position schemes, identical.
         pos_BL = (mask_BS.cumsum(-1) - 1).clamp(min=0)
-        gens = [
-            torch.Generator().manual_seed(stream_seed(base_seed, first_index + b)) for b in range(B)
-        ]
+        first = params.stream_offset + first_index  # the batch-wide index of row 0
+        gens = [torch.Generator().manual_seed(stream_seed(base_seed, first + b)) for b in range(B)]
         out = model(
             input_ids=ids_BL,
             attention_mask=mask_BS,

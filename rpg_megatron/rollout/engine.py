@@ -12,12 +12,13 @@ update_weights(version=k)] ... -> shutdown. An engine has no usable weights unti
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
-
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import RolloutConfig
+
+if TYPE_CHECKING:  # rpg-megatron plan reads the engine layout without importing torch
+    from torch import Tensor
 
 
 class Detokenizer(Protocol):
@@ -47,11 +48,13 @@ class RolloutEngine(Protocol):
         ...
 
     def sleep(self) -> None:
-        """Release accelerator memory so the trainer can use it (colocated mode)."""
+        """Release accelerator memory so the trainer can use it (colocated mode). The engine may
+        drop its weights (SGLang releases them); `update_weights` is allowed while asleep."""
         ...
 
     def wake(self) -> None:
-        """Undo `sleep`; weights are kept across sleep/wake."""
+        """Undo `sleep`; afterwards the engine serves the weights of the last `update_weights`
+        (an engine that dropped them reloads a kept copy, or raises on generate)."""
         ...
 
     def health(self) -> bool:

@@ -1,19 +1,16 @@
 """The SGLang rollout engine: launch or attach to SGLang HTTP servers; generate; push weights.
 
 One SGLang server per engine (each may span `tp_size` GPUs), with `sglang-router` in front when
-there are several. This module talks HTTP only; the `sglang` package is needed in THIS process
-solely for the colocated weight transport (its `MultiprocessingSerializer`) and is imported
-there, lazily, so the module imports on any CPU box. The servers run `python -m
-sglang.launch_server` in their own processes. What goes over the wire (request bodies, command
-lines, the sglang version pin, log-prob semantics, seeds, finish reasons) is sglang_protocol.py;
-this module decides when and where to send it.
+there are several. This module decides when and where requests go (sessions, sleep/wake,
+failures). What goes over the wire is sglang_protocol.py; how tensors travel (bytes for the tensor
+path, the gloo/NCCL group, safetensors for disk) sglang_weights.py; the server processes and the
+HTTP calls sglang_servers.py. The `sglang` package is never imported in this process: it pins
+torch==2.14.1, so the servers run `python -m sglang.launch_server` from their own interpreter
+(`sglang.python`).
 
 Decisions:
-- HTTP client: the standard library (`urllib.request`, JSON bodies, proxies disabled for these
-  URLs). `requests` is not installed in the project venv and httpx arrives only as a transitive
-  dependency of huggingface_hub, so neither is a dependency we may lean on; every call has a
-  timeout, and idempotent calls (generate, health, flush, sleep/wake) retry a refused or reset
-  connection `retries` times with exponential backoff. An HTTP error answer is never retried.
+- HTTP (sglang_servers.py): every call has a timeout; idempotent ones retry a refused or reset
+  connection; an HTTP error answer is never retried.
 - Batching: `generate` splits the prompts into chunks of `prompts_per_request`, sends each chunk
   as ONE batched `/generate` and keeps up to `max_concurrency` chunks in flight from a thread
   pool. Batched requests keep the HTTP overhead of 2048 samples small; several chunks in flight
@@ -21,36 +18,37 @@ Decisions:
 - Log-probs: launched servers get SGLANG_RETURN_ORIGINAL_LOGPROB=1 in their environment, so they
   return temperature-1 log-probs; `generate` refuses temperature != 1 on attached servers unless
   `attached_original_logprobs` says they were started so (why: sglang_protocol.py).
-- Weights, colocated: each bucket goes through sglang's MultiprocessingSerializer (CUDA tensors
-  become IPC handles, CPU tensors shared-memory handles), base64 for JSON, one copy per TP rank
-  of the server (every rank deserialises only its own entry), `flush_cache` on the last bucket
-  only. Weights, distributed: the trainer (rank 0) and every server GPU (ranks 1..) form one
-  NCCL group through `/init_weights_update_group`; per bucket the trainer posts names, dtypes and
-  shapes to every server and broadcasts the tensors in the same order.
+- Weights: every tensor or distributed update runs inside a weight-update session on every
+  server (sglang 0.5.23 refuses both outside one). Colocated: per bucket and server, one
+  serialization per TP rank (`per_rank_payloads`), `flush_cache` on the last bucket only.
+  Distributed: the trainer (rank 0) and every server rank (1..) form one group through
+  `/init_weights_update_group` (NCCL, or gloo for CPU servers); per bucket the trainer posts
+  names, dtypes and shapes to every server and broadcasts the tensors in the same order.
+- Sleep (colocated, GPU): releases every memory tag, the weights included; they come back with
+  their contents only under --enable-weights-cpu-backup. So an update while asleep first resumes
+  the `weights` tag, and `wake` resumes the rest (KV cache, CUDA graphs); a wake with no update
+  since the sleep reloads the kept weights (`restart_weights`) or leaves the engine without
+  weights. CPU servers (device=cpu) neither sleep nor wake: sglang's release synchronises CUDA.
+- Health: awake servers are probed with /health_generate (one token through the model), asleep
+  ones with /ready (no generation: their KV cache is released).
 - Failure policy: a request that cannot reach a server triggers a health check. A dead server
-  that this engine launched is relaunched once and the last weights are pushed again (from a
-  host copy kept for that, `restart_on_failure`); an attached server raises a RuntimeError
-  naming its URL, since only its owner can restart it.
+  that this engine launched is relaunched once and the last weights are loaded again (kept in
+  host RAM or on disk, `restart_weights`); an attached server raises a RuntimeError naming its
+  URL, since only its owner can restart it.
 
 Legend: E engines (servers), tp GPUs per server; "bucket" = list of (HF name, full tensor).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
+import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,44 +56,34 @@ from torch import Tensor
 
 from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import RolloutConfig, SGLangConfig
+from rpg_megatron.rollout import sglang_weights as weights
 from rpg_megatron.rollout.engine import Detokenizer
 from rpg_megatron.rollout.sglang_protocol import (
-    SGLANG_VERSIONS,
+    CPU_BACKUP_FLAG,
+    MEMORY_TAGS,
+    WEIGHTS_TAG,
     check_sglang_version,
     generate_payload,
     init_group_payload,
+    memory_payload,
     parse_generate_response,
-    router_argv,
-    server_argv,
+    server_env,
+    session_payload,
+    update_disk_payload,
     update_distributed_payload,
     update_tensor_payload,
 )
+from rpg_megatron.rollout.sglang_servers import (
+    Http,
+    Server,
+    SGLangHTTPError,
+    SGLangUnreachable,
+    plan_launch,
+)
 
+_log = logging.getLogger(__name__)
 
-class SGLangHTTPError(RuntimeError):
-    """A server answered with an HTTP error status (the request reached it)."""
-
-
-class SGLangUnreachable(ConnectionError):
-    """A server could not be reached: refused, reset or timed out."""
-
-
-@dataclass(slots=True, kw_only=True)
-class _Server:
-    """One SGLang server (or the router) and, when launched here, its process."""
-
-    url: str
-    argv: list[str] = field(default_factory=list)
-    """Launch command; empty for an attached server."""
-    log_path: Path | None = None
-    proc: subprocess.Popen | None = None
-
-    @property
-    def launched(self) -> bool:
-        return bool(self.argv)
-
-    def dead(self) -> bool:
-        return self.proc is not None and self.proc.poll() is not None
+Bucket = list[tuple[str, Tensor]]
 
 
 class SGLangEngine:
@@ -120,28 +108,50 @@ class SGLangEngine:
             )
         self._cfg: SGLangConfig = scfg
         self._vocab_size = int(hf_config.get("vocab_size") or 0)
+        self._hf_config = dict(hf_config)
+        self._shape_table: dict[str, tuple[int, ...]] | bool | None = False  # False: not yet
         self._tokenizer = tokenizer  # stop strings are matched by the server's own tokenizer
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._http = Http(
+            timeout_s=scfg.request_timeout_s,
+            probe_timeout_s=scfg.health_timeout_s,
+            retries=scfg.retries,
+        )
+        self._env = server_env(scfg)
         self._version: int | None = None
         self._asleep = False
+        self._released: set[str] = set()
+        """Memory tags released by sleep and not resumed yet."""
+        self._weights_lost = False
+        """The weights tag was released (without CPU backup) and nothing was loaded since."""
         self._closed = False
-        self._last_weights: list[list[tuple[str, Tensor]]] | None = None
-        self._nccl_group: Any = None
-        self._nccl_generation = 0
+        self._kept: list[Bucket] | None = None
+        """restart_weights=host: the last update's buckets, on the CPU."""
+        self._kept_device = "cpu"
+        """Where the kept tensors came from (and go back to before a reload)."""
+        self._group: weights.WeightGroup | None = None
+        self._group_generation = 0
+        # Group names are unique per engine: an attached server keeps a group until it is
+        # destroyed, and torch refuses a second group of the same name.
+        self._group_prefix = f"rpg_weights_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self._log_dir: Path | None = None
         if scfg.server_urls:
-            self._servers = [_Server(url=u.rstrip("/")) for u in scfg.server_urls]
-            self._router = _Server(url=scfg.router_url.rstrip("/")) if scfg.router_url else None
+            self._servers = [Server(url=u.rstrip("/")) for u in scfg.server_urls]
+            self._router = (
+                Server(url=scfg.router_url.rstrip("/"), is_router=True) if scfg.router_url else None
+            )
         else:
-            self._servers, self._router = self._plan_launch()
+            self._log_dir = Path(scfg.log_dir or tempfile.mkdtemp(prefix="rpg_sglang_"))
+            self._servers, self._router = plan_launch(scfg, self._log_dir)
             check_sglang_version(scfg.python or sys.executable)
             try:
                 for s in self._servers:
-                    self._start(s)
+                    s.start(self._env)
+                for s in self._servers:
+                    s.wait_healthy(self._http, scfg.launch_timeout_s)
                 if self._router is not None:
-                    self._start(self._router)
-                for s in [*self._servers, *([self._router] if self._router else [])]:
-                    self._wait_healthy(s)
+                    # After the servers: the router gives up on workers that are slow to start.
+                    self._router.start({})
+                    self._router.wait_healthy(self._http, scfg.launch_timeout_s)
             except BaseException:
                 self.shutdown()
                 raise
@@ -166,76 +176,135 @@ class SGLangEngine:
                 raise ValueError(f"generate: prompts[{i}] is empty; a prompt needs >= 1 token")
         if not prompts:
             return []
+        dead = self._dead()
+        if dead:  # seen before any request (behind a router, requests may not reach them)
+            _log.warning("relaunching %s: the process exited", _urls(dead))
+            self._relaunch(dead)
         return self._with_recovery(lambda: self._generate_all(prompts, params))
 
-    def update_weights(self, buckets: Iterable[list[tuple[str, Tensor]]], version: int) -> None:
+    def update_weights(self, buckets: Iterable[Bucket], version: int) -> None:
         """Push full HF-named tensors to every server; they report `version` afterwards.
 
-        A failure part way leaves the engine without usable weights (generate raises) until a
-        complete update succeeds. The server's loader rejects unknown names; its message is
-        raised as ValueError.
+        Allowed while asleep: the weights memory is resumed first (the KV cache stays released
+        until `wake`). A launched server that dies during the push is relaunched and every
+        server gets the whole update again from the host copy. Any other failure part way leaves
+        the engine without usable weights (generate raises) until a complete update succeeds.
+        A name the model lacks, or a wrong shape, raises ValueError naming it before its bucket
+        is sent (checked here against `hf_config`: sglang's loaders skip unknown names); a
+        server's own refusal is raised as ValueError with its message.
         """
         self._open("update_weights")
         if not isinstance(version, int) or version < 0:
             raise ValueError(f"update_weights(version={version!r}): version must be an int >= 0")
         self._version = None
+        self._resume_weights_memory()
+        dead = self._dead()
+        if dead:  # they get this update with the others; no reload of the previous one
+            _log.warning("relaunching %s before update_weights: the process exited", _urls(dead))
+            self._restart(dead)
+            self._drop_group([s for s in self._servers if s not in dead])
         keep = self._cfg.restart_on_failure and self._launched
-        kept: list[list[tuple[str, Tensor]]] = []
+        kept: list[Bucket] = []
 
-        def tee() -> Iterable[list[tuple[str, Tensor]]]:
+        shapes = self._shapes()
+
+        def tee() -> Iterator[Bucket]:
             for bucket in buckets:
+                if shapes is not None:
+                    try:
+                        weights.check_bucket(bucket, shapes)
+                    except ValueError as e:
+                        raise ValueError(f"update_weights(version={version}): {e}") from None
                 if keep:
-                    kept.append([(n, t.detach().to("cpu", copy=True)) for n, t in bucket])
+                    kept.append(weights.host_copy(bucket))
+                    if bucket:
+                        self._kept_device = str(bucket[0][1].device)
                 yield bucket
 
-        if self._cfg.weight_sync == "colocated":
-            self._push_tensors(tee(), version, self._servers)
-        else:
-            self._push_nccl(tee(), version)
-        self._last_weights = kept if keep else None
+        stream = tee()
+        try:
+            if self._cfg.weight_sync == "colocated":
+                self._push_tensors(stream, version, self._servers)
+            else:
+                self._push_distributed(stream, version)
+        except SGLangUnreachable as e:
+            for _ in stream:  # finish the (collective) export; `kept` gets every bucket
+                pass
+            bad = [s for s in self._unhealthy() if s is not self._router]
+            if not keep or not bad:
+                raise
+            _log.warning("relaunching %s during update_weights after: %s", _urls(bad), e)
+            self._restart(bad)
+            self._drop_group([s for s in self._servers if s not in bad])
+            device = self._kept_device if self._kept_device.startswith("cuda") else None
+            self._push_tensors(iter(kept), version, self._servers, device=device)
+        self._weights_lost = False
+        if keep and self._cfg.restart_weights == "disk":
+            weights.write_safetensors(kept, self._disk_dir())
+            kept = []
+        self._kept = kept if keep and self._cfg.restart_weights == "host" else None
         self._version = version
 
     def sleep(self) -> None:
-        """Release every server's GPU memory (weights and KV cache); weights come back on wake."""
+        """Release every server's accelerator memory: KV cache, CUDA graphs and the weights.
+
+        The weights' contents are lost (sglang 0.5.23 restores them only under
+        --enable-weights-cpu-backup): the next `update_weights` reloads them, or else `wake`
+        reloads the kept copy (`restart_weights`). A no-op for device=cpu servers.
+        """
         self._open("sleep")
-        if not self._asleep:
+        if not self._asleep and self._cfg.device != "cpu":
             for s in self._servers:
-                self._call("POST", s.url + "/release_memory_occupation", {}, retries=True)
+                self._http.call(
+                    "POST", s.url + "/release_memory_occupation", memory_payload(None), retries=True
+                )
+            self._released = set(MEMORY_TAGS)
+            self._weights_lost = CPU_BACKUP_FLAG not in self._cfg.extra_server_args
         self._asleep = True
 
     def wake(self) -> None:
-        """Resume every server's GPU memory; the weights are those before sleep."""
+        """Resume what `sleep` released. If no `update_weights` came in between, the weights are
+        reloaded from the kept copy; without one the engine has no weights (generate raises)."""
         self._open("wake")
-        if self._asleep:
-            for s in self._servers:
-                self._call("POST", s.url + "/resume_memory_occupation", {}, retries=True)
+        if self._asleep and self._released:
+            self._resume_weights_memory()
+            if self._weights_lost:
+                self._reload(self._servers)
+            rest = sorted(self._released)
+            if rest:
+                for s in self._servers:
+                    self._http.call(
+                        "POST",
+                        s.url + "/resume_memory_occupation",
+                        memory_payload(rest),
+                        retries=True,
+                    )
+            self._released.clear()
         self._asleep = False
 
     def flush_cache(self) -> None:
         """Drop every server's prefix (radix) cache."""
         self._open("flush_cache")
         for s in self._servers:
-            self._call("POST", s.url + "/flush_cache", None, retries=True)
+            self._http.call("POST", s.url + "/flush_cache", None, retries=True)
 
     def health(self) -> bool:
-        """True while every server (and the router) answers its health probe.
-
-        Awake servers get /health_generate (runs one token through the model); asleep ones get
-        /health, since their KV cache is released.
-        """
+        """True while every server (and the router) answers its health probe (module doc)."""
         if self._closed:
             return False
         return not self._unhealthy()
 
     def shutdown(self) -> None:
-        """Stop the servers this engine launched (SIGTERM, then SIGKILL); idempotent."""
+        """Stop the servers this engine launched (SIGTERM to the process group, then SIGKILL);
+        idempotent."""
         if self._closed:
             return
         self._closed = True
         self._version = None
-        self._last_weights = None
+        self._kept = None
+        self._drop_group(self._servers)
         for s in [*([self._router] if self._router else []), *self._servers]:
-            _stop(s)
+            s.stop()
 
     # ------------------------------------------------------------------------------ generate
     def _generate_all(
@@ -243,8 +312,11 @@ class SGLangEngine:
     ) -> list[Completion]:
         version = self._version
         assert version is not None  # _ready checked it
-        base_seed = params.seed
-        n = self._cfg.prompts_per_request
+        # Seeds only for servers that read them (sglang_protocol: Seeds); a router takes a
+        # seeded batch of one prompt only.
+        base_seed = params.seed if self._cfg.deterministic else None
+        seeded_router = self._router is not None and base_seed is not None
+        n = 1 if seeded_router else self._cfg.prompts_per_request
         starts = list(range(0, len(prompts), n))
         target = self._router.url if self._router is not None else None
 
@@ -252,7 +324,7 @@ class SGLangEngine:
             start = starts[k]
             url = target or self._servers[k % len(self._servers)].url
             payload = generate_payload(prompts[start : start + n], params, start, base_seed)
-            out = self._call("POST", url + "/generate", payload, retries=True)
+            out = self._http.call("POST", url + "/generate", payload, retries=True)
             return parse_generate_response(out, start, len(payload["input_ids"]), version)
 
         workers = min(self._cfg.max_concurrency, len(starts))
@@ -261,106 +333,130 @@ class SGLangEngine:
         return [c for chunk in chunks for c in chunk]
 
     # ------------------------------------------------------------------------------ weights
+    @contextlib.contextmanager
+    def _session(self, servers: list[Server], version: int | None) -> Iterator[None]:
+        """/begin_weight_update on every server, then /end_weight_update, also on failure (an
+        open session refuses the next begin). A session left open by an earlier trainer that
+        died mid-update is closed and reopened."""
+        opened: list[Server] = []
+        try:
+            for s in servers:
+                try:
+                    self._post_weights(s.url + "/begin_weight_update", session_payload(), version)
+                except ValueError as e:
+                    if "already open" not in str(e):
+                        raise
+                    _log.warning("%s had a weight-update session open; closing it first", s.url)
+                    self._post_weights(s.url + "/end_weight_update", session_payload(), version)
+                    self._post_weights(s.url + "/begin_weight_update", session_payload(), version)
+                opened.append(s)
+            yield
+        finally:
+            failed = sys.exc_info()[0] is not None
+            for s in opened:
+                try:
+                    self._post_weights(s.url + "/end_weight_update", session_payload(), version)
+                except (ValueError, SGLangUnreachable):
+                    if not failed:
+                        raise
+
     def _push_tensors(
-        self, buckets: Iterable[list[tuple[str, Tensor]]], version: int, servers: list[_Server]
+        self,
+        buckets: Iterable[Bucket],
+        version: int,
+        servers: list[Server],
+        *,
+        device: str | None = None,
     ) -> None:
-        """Colocated transport: /update_weights_from_tensor, one request per bucket per server."""
-        serialize = _import_serializer()
-        pending: list[tuple[str, Tensor]] | None = None
-        # One bucket of look-ahead so the last request (and only it) carries flush_cache=True.
-        for bucket in buckets:
-            if pending is not None:
-                self._post_tensor_bucket(serialize, pending, version, servers, last=False)
-            pending = bucket
-        if pending is None:
-            raise ValueError(f"update_weights(version={version}): no buckets; nothing to load")
-        self._post_tensor_bucket(serialize, pending, version, servers, last=True)
+        """Tensor transport: /update_weights_from_tensor, one request per bucket per server,
+        in one session; `device` moves host copies there first (a relaunch on GPUs)."""
+        with self._session(servers, version):
+            pending: Bucket | None = None
+            # One bucket of look-ahead so the last request (and only it) carries flush_cache.
+            for bucket in buckets:
+                if pending is not None:
+                    self._post_tensor_bucket(pending, version, servers, last=False, device=device)
+                pending = bucket
+            if pending is None:
+                raise ValueError(f"update_weights(version={version}): no buckets; nothing to load")
+            self._post_tensor_bucket(pending, version, servers, last=True, device=device)
 
     def _post_tensor_bucket(
         self,
-        serialize: Callable[[Any], bytes],
-        bucket: list[tuple[str, Tensor]],
+        bucket: Bucket,
         version: int,
-        servers: list[_Server],
+        servers: list[Server],
         *,
         last: bool,
+        device: str | None,
     ) -> None:
-        # Concurrency hazard: the serialized bytes are only handles (CUDA IPC / shared memory) to
-        # `bucket`'s storage; the server maps them while handling the request. `bucket` must stay
-        # referenced, and unmodified, until the POST returns, which this synchronous call ensures.
-        # Each TP rank of a server deserialises only entry [tp_rank], so the handles are repeated
-        # tp_size times (as sglang's own Engine.update_weights_from_tensor does).
-        blob = base64.b64encode(serialize(list(bucket))).decode("ascii")
-        payload = update_tensor_payload([blob] * self._cfg.tp_size, version, flush_cache=last)
+        # The payloads are handles (CUDA IPC / shared memory) to `bucket`'s storage, opened by
+        # the server while it handles the request: `bucket` stays referenced and unmodified
+        # until the POST returns, which this synchronous call ensures.
+        if device is not None:
+            bucket = weights.to_device(bucket, device)
         for s in servers:
+            # A separate serialization per server and TP rank (sglang_weights.py says why).
+            blobs = weights.per_rank_payloads(bucket, self._cfg.tp_size)
+            payload = update_tensor_payload(blobs, version, flush_cache=last)
             self._post_weights(s.url + "/update_weights_from_tensor", payload, version)
 
-    def _push_nccl(self, buckets: Iterable[list[tuple[str, Tensor]]], version: int) -> None:
-        """Distributed transport: NCCL broadcast from this process (rank 0) to every server."""
-        import torch.distributed as dist
-
-        if self._nccl_group is None:
-            self._nccl_group = self._init_nccl_group()
-        group_name = self._group_name()
-        pending: list[tuple[str, Tensor]] | None = None
-        buckets_iter = iter(buckets)
-        while True:
-            bucket = next(buckets_iter, None)
-            if pending is not None:
-                payload = update_distributed_payload(
-                    pending, version, group_name=group_name, flush_cache=bucket is None
-                )
-                # The servers enter the broadcast when the request arrives, so the requests go
-                # out from threads first; the broadcasts then pair up in payload order.
-                with ThreadPoolExecutor(max_workers=len(self._servers)) as pool:
-                    futures = [
-                        pool.submit(
-                            self._post_weights,
-                            s.url + "/update_weights_from_distributed",
-                            payload,
-                            version,
-                        )
-                        for s in self._servers
-                    ]
-                    for _, tensor in pending:
-                        dist.broadcast(tensor.contiguous(), src=0, group=self._nccl_group)
-                    for f in futures:
-                        f.result()
-            if bucket is None:
-                break
-            pending = bucket
-        if pending is None:
-            raise ValueError(f"update_weights(version={version}): no buckets; nothing to load")
-
-    def _group_name(self) -> str:
-        return f"rpg_weight_update_{self._nccl_generation}"
-
-    def _init_nccl_group(self) -> Any:
-        """Join every server GPU and this process into one NCCL group (this process is rank 0).
-
-        Server i's ranks start at 1 + i * tp_size. The servers block in their half of the
-        rendezvous until this process joins, so their requests are sent from threads first.
-        The rendezvous mirrors the servers' own: a TCPStore at master address:port hosted by rank
-        0, a PrefixStore named after the group, then torch's group constructor, which is the
-        only way to make a group whose other members are not in this job's default group
-        (torch 2.x `distributed_c10d._new_process_group_helper`, private API).
-        """
+    def _push_distributed(self, buckets: Iterable[Bucket], version: int) -> None:
+        """Distributed transport: broadcast from this process (rank 0) to every server. After a
+        failure part way the group's broadcasts may be out of step: the next update makes a
+        new group."""
+        if self._group is None:
+            self._group = self._init_group()
         try:
-            import torch
-            from torch.distributed import distributed_c10d as c10d
-        except ImportError as e:  # pragma: no cover - torch without distributed
-            raise ImportError(
-                f"sglang.weight_sync='distributed' needs torch.distributed with NCCL ({e})"
-            ) from e
-        if not torch.cuda.is_available():
-            raise RuntimeError(
-                "sglang.weight_sync='distributed' broadcasts with NCCL from this process, which "
-                "needs a CUDA device; use sglang.weight_sync=colocated or run on a GPU"
-            )
+            self._broadcast_buckets(self._group, buckets, version)
+        except BaseException:
+            self._drop_group(self._servers)
+            raise
+
+    def _broadcast_buckets(
+        self, group: weights.WeightGroup, buckets: Iterable[Bucket], version: int
+    ) -> None:
+        with self._session(self._servers, version):
+            pending: Bucket | None = None
+            it = iter(buckets)
+            while True:
+                bucket = next(it, None)
+                if pending is not None:
+                    payload = update_distributed_payload(
+                        pending, version, group_name=group.name, flush_cache=bucket is None
+                    )
+                    # The servers enter the broadcast when the request arrives, so the requests
+                    # go out from threads first; the broadcasts then pair up in payload order.
+                    with ThreadPoolExecutor(max_workers=len(self._servers)) as pool:
+                        futures = [
+                            pool.submit(
+                                self._post_weights,
+                                s.url + "/update_weights_from_distributed",
+                                payload,
+                                version,
+                            )
+                            for s in self._servers
+                        ]
+                        try:
+                            group.broadcast(pending)
+                        except RuntimeError as e:  # gloo/NCCL: a peer died mid-broadcast
+                            raise SGLangUnreachable(f"broadcast to the servers failed: {e}") from e
+                        for f in futures:
+                            f.result()
+                if bucket is None:
+                    break
+                pending = bucket
+            if pending is None:
+                raise ValueError(f"update_weights(version={version}): no buckets; nothing to load")
+
+    def _init_group(self) -> weights.WeightGroup:
+        """Join every server rank and this process into one weight-update group (rank 0 here;
+        server i's ranks start at 1 + i * tp_size)."""
         cfg = self._cfg
         world = 1 + len(self._servers) * cfg.tp_size
-        port = cfg.nccl_master_port + self._nccl_generation
-        name = self._group_name()
+        port = cfg.nccl_master_port + self._group_generation
+        name = f"{self._group_prefix}_{self._group_generation}"
+        backend = "gloo" if cfg.device == "cpu" else "nccl"
         payloads = [
             init_group_payload(
                 cfg.nccl_master_address,
@@ -368,47 +464,82 @@ class SGLangEngine:
                 rank_offset=1 + i * cfg.tp_size,
                 world_size=world,
                 group_name=name,
+                backend=backend,
             )
             for i in range(len(self._servers))
         ]
-        timeout = _timedelta(cfg.request_timeout_s)
         with ThreadPoolExecutor(max_workers=len(self._servers)) as pool:
             futures = [
                 pool.submit(self._post_weights, s.url + "/init_weights_update_group", p, None)
                 for s, p in zip(self._servers, payloads, strict=True)
             ]
-            store, _, _ = next(
-                c10d.rendezvous(
-                    f"tcp://{cfg.nccl_master_address}:{port}", 0, world, timeout=timeout
-                )
+            group = weights.WeightGroup(
+                address=cfg.nccl_master_address,
+                port=port,
+                world_size=world,
+                name=name,
+                backend=backend,
+                timeout_s=cfg.request_timeout_s,
             )
-            store.set_timeout(timeout)
-            group, _ = c10d._new_process_group_helper(
-                world,
-                0,
-                [],
-                c10d.Backend("nccl"),
-                c10d.PrefixStore(name, store),
-                group_name=name,
-                timeout=timeout,
-            )
-            # Group rank == global rank inside this group, so dist.broadcast(src=0) means us.
-            c10d._world.pg_group_ranks[group] = {i: i for i in range(world)}
             for f in futures:
                 f.result()
         return group
 
     def _post_weights(self, url: str, payload: dict[str, Any], version: int | None) -> None:
-        """POST a weight request; an answer with success=false raises ValueError (e.g. a name the
-        model does not have), an HTTP error RuntimeError."""
+        """POST a weight request; a refusal (HTTP 400, or success=false) raises ValueError
+        naming the URL and the server's message (e.g. a name the model does not have)."""
         try:
-            out = self._call("POST", url, payload, retries=False)
+            out = self._http.call("POST", url, payload, retries=False)
         except SGLangHTTPError as e:
             raise ValueError(f"update_weights(version={version}): {url} refused: {e}") from e
         if isinstance(out, dict) and out.get("success") is False:
             raise ValueError(
                 f"update_weights(version={version}): {url} failed: {out.get('message')}"
             )
+
+    def _resume_weights_memory(self) -> None:
+        """Before weights are loaded into sleeping servers: map their weight memory back (its
+        contents are undefined unless the servers keep a CPU backup)."""
+        if WEIGHTS_TAG in self._released:
+            for s in self._servers:
+                self._http.call(
+                    "POST",
+                    s.url + "/resume_memory_occupation",
+                    memory_payload([WEIGHTS_TAG]),
+                    retries=True,
+                )
+            self._released.discard(WEIGHTS_TAG)
+
+    def _reload(self, servers: list[Server]) -> bool:
+        """Load the last update's weights (kept per `restart_weights`) into `servers`. Without a
+        kept copy the engine has no weights until the next update_weights: False."""
+        version = self._version
+        if version is None:
+            return True
+        if self._kept is not None:
+            # CPU tensors go as file_system shared memory; tensors that came from a GPU go back
+            # there first (CUDA IPC) rather than as host memory every rank would copy.
+            device = self._kept_device if self._kept_device.startswith("cuda") else None
+            self._push_tensors(iter(self._kept), version, servers, device=device)
+        elif self._cfg.restart_weights == "disk" and self._disk_dir().is_dir():
+            payload = update_disk_payload(str(self._disk_dir()), version, flush_cache=True)
+            for s in servers:
+                self._post_weights(s.url + "/update_weights_from_disk", payload, version)
+        else:
+            self._version = None
+            _log.warning(
+                "%s lost their weights (relaunched, or released by sleep) and no copy was kept "
+                "(sglang.restart_on_failure=false, or attached servers): generate raises until "
+                "the next update_weights",
+                ", ".join(s.url for s in servers),
+            )
+            return False
+        self._weights_lost = False
+        return True
+
+    def _disk_dir(self) -> Path:
+        assert self._log_dir is not None  # only launched engines keep weights
+        return self._log_dir / "weights"
 
     # ------------------------------------------------------------------------------ failures
     def _with_recovery(self, fn: Callable[[], list[Completion]]) -> list[Completion]:
@@ -425,130 +556,79 @@ class SGLangEngine:
                     f"{first}; they were attached (sglang.server_urls), so restart them and "
                     "make a new engine"
                 ) from first
+            _log.warning("relaunching %s after: %s", _urls(bad), first)
             self._relaunch(bad)
             return fn()
 
-    def _relaunch(self, servers: list[_Server]) -> None:
+    def _restart(self, servers: list[Server]) -> None:
+        for s in servers:
+            s.stop()
+            s.start({} if s.is_router else self._env)
+        for s in servers:
+            s.wait_healthy(self._http, self._cfg.launch_timeout_s)
+
+    def _relaunch(self, servers: list[Server]) -> None:
         """Restart dead launched servers once and reload the last weights into them."""
-        version = self._version
-        for s in servers:
-            _stop(s)
-            self._start(s)
-        for s in servers:
-            self._wait_healthy(s)
-        if version is None:
+        self._restart(servers)
+        targets = [s for s in servers if s is not self._router]
+        if not targets or self._version is None:
             return
-        if self._last_weights is None:
-            self._version = None
+        if not self._reload(targets):
             raise RuntimeError(
-                f"relaunched {', '.join(s.url for s in servers)} but kept no weights to reload "
+                f"relaunched {_urls(targets)} but kept no weights to reload "
                 "(sglang.restart_on_failure=false); call update_weights before generate"
             )
-        # The relaunched servers share no NCCL group with us any more; reload them through
-        # host-memory tensor handles (they run on this host), and give later NCCL updates a
-        # fresh group under a new name and port.
-        targets = [s for s in servers if s is not self._router]
-        if targets:
-            self._push_tensors(iter(self._last_weights), version, targets)
-        if self._cfg.weight_sync == "distributed" and targets:
-            self._nccl_group = None
-            self._nccl_generation += 1
+        # The relaunched servers share no weight-update group with us any more; they get the
+        # kept weights by the tensor or disk path, and later distributed updates a fresh group
+        # under a new name and port.
+        self._drop_group([s for s in self._servers if s not in targets])
 
-    def _unhealthy(self) -> list[_Server]:
-        path = "/health" if self._asleep else "/health_generate"
+    def _drop_group(self, servers: list[Server]) -> None:
+        """Leave the weight-update group and have `servers` destroy their half (best effort:
+        the next distributed update makes a new group under a new name and port)."""
+        if self._group is None:
+            return
+        for s in servers:
+            with contextlib.suppress(SGLangHTTPError, SGLangUnreachable):
+                self._http.call(
+                    "POST",
+                    s.url + "/destroy_weights_update_group",
+                    {"group_name": self._group.name},
+                    retries=False,
+                    timeout=self._cfg.health_timeout_s,
+                )
+        self._group.close()
+        self._group = None
+        self._group_generation += 1
+
+    def _shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """The model's tensor names and shapes (once; None when hf_config names no model)."""
+        if self._shape_table is False:
+            self._shape_table = weights.hf_parameter_shapes(self._hf_config)
+        return self._shape_table
+
+    def _dead(self) -> list[Server]:
+        """Launched processes that exited (no request needed to tell)."""
+        if not self._cfg.restart_on_failure:
+            return []
+        return [s for s in self._all() if s.launched and s.dead()]
+
+    def _unhealthy(self) -> list[Server]:
+        path = "/ready" if self._asleep else "/health_generate"
         bad = []
-        for s in [*self._servers, *([self._router] if self._router else [])]:
-            probe = "/health" if s is self._router else path
-            if s.dead() or not self._probe(s.url + probe):
+        for s in self._all():
+            probe = "/health" if s.is_router else path
+            if s.dead() or not self._http.probe(s.url + probe):
                 bad.append(s)
         return bad
-
-    def _probe(self, url: str) -> bool:
-        try:
-            self._call("GET", url, None, retries=False, timeout=self._cfg.health_timeout_s)
-        except (SGLangUnreachable, SGLangHTTPError):
-            return False
-        return True
 
     # ------------------------------------------------------------------------------ launch
     @property
     def _launched(self) -> bool:
         return not self._cfg.server_urls
 
-    def _plan_launch(self) -> tuple[list[_Server], _Server | None]:
-        cfg = self._cfg
-        self._log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="rpg_sglang_"))
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        python = cfg.python or sys.executable
-        servers = [
-            _Server(
-                url=f"http://{cfg.host}:{cfg.base_port + i}",
-                argv=server_argv(cfg, i, python=python),
-                log_path=self._log_dir / f"server_{i}.log",
-            )
-            for i in range(cfg.num_engines)
-        ]
-        router = None
-        if cfg.num_engines > 1:
-            router = _Server(
-                url=f"http://{cfg.host}:{cfg.router_port}",
-                argv=router_argv(cfg, [s.url for s in servers], python=python),
-                log_path=self._log_dir / "router.log",
-            )
-        return servers, router
-
-    def _start(self, s: _Server) -> None:
-        assert s.log_path is not None
-        env = dict(os.environ)
-        # Raw (temperature-1) log-probs, the Completion.logprobs contract; see sglang_protocol.
-        env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
-        with open(s.log_path, "ab") as log:
-            # Own session: shutdown signals the whole group (the server forks scheduler and
-            # detokenizer processes that must not outlive it).
-            s.proc = subprocess.Popen(
-                s.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-
-    def _wait_healthy(self, s: _Server) -> None:
-        deadline = time.monotonic() + self._cfg.launch_timeout_s
-        while time.monotonic() < deadline:
-            if s.dead():
-                raise RuntimeError(
-                    f"SGLang process for {s.url} exited with code {s.proc.returncode} while "
-                    f"starting: `{' '.join(s.argv)}`; last log lines of {s.log_path}:\n"
-                    f"{_tail(s.log_path)}"
-                )
-            if self._probe(s.url + "/health"):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"SGLang at {s.url} did not answer /health within sglang.launch_timeout_s="
-            f"{self._cfg.launch_timeout_s}; raise it for large models. Command: "
-            f"`{' '.join(s.argv)}`; last log lines of {s.log_path}:\n{_tail(s.log_path)}"
-        )
-
-    # ------------------------------------------------------------------------------ http
-    def _call(
-        self,
-        method: str,
-        url: str,
-        payload: Any,
-        *,
-        retries: bool,
-        timeout: float | None = None,
-    ) -> Any:
-        """One JSON request; idempotent ones retry unreachable servers with backoff."""
-        attempts = 1 + (self._cfg.retries if retries else 0)
-        for k in range(attempts):
-            try:
-                return _request(
-                    self._opener, method, url, payload, timeout or self._cfg.request_timeout_s
-                )
-            except SGLangUnreachable:
-                if k == attempts - 1:
-                    raise
-                time.sleep(0.5 * 2**k)
-        raise AssertionError("unreachable")
+    def _all(self) -> list[Server]:
+        return [*self._servers, *([self._router] if self._router else [])]
 
     # ------------------------------------------------------------------------------ checks
     def _open(self, what: str) -> None:
@@ -567,63 +647,5 @@ class SGLangEngine:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _import_serializer() -> Callable[[Any], bytes]:
-    try:
-        from sglang.srt.utils import MultiprocessingSerializer
-    except ImportError as e:
-        raise ImportError(
-            f"sglang.weight_sync='colocated' serialises tensors with sglang's own "
-            f"MultiprocessingSerializer, so this process needs the sglang package ({e}); install "
-            f"`pip install 'sglang[srt]{SGLANG_VERSIONS}'`, or use sglang.weight_sync=distributed"
-        ) from e
-    return MultiprocessingSerializer.serialize
-
-
-def _request(opener: Any, method: str, url: str, payload: Any, timeout: float) -> Any:
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with opener.open(req, timeout=timeout) as resp:
-            body = resp.read()
-            ctype = resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as e:
-        detail = e.read()[:2000].decode(errors="replace")
-        raise SGLangHTTPError(f"{method} {url} -> HTTP {e.code}: {detail}") from e
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        raise SGLangUnreachable(f"{method} {url}: {e}") from e
-    if "json" in ctype and body:
-        return json.loads(body)
-    return body.decode(errors="replace")
-
-
-def _stop(s: _Server, grace_s: float = 20.0) -> None:
-    """Stop a launched process and its session (the server's own child processes)."""
-    if s.proc is None:
-        return
-    if s.proc.poll() is not None:
-        # The leader is gone, but its scheduler/detokenizer children may hold GPU memory.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(s.proc.pid, signal.SIGKILL)
-        return
-    try:
-        os.killpg(s.proc.pid, signal.SIGTERM)
-        s.proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(s.proc.pid, signal.SIGKILL)
-        s.proc.wait()
-    except ProcessLookupError:
-        pass
-
-
-def _tail(path: Path | None, n: int = 30) -> str:
-    if path is None or not path.exists():
-        return "(no log)"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-def _timedelta(seconds: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
+def _urls(servers: Iterable[Server]) -> str:
+    return ", ".join(s.url for s in servers)

@@ -16,8 +16,11 @@ through sglang's validators), and tests/unit/test_sglang_client.py's schema-chec
   (sglang/srt/layers/sampler.py), so the engine launches servers with that variable; attached
   servers must have been started with it for temperature != 1 (`attached_original_logprobs`).
 - Seeds: prompt i gets `sampling_seed` derived from (seed, i), as the embedded engine derives its
-  streams; SGLang honours it only with --enable-deterministic-inference (`deterministic`), and
-  otherwise samples from its own generator.
+  streams. SGLang reads it only with --enable-deterministic-inference and otherwise samples from
+  its own generator (srt/sampling/sampling_batch_info.py 157-172), so the engine sends seeds
+  only to servers that run so (`deterministic`). Without seeds, one `sampling_params` dict
+  serves the whole batch; sglang-router 0.3.2 accepts only that form (a per-prompt list is
+  refused with HTTP 422, seen on CPU), so seeded requests through a router carry one prompt.
 - Finish reasons: meta_info.finish_reason {"type": "stop"|"length"|"abort", ...} maps one to one.
   Token ids come from meta_info.output_token_logprobs ([logprob, token_id, text] per token), which
   include the EOS / stop token, so the policy learns to stop. A meta_info.weight_version other
@@ -25,9 +28,23 @@ through sglang's validators), and tests/unit/test_sglang_client.py's schema-chec
 - Weight bodies: `weight_version` is sent as a string; the colocated body carries one serialized
   bucket per TP rank of the server, the distributed one names, torch dtype names and shapes of
   the tensors broadcast after it.
+- Weight-update sessions: 0.5.23 refuses /update_weights_from_tensor and
+  /update_weights_from_distributed outside /begin_weight_update ... /end_weight_update
+  (srt/managers/scheduler_components/weight_updater.py 192-196, 234-238); /update_weights_from_disk
+  is not gated (same file, 138-163) and is sent outside one, since /end_weight_update after a load
+  that did not mark the session runs post_load_weights a second time (323-335).
+- Memory tags: /release_memory_occupation with no tags releases all of MEMORY_TAGS
+  (weight_updater.py 345-346); released weights come back with their contents only under
+  --enable-weights-cpu-backup (weight_updater.py 368-374 and 395-397, load_model_utils.py
+  307-326).
+- Server environment (`server_env`): SGLANG_RETURN_ORIGINAL_LOGPROB=1 (above);
+  SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, since in 0.5.23 /health also runs a one-token
+  generation (srt/entrypoints/http_server.py 721-798, environ.py 344), which the router's checker
+  would send every 60 s and which must not reach a server whose KV cache is released;
+  SGLANG_USE_CPU_ENGINE=1 for device=cpu (sglang's is_cpu()).
 - Command lines: `python -m sglang.launch_server` per server (--enable-memory-saver for the
-  colocated transport, whose sleep/wake needs it) and `python -m sglang_router.launch_router` in
-  front of several.
+  colocated transport on GPUs, whose sleep/wake needs it; the CPU flags for device=cpu) and `python
+  -m sglang_router.launch_router` in front of several.
 """
 
 from __future__ import annotations
@@ -49,14 +66,24 @@ tools/check_sglang_schemas.py); checked when launching a server."""
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
+MEMORY_TAGS: tuple[str, ...] = ("kv_cache", "weights", "cuda_graph")
+"""GPU_MEMORY_ALL_TYPES of sglang/srt/constants.py 2-9: what a tag-less release frees."""
+WEIGHTS_TAG = "weights"
+"""The memory tag of the model weights (constants.py 3)."""
+CPU_BACKUP_FLAG = "--enable-weights-cpu-backup"
+"""The server flag under which released weights are restored with their contents."""
+
 
 def generate_payload(
     prompts: Sequence[list[int]], params: SamplingParams, first_index: int, seed: int | None
 ) -> dict[str, Any]:
     """Body of one batched /generate request (sglang GenerateReqInput, batch form).
 
-    Prompt j of the chunk is prompt `first_index + j` of the generate call; its sampling seed
-    depends on that global index only, so chunking does not change the samples.
+    Prompt j of the chunk is prompt `first_index + j` of the generate call, and prompt
+    `params.stream_offset + first_index + j` of the whole batch; its sampling seed depends on
+    that batch-wide index only, so neither chunking nor the engine count changes the samples.
+    seed None (or a single prompt): one `sampling_params` dict (see the module doc); else one
+    dict per prompt.
     """
     base: dict[str, Any] = {
         "max_new_tokens": params.max_new_tokens,
@@ -69,15 +96,17 @@ def generate_payload(
         base["stop"] = list(params.stop)
     if params.stop_token_ids:
         base["stop_token_ids"] = list(params.stop_token_ids)
-    per_prompt = []
-    for j in range(len(prompts)):
-        sp = dict(base)
-        if seed is not None:
-            sp["sampling_seed"] = stream_seed(seed, first_index + j)
-        per_prompt.append(sp)
+    sampling: dict[str, Any] | list[dict[str, Any]] = base
+    if seed is not None:
+        sampling = [
+            {**base, "sampling_seed": stream_seed(seed, params.stream_offset + first_index + j)}
+            for j in range(len(prompts))
+        ]
+        if len(sampling) == 1:  # the form a router takes
+            sampling = sampling[0]
     return {
         "input_ids": [list(map(int, p)) for p in prompts],
-        "sampling_params": per_prompt,
+        "sampling_params": sampling,
         "return_logprob": True,
         "stream": False,
     }
@@ -134,7 +163,8 @@ def parse_generate_response(out: Any, first_index: int, n: int, version: int) ->
 def update_tensor_payload(
     serialized_per_rank: list[str], version: int, *, flush_cache: bool
 ) -> dict[str, Any]:
-    """Body of /update_weights_from_tensor (UpdateWeightsFromTensorReqInput)."""
+    """Body of /update_weights_from_tensor (UpdateWeightsFromTensorReqInput): entry r is what
+    TP rank r of the server deserialises (sglang_weights.per_rank_payloads)."""
     return {
         "serialized_named_tensors": serialized_per_rank,
         "load_format": None,  # a plain list of (name, tensor), not a flattened bucket
@@ -144,17 +174,46 @@ def update_tensor_payload(
 
 
 def init_group_payload(
-    address: str, port: int, *, rank_offset: int, world_size: int, group_name: str
+    address: str,
+    port: int,
+    *,
+    rank_offset: int,
+    world_size: int,
+    group_name: str,
+    backend: str,
 ) -> dict[str, Any]:
-    """Body of /init_weights_update_group (InitWeightsUpdateGroupReqInput)."""
+    """Body of /init_weights_update_group (InitWeightsUpdateGroupReqInput); backend "nccl"
+    (GPU servers) or "gloo" (CPU servers)."""
     return {
         "master_address": address,
         "master_port": port,
         "rank_offset": rank_offset,
         "world_size": world_size,
         "group_name": group_name,
-        "backend": "nccl",
+        "backend": backend,
     }
+
+
+def session_payload() -> dict[str, Any]:
+    """Body of /begin_weight_update and /end_weight_update (Begin/EndWeightUpdateReqInput):
+    every runner (selector "all", the default)."""
+    return {}
+
+
+def update_disk_payload(model_path: str, version: int, *, flush_cache: bool) -> dict[str, Any]:
+    """Body of /update_weights_from_disk (UpdateWeightFromDiskReqInput): load the *.safetensors
+    of directory `model_path` (the server's default loader; config.json is not read again)."""
+    return {
+        "model_path": model_path,
+        "load_format": "auto",
+        "weight_version": str(version),
+        "flush_cache": flush_cache,
+    }
+
+
+def memory_payload(tags: Sequence[str] | None) -> dict[str, Any]:
+    """Body of /release_memory_occupation and /resume_memory_occupation; None = every tag."""
+    return {} if tags is None else {"tags": list(tags)}
 
 
 def update_distributed_payload(
@@ -182,24 +241,53 @@ def server_argv(cfg: SGLangConfig, index: int, *, python: str) -> list[str]:
         "--host", cfg.host,
         "--port", str(cfg.base_port + index),
         "--tp-size", str(cfg.tp_size),
-        "--base-gpu-id", str(index * cfg.tp_size),
         "--mem-fraction-static", str(cfg.mem_fraction_static),
         "--load-format", cfg.load_format,
+        "--dtype", cfg.dtype,
     ]  # fmt: skip
-    if cfg.weight_sync == "colocated":
-        argv.append("--enable-memory-saver")  # release/resume_memory_occupation need it
+    if cfg.device == "cpu":
+        # The native-torch CPU path (shared/sglang-cpu/README.md): no CUDA graphs, torch's own
+        # attention; --sleep-on-idle because an idle scheduler otherwise polls at ~35% of a
+        # core (seen on 2 shared cores), taken from the trainer beside it.
+        argv += ["--device", "cpu", "--attention-backend", "torch_native", "--sleep-on-idle"]
+        # (0.5.23 deprecates --disable-cuda-graph for these two.)
+        argv += ["--cuda-graph-backend-decode", "disabled"]
+        argv += ["--cuda-graph-backend-prefill", "disabled"]
+    else:
+        argv += ["--base-gpu-id", str(index * cfg.tp_size)]
+        if cfg.weight_sync == "colocated":
+            argv.append("--enable-memory-saver")  # release/resume_memory_occupation need it
+    if cfg.max_total_tokens:
+        argv += ["--max-total-tokens", str(cfg.max_total_tokens)]
     if cfg.deterministic:
         argv.append("--enable-deterministic-inference")
     return argv + list(cfg.extra_server_args)
 
 
-def router_argv(cfg: SGLangConfig, worker_urls: list[str], *, python: str) -> list[str]:
-    """`python -m sglang_router.launch_router ...` in front of the launched servers."""
+def server_env(cfg: SGLangConfig) -> dict[str, str]:
+    """Environment variables a launched server gets on top of ours (see the module doc)."""
+    env = {"SGLANG_RETURN_ORIGINAL_LOGPROB": "1", "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}
+    env["PYTHONUNBUFFERED"] = "1"  # the log file shows what the server did, as it does it
+    if cfg.device == "cpu":
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    return env
+
+
+def router_argv(
+    cfg: SGLangConfig, worker_urls: list[str], *, python: str, metrics_port: int
+) -> list[str]:
+    """`python -m sglang_router.launch_router ...` in front of the launched servers. Its
+    Prometheus exporter would bind port 29000 by default (one router per machine), hence
+    `metrics_port`; its worker checks hit /health, which our servers answer without generating
+    (server_env)."""
     return [
         python, "-m", "sglang_router.launch_router",
         "--worker-urls", *worker_urls,
         "--host", cfg.host,
         "--port", str(cfg.router_port),
+        "--policy", cfg.router_policy,
+        "--prometheus-port", str(metrics_port),
+        "--prometheus-host", cfg.host,
     ]  # fmt: skip
 
 

@@ -29,7 +29,7 @@ def _start(rank: int, world: int, *cases: tuple[str, ...]) -> list[tuple[str, st
     for functions in cases:
         cfg = Config(reward=RewardConfig(functions=functions, workers=1))
         try:
-            scorer = train._start_scorer(cfg, prompt, is_main=rank == 0)
+            scorer = train._start_scorer(cfg, prompt, scores=rank == 0)
         except Exception as e:
             out.append((type(e).__name__, str(e)))
             continue

@@ -225,9 +225,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert out.returncode != 0
     assert b"resume:" not in out.stdout  # no rank announced a resume
     lines = [x for x in out.stderr.decode().splitlines() if x.startswith("rpg-megatron train:")]
-    # One line for the job: rundir.agreed lets the lowest failing rank print it and the others
-    # exit quietly (tests/dist/test_checkpoint.py: every rank reaches the same decision).
-    assert len(lines) == 1, out.stderr.decode()[-3000:]
+    # Both ranks stop on the same decision (tests/dist/test_checkpoint.py checks each rank's
+    # error); the console gets the job's one line, the lowest failing rank's (rundir.agreed).
+    assert len(lines) == 1
     assert str(shard) in lines[0] and "truncated" in lines[0]
     assert _files(broken) == before  # config.yaml, metrics, TensorBoard, checkpoints untouched
 

@@ -62,7 +62,7 @@ def test_h100_recipe_torchrun_rendezvous_and_env() -> None:
     assert "export MASTER_PORT=29500" in script
     torchrun = script[script.index("exec torchrun") :]
     assert "--nproc-per-node=8" in torchrun
-    assert '--nnodes="$SLURM_JOB_NUM_NODES"' in torchrun
+    assert '--nnodes="$TRAIN_NODES"' in torchrun and "export TRAIN_NODES=4" in script
     assert "--rdzv-backend=c10d" in torchrun
     assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in torchrun
     assert "SIGUSR1" in torchrun and "--shutdown-timeout=600" in torchrun
@@ -262,3 +262,130 @@ def test_nemo_run_refuses_paths_it_would_rewrite(
     )
     with pytest.raises(ConfigError, match=rf"launch\.{where}=.*contains '/nemo_run'"):
         _nemo_dry_run(cfg, capsys, monkeypatch)
+
+
+# ------------------------------------------------------------------------------ placement
+def _sglang_cfg(**rollout) -> Config:
+    from rpg_megatron.config import RolloutConfig, SGLangConfig
+
+    sg = {"model_path": "/lustre/models/Qwen3-4B", "tp_size": 2, **rollout.pop("sglang", {})}
+    return Config(rollout=RolloutConfig(engine="sglang", sglang=SGLangConfig(**sg), **rollout))
+
+
+def test_script_shows_the_servers_of_every_node() -> None:
+    script = launch.render_sbatch(H100, launch.job_files(H100, stamp="S"), cfg=_sglang_cfg())
+    assert "#   16 SGLang servers on 4 nodes (placement=node)" in script
+    # node 3 holds global ranks 24..31; its servers are the job's 12th..15th (ports 30012..)
+    assert "#     node 3 (rank 24): GPUs 0-1 :30012, GPUs 2-3 :30013" in script
+    assert "router :30103" in script
+    assert _sbatch(script)["--nodes"] == "4"
+    assert "export TRAIN_NODES=4" in script and "POOL_ARGS" not in script
+
+
+def _pool_script() -> str:
+    cfg = _sglang_cfg(
+        mode="disaggregated", pool_nodes=2, sglang={"weight_sync": "distributed", "tp_size": 4}
+    )
+    launch.validate_pool(H100, cfg.rollout, executor="slurm")
+    return launch.render_sbatch(H100, launch.job_files(H100, stamp="S"), cfg=cfg)
+
+
+def test_rollout_pool_gets_nodes_of_its_own_in_the_job() -> None:
+    script = _pool_script()
+    assert _sbatch(script)["--nodes"] == "6"  # 4 trainer nodes + 2 pool nodes
+    assert "export TRAIN_NODES=4" in script and '--nnodes="$TRAIN_NODES"' in script
+    trainer = script[script.index('srun --nodes="$TRAIN_NODES"') :]
+    assert trainer.startswith('srun --nodes="$TRAIN_NODES" --ntasks="$TRAIN_NODES" --relative=0')
+    pool = next(line for line in script.splitlines() if line.startswith("srun --nodes=2"))
+    assert "--relative=4" in pool and "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in pool
+    line = next(x for x in script.splitlines() if "sglang.launch_server" in x)
+    servers = shlex.split(line)[2]
+    commands = [shlex.split(cmd) for cmd in servers.removesuffix(" & wait").split(" & ")]
+    # Each server gets the environment a launching engine gives it: raw log-probs, and a
+    # /health that does not generate (sglang 0.5.23 http_server.py).
+    for words in commands:
+        env = dict(w.split("=", 1) for w in words[: words.index("python")])
+        assert env["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
+        assert env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "0"
+    argvs = [words[words.index("python") :] for words in commands]
+    assert [a[a.index("--base-gpu-id") + 1] for a in argvs] == ["0", "4"]  # 8 GPUs / tp 4
+    assert [a[a.index("--port") + 1] for a in argvs] == ["30000", "30001"]
+    assert all(a[a.index("--host") + 1] == "0.0.0.0" for a in argvs)
+    assert "--enable-memory-saver" not in servers  # weights come by NCCL, no sleep/wake
+    assert '--resume "${POOL_ARGS[@]}"' not in script  # overrides must precede --resume
+    assert '"${POOL_ARGS[@]}" --resume &' in script
+    assert 'kill "$pid"' in script  # the pool stops with the trainer
+
+
+def test_rollout_pool_urls_reach_the_trainer_as_valid_overrides(tmp_path: Path) -> None:
+    """Run the script's URL lines in bash with Slurm's node list for 6 hosts, then load the
+    overrides they produce the way the trainer's command line does."""
+    import subprocess
+
+    from rpg_megatron.config_io import load_config
+
+    script = _pool_script()
+    start, end = script.index("mapfile -t JOB_HOSTS"), script.index("ROUTER_URL=")
+    urls = script[start : script.index("\n", end)]
+    args_line = next(line for line in script.splitlines() if line.startswith("POOL_ARGS="))
+    stub = "scontrol() { printf '%s\\n' gpu01 gpu02 gpu03 gpu04 gpu05 gpu06; }\n"
+    out = subprocess.run(
+        ["bash", "-c", f"{stub}{urls}\n{args_line}\nprintf '%s\\n' \"${{POOL_ARGS[@]}}\""],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"SLURM_JOB_NODELIST": "gpu[01-06]", "PATH": "/usr/bin:/bin"},
+    ).stdout.splitlines()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "rollout:\n  engine: sglang\n  mode: disaggregated\n  pool_nodes: 2\n"
+        "  sglang: {model_path: /m, weight_sync: distributed, tp_size: 4}\n"
+    )
+    sg = load_config(recipe, out).rollout.sglang
+    assert sg.server_urls == (
+        "http://gpu05:30000",
+        "http://gpu05:30001",
+        "http://gpu06:30000",
+        "http://gpu06:30001",
+    )
+    assert sg.router_url == "http://gpu05:30100"
+
+
+@pytest.mark.parametrize(
+    ("executor", "changes", "match"),
+    [
+        ("nemo-run", {}, "only slurm/train.sbatch starts"),
+        ("local", {}, "only slurm/train.sbatch starts"),
+        ("slurm", {"model_path": ""}, "model_path empty"),
+        ("slurm", {"server_urls": ("http://x:1",)}, "clear them"),
+    ],
+)
+def test_rollout_pool_refusals(executor: str, changes: dict, match: str) -> None:
+    cfg = _sglang_cfg(
+        mode="disaggregated",
+        pool_nodes=1,
+        sglang={"weight_sync": "distributed", **changes},
+    )
+    with pytest.raises(ConfigError, match=match):
+        launch.validate_pool(H100, cfg.rollout, executor=executor)
+
+
+def test_local_dry_run_shows_the_engines(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from rpg_megatron.config import RolloutConfig
+
+    cfg = launch.LaunchConfig(gpus_per_node=0, procs_per_node=2, workdir=str(tmp_path))
+    launch.launch(cfg, Config(rollout=RolloutConfig(placement="dp_rank")), executor="local",
+                  dry_run=True)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "# rollout: 2 embedded engines on the first rank of each data-parallel replica" in out
+
+
+def test_nemo_run_script_shows_the_engines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = launch.LaunchConfig(
+        nodes=2, gpus_per_node=8, partition="h100", workdir=str(tmp_path), log_dir="logs"
+    )
+    script = _nemo_dry_run(cfg, capsys, monkeypatch)
+    assert "# rollout: 2 embedded engines on the local rank 0 of each node" in script
+    assert "rank 0 (node 0), rank 8 (node 1)" in script
