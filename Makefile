@@ -63,8 +63,9 @@ test: lint
 
 # megatron-core $(MCORE_LATEST) in a second venv, for the suites that run Megatron's schedules,
 # DDP and optimizer (tests/dist, tests/e2e) and the unit tests of what we take from megatron-core
-# (the version logic, CPU patches and docs/megatron-core.md; the model config); the other unit
-# tests and the Slurm launch tests (no megatron-core in them) run once, in .venv.
+# (the version logic, CPU patches and docs/megatron-core.md; the model config; dist_checkpointing,
+# whose files changed in 0.19); the other unit tests and the Slurm launch tests (no megatron-core
+# in them) run once, in .venv.
 # Its wheel's metadata asks for Python >= 3.12 but it ships a cp311 build that runs on 3.11, so
 # it goes in with --ignore-requires-python, and with --no-deps so pip keeps the torch pinned
 # first (its own requirements, torch/numpy/packaging, are ours too). It imports triton at
@@ -83,7 +84,8 @@ $(LATEST_STAMP): pyproject.toml
 
 test-mcore-latest: $(LATEST_STAMP)
 	$(LATEST_VENV)/bin/python -m pytest -q tests/dist tests/e2e tests/unit/test_compat.py \
-		tests/unit/test_parallel.py tests/unit/test_model.py \
+		tests/unit/test_parallel.py tests/unit/test_model.py tests/unit/test_checkpoint.py \
+		tests/unit/test_convert.py \
 		--ignore=tests/e2e/test_slurm.py --ignore=tests/e2e/test_slurm_nodes.py
 
 # Only the tests against real SGLang servers on CPU (tests/sglang, marker `sglang`).

@@ -5,11 +5,11 @@ DistributedOptimizer formats side by side (why `fully_reshardable`).
 
     state         the policy's weights and Megatron's Adam state (exp_avg, exp_avg_sq, step);
                   float32, plain (non-distributed) optimizer, one process
-    ours save     step.checkpoint_state + checkpoint.save: a complete step directory, written
-                  to step_N.tmp and renamed (meta.json, config.json, weights/ torch_dist);
+    ours save     sharded_state.checkpoint_state + checkpoint.save: a complete step directory,
+                  written to step_N.tmp and renamed (meta.json, config.json, weights/ torch_dist);
                   it also stores the weights once more as the optimizer's fp32 main copy (so a
                   distributed-optimizer reader finds it), hence ~4/3 of the bytes in float32
-    ours load     checkpoint.find_latest (checks every file) + step.checkpoint_request +
+    ours load     checkpoint.find_latest (checks every file) + sharded_state.checkpoint_request +
                   checkpoint.load + apply: the state back in the live model and optimizer
     torch.save    torch.save({"model": state_dict, "optimizer": optimizer.state_dict()}) to
                   one file, written to a temporary name and renamed
@@ -95,7 +95,7 @@ def _policy(hf: dict[str, Any], *, distributed: bool, dp: int) -> Any:
 def _ours_vs_torch(rank: int, world: int, hf: dict[str, Any], repeat: int, root: str) -> dict:
     from rpg_megatron import checkpoint, convert
     from rpg_megatron.config import CheckpointConfig
-    from rpg_megatron.megatron import parallel, step
+    from rpg_megatron.megatron import parallel, sharded_state
 
     try:
         policy = _policy(hf, distributed=False, dp=1)
@@ -110,7 +110,7 @@ def _ours_vs_torch(rank: int, world: int, hf: dict[str, Any], repeat: int, root:
         for i in range(repeat):
             cfg = CheckpointConfig(dir=f"{root}/ours{i}")
             t0 = time.perf_counter()
-            sharded, common = step.checkpoint_state(policy)
+            sharded, common = sharded_state.checkpoint_state(policy)
             path = checkpoint.save(
                 cfg, step=1, layout=layout, sharded=sharded, common=common,
                 side_files=lambda tmp: convert.write_side_files(model_dir, tmp, conversion),
@@ -121,7 +121,7 @@ def _ours_vs_torch(rank: int, world: int, hf: dict[str, Any], repeat: int, root:
 
             t0 = time.perf_counter()
             found = checkpoint.find_latest(cfg)
-            request, apply = step.checkpoint_request(policy, found.keys)
+            request, apply = sharded_state.checkpoint_request(policy, found.keys)
             loaded = checkpoint.load(found, request, layout=layout)
             apply(loaded.state, loaded.common)
             times["ours_load"].append(time.perf_counter() - t0)

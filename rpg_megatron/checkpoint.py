@@ -1,6 +1,11 @@
 """Training checkpoints in Megatron's distributed format: written atomically by every rank,
 resumed at any parallel layout.
 
+This module answers what goes on disk and how it is validated: it takes any sharded state dict
+and common state and knows nothing of what a key means. Which Megatron state of the policy
+(model, optimizer, step count, param groups) maps to which sharded key is
+megatron/sharded_state.py's; the reference policy's is megatron/reference.py's.
+
 Layout under `checkpoint.dir`:
 
     step_00000012/          one complete checkpoint
@@ -23,8 +28,9 @@ checkpoint or the new one, never half of one. Pruning keeps `checkpoint.keep` an
 `latest` names.
 
 Reading (`find_latest`, then `load`, both collective): every rank checks the pointer, meta.json
-and the dist checkpoint's files (metadata.json, .metadata, common.pt, and that every .distcp
-file the metadata points into exists and is long enough), and the ranks agree: the first
+and the dist checkpoint's files (metadata.json, .metadata, that every .distcp file the metadata
+points into exists and is long enough, and the common state: common.pt up to megatron-core
+0.18, a `common_state` object in the .distcp files from 0.19 on), and the ranks agree: the first
 failing rank's message is raised on every rank, before any rank loads, prints or writes; the
 load itself is agreed on the same way. Megatron's ShardedTensors carry global shapes and
 offsets, so any tp/pp/dp reads them. RNG states are restored exactly at the writer's layout;
@@ -45,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from packaging.version import Version
 
 from rpg_megatron.config import CheckpointConfig, Config
 from rpg_megatron.config_io import save_config
@@ -325,9 +332,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def verify_dist_dir(weights: Path) -> frozenset[str]:
     """Check a dist_checkpointing directory without loading tensors: metadata.json, the
-    torch_dist .metadata, common.pt, and that every .distcp file exists and holds every byte
-    range the metadata points into. Returns the stored keys; raises CheckpointError naming
-    the first missing, truncated or corrupt file."""
+    torch_dist .metadata, that every .distcp file exists and holds every byte range the
+    metadata points into, and the common state (`_check_common`). Returns the stored keys;
+    raises CheckpointError naming the first missing, truncated or corrupt file."""
     from torch.distributed.checkpoint import FileSystemReader
 
     if not weights.is_dir():
@@ -352,7 +359,7 @@ def verify_dist_dir(weights: Path) -> frozenset[str]:
             end = info.offset + info.length
             ends[info.relative_path] = max(ends.get(info.relative_path, 0), end)
     except Exception as e:  # a cut-off pickle: EOFError, UnpicklingError, ...
-        raise CheckpointError(f"{dcp}: cut off or corrupt ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{dcp}: cut off or corrupt ({_cause(e)})") from None
     for rel, end in sorted(ends.items()):
         part = weights / rel
         if not part.is_file():
@@ -362,14 +369,58 @@ def verify_dist_dir(weights: Path) -> frozenset[str]:
             raise CheckpointError(
                 f"{part}: truncated ({size} bytes; {dcp} needs {end}); the checkpoint is damaged"
             )
-    common = weights / "common.pt"
-    try:
-        torch.load(common, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{common}: missing; the checkpoint is incomplete") from None
-    except Exception as e:
-        raise CheckpointError(f"{common}: cut off or corrupt ({type(e).__name__}: {e})") from None
+    _check_common(weights, metadata)
     return frozenset(metadata.state_dict_metadata)
+
+
+_COMMON_IN_DCP = "common_state/shard_0_1"
+"""Where megatron-core >= 0.19 keeps the common state: a ShardedObject `common_state` inside the
+torch_dist files (0.19.2 dist_checkpointing.serialization.save). 0.16.1 to 0.18.2 write
+common.pt instead, which 0.19.2's load still reads (serialization.load_common_state_dict)."""
+
+
+def _check_common(weights: Path, metadata: Any) -> None:
+    """The common state readable, wherever the writer's release put it."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    from rpg_megatron.megatron.compat import mcore_version
+
+    common = weights / "common.pt"
+    if common.is_file() or _COMMON_IN_DCP not in metadata.state_dict_metadata:
+        try:
+            torch.load(common, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise CheckpointError(f"{common}: missing; the checkpoint is incomplete") from None
+        except Exception as e:
+            raise CheckpointError(f"{common}: cut off or corrupt ({_cause(e)})") from None
+        return
+    parts = {i.relative_path for k, i in metadata.storage_data.items() if k.fqn == _COMMON_IN_DCP}
+    where = weights / min(parts, default=".metadata")
+    if mcore_version() < Version("0.19"):
+        raise CheckpointError(
+            f"{weights}: written by megatron-core >= 0.19 (the common state is in {where.name}, "
+            f"not in common.pt), which megatron-core {mcore_version()} cannot read; resume or "
+            "convert it with megatron-core >= 0.19"
+        )
+    from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+    try:
+        load_common_state_dict(str(weights))
+    except (Exception, CheckpointException) as e:  # the latter is a BaseException
+        raise CheckpointError(
+            f"{where}: its common state is cut off or corrupt ({_cause(e)})"
+        ) from None
+
+
+def _cause(e: BaseException) -> str:
+    """`Type: first line` of an error; of the first failing rank's error inside torch's
+    CheckpointException (a BaseException whose text is a traceback per rank)."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 # -------------------------------------------------------------------------------- load
@@ -387,11 +438,12 @@ def load(found: Found, sharded: Mapping[str, Any], *, layout: Mapping[str, int])
         request[_RNG] = ShardedObject(_RNG, rng_state(), (world,), (rank,), replica_id=0)
     loaded, error = None, None
     weights = found.path / WEIGHTS
+    from torch.distributed.checkpoint import CheckpointException
+
     try:
         loaded = dist_checkpointing.load(request, str(weights))
-    except Exception as e:  # torch/megatron errors name neither the checkpoint nor the fix
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        error = f"{weights}: unreadable checkpoint ({type(e).__name__}: {first[:300]})"
+    except (Exception, CheckpointException) as e:  # they name neither the checkpoint nor the fix
+        error = f"{weights}: unreadable checkpoint ({_cause(e)})"
     agree(error)
     assert loaded is not None
     rng = loaded.pop(_RNG, None)

@@ -31,8 +31,11 @@ class ModelConfig:
     """Weights a run starts from when there is no checkpoint to resume. "auto": the HF
     safetensors in `hf_path` when it has any, else Megatron's seeded random init (logged);
     "hf": those safetensors, an error when there are none; "random": the random init (the CPU
-    demo); any other value: a directory written by `rpg-megatron convert hf-to-mcore` (any
-    TP/PP, resharded on load)."""
+    demo); any other value: a Megatron checkpoint, of any TP/PP (resharded on load): a
+    directory written by `rpg-megatron convert hf-to-mcore`, a training step directory
+    (`<checkpoint.dir>/step_N`), or a checkpoint.dir (the step its `latest` names). Only the
+    policy's weights are taken: the run starts at step 0 with a fresh optimizer (`--resume`
+    continues a run)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Parameter and activation dtype. Master weights stay float32 under the optimizer."""
     fp8: Literal["hybrid", "e4m3"] | None = None

@@ -261,7 +261,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def training_conversion(arch: Any, hf_dir: str | os.PathLike[str], dtype: str, ctx: Any) -> Any:
     """The conversion.json record of a training checkpoint (trainer's layout and dtype)."""
-    from megatron.core.package_info import __version__ as mcore_version
+    from rpg_megatron.megatron.compat import mcore_version
 
     return Conversion(
         source=str(Path(hf_dir).absolute()),
@@ -270,7 +270,7 @@ def training_conversion(arch: Any, hf_dir: str | os.PathLike[str], dtype: str, c
         tp=ctx.tp,
         pp=ctx.pp,
         padded_vocab_size=padded_vocab_size(arch.vocab_size, ctx.tp),
-        megatron_core=mcore_version,
+        megatron_core=str(mcore_version()),  # as hf_to_mcore's (no git hash)
         rpg_megatron=__version__,
     )
 

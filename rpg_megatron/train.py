@@ -29,7 +29,7 @@ from rpg_megatron import advantages, checkpoint, convert, data, evaluate, reward
 from rpg_megatron.batch import TrainBatch
 from rpg_megatron.config import Config, ConfigError, RolloutConfig
 from rpg_megatron.config_io import save_config
-from rpg_megatron.megatron import export, parallel, step
+from rpg_megatron.megatron import export, parallel, sharded_state, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.metrics import MetricsSink, plot, read_metrics
@@ -554,7 +554,7 @@ def _save(
 ) -> None:
     """Policy, optimizer, reference, RNG and data cursor as Megatron's distributed checkpoint;
     the step directory is also a Megatron checkpoint of the policy (convert/eval --mcore)."""
-    sharded, common = step.checkpoint_state(policy)
+    sharded, common = sharded_state.checkpoint_state(policy)
     if ref is not None:
         sharded["reference"], common["reference"] = ref.checkpoint_state(policy)
     common["data"] = sampler.state_dict()
@@ -610,7 +610,7 @@ def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: An
     ctx = policy.ctx
     error, request, apply = None, None, None
     try:
-        request, apply = step.checkpoint_request(policy, found.keys)
+        request, apply = sharded_state.checkpoint_request(policy, found.keys)
         if ref is not None:
             if not any(k.startswith("reference.") for k in found.keys):
                 raise checkpoint.CheckpointError(

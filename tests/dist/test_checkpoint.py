@@ -34,11 +34,12 @@ from rpg_megatron.config import (
     OptimConfig,
     ParallelConfig,
 )
-from rpg_megatron.megatron import hf_map, parallel, step
+from rpg_megatron.megatron import hf_map, parallel, sharded_state, step
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.objectives import build_objective
 from tests.dist.test_step import HF, N, S, V, _build, _global, _layer_offset
 from tests.distributed import spawn
+from tests.unit.test_checkpoint import damage_common
 
 pytestmark = pytest.mark.slow
 
@@ -212,7 +213,7 @@ def _reader(rank, world, ckpt, model_dir, par, distributed, dtype="float32"):
         start = train._resume(cfg, policy, ref, cursor)
         loaded_cursor, moments = cursor.at, _gathered_moments(policy)
         trace = _steps(policy, ref, cursor, start, STEPS)
-        _, common = step.checkpoint_state(policy)  # the next save sees one step count
+        _, common = sharded_state.checkpoint_state(policy)  # the next save sees one step count
         return {
             "adam_step": common["optimizer"]["step"],
             "start": start,
@@ -358,8 +359,7 @@ def _damage(step_dir: Path, how: str) -> str:
         part = step_dir / "meta.json"
         part.write_text(part.read_text()[:25])
     elif how == "garbage-common":
-        part = weights / "common.pt"
-        part.write_bytes(b"\0" * 64)
+        part = damage_common(weights)
     else:
         raise AssertionError(how)
     return str(part)

@@ -148,8 +148,8 @@ DISTOPT = ("optim.distributed_optimizer=true",)
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     """SIGKILL of every rank after step 4 (the checkpoint of step 3 exists), then --resume:
     the metrics and the final weights equal the uninterrupted run's bit for bit. Then a shard
-    of the last checkpoint is truncated: --resume stops on every rank with a line naming the
-    file before any rank prints a resume line or writes into the run directory."""
+    of the last checkpoint is truncated: --resume stops every rank, with one line naming the
+    file, before any rank prints a resume line or writes into the run directory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for run in (straight, broken):

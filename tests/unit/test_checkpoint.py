@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 
 from rpg_megatron import checkpoint
 from rpg_megatron.config import CheckpointConfig, Config, ParallelConfig
@@ -39,6 +40,25 @@ def _save(cfg: CheckpointConfig, step: int, **kw) -> Path:
     return checkpoint.save(
         cfg, step=step, layout=LAYOUT, sharded=_sharded(a, b), common={"n": step}, **kw
     )
+
+
+def damage_common(weights: Path) -> Path:
+    """Overwrite the common state with zeros where the writer's megatron-core put it: common.pt
+    (0.16.1 to 0.18.2), or from 0.19 on its byte range in the .distcp file that the torch_dist
+    .metadata names for the ShardedObject `common_state`. Returns the damaged file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    legacy = weights / "common.pt"
+    if legacy.is_file():
+        legacy.write_bytes(b"\0" * 64)
+        return legacy
+    metadata = FileSystemReader(str(weights)).read_metadata()
+    (info,) = [v for k, v in metadata.storage_data.items() if k.fqn == "common_state/shard_0_1"]
+    part = weights / info.relative_path
+    data = bytearray(part.read_bytes())
+    data[info.offset : info.offset + info.length] = bytes(info.length)
+    part.write_bytes(bytes(data))
+    return part
 
 
 def test_round_trip_restores_tensors_common_state_and_rng(tmp_path):
@@ -150,7 +170,19 @@ def test_damaged_checkpoints_are_named(tmp_path):
     dcp.write_bytes(dcp_bytes[:30])
     _refused(cfg, str(dcp), "corrupt")
     dcp.write_bytes(dcp_bytes)
-    (weights / "common.pt").write_bytes(b"not a pickle")
-    _refused(cfg, str(weights / "common.pt"))
+    _refused(cfg, str(damage_common(weights)), "corrupt")
     (tmp_path / "latest").write_text("step_00000009")
     _refused(cfg, "step_00000009", "does not exist")
+
+
+def test_a_checkpoint_of_a_newer_megatron_core_is_refused_by_an_older_one(tmp_path, monkeypatch):
+    # megatron-core 0.19 moved the common state from common.pt into the torch_dist files
+    # (dist_checkpointing.serialization.save); 0.16.1's load reads only common.pt.
+    from rpg_megatron.megatron import compat
+
+    cfg = CheckpointConfig(dir=str(tmp_path))
+    path = _save(cfg, 2)
+    if (path / "weights" / "common.pt").is_file():
+        pytest.skip(f"megatron-core {compat.mcore_version()} writes common.pt")
+    monkeypatch.setattr(compat, "mcore_version", lambda: Version("0.18.2"))
+    _refused(cfg, str(path / "weights"), "megatron-core >= 0.19", "0.18.2 cannot read")

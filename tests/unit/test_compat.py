@@ -242,3 +242,73 @@ def test_cpu_patch_target_of_the_installed_release_resolves(target: str) -> None
 def test_the_version_read_is_the_installed_distribution() -> None:
     # package_info (what the code reads) against pip's metadata (how it was installed).
     assert Version(importlib.metadata.version("megatron-core")) == INSTALLED
+
+
+# ------------------------------------------------ upstream bugs worked around in sharded_state
+# Each probe runs the named megatron-core function itself, on the smallest object it reads (a
+# torch Adam over one parameter; the attributes it touches), and checks that the workaround's
+# release range says "affected" exactly where the installed release still has the bug. When a
+# release fixes one, this fails and the range gets its upper bound.
+def _torch_adam_only() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        pytest.skip("TE/Apex FusedAdam installed: the torch-Adam paths are not taken")
+
+
+def test_distopt_state_dict_on_a_fresh_torch_adam_is_still_refused_where_we_say() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from rpg_megatron.megatron import sharded_state
+
+    _torch_adam_only()
+    p = torch.nn.Parameter(torch.zeros(3))
+    fresh = types.SimpleNamespace(optimizer=torch.optim.Adam([p]), grad_scaler=None)
+    try:
+        DistributedOptimizer.state_dict(fresh)
+        present = False
+    except AssertionError:  # `assert len(steps) == 1` over an empty torch state
+        present = True
+    assert present == (INSTALLED in SpecifierSet(sharded_state.DISTOPT_EMPTY_STATE_ASSERT))
+
+
+def test_distopt_set_states_still_wants_a_step_tensor_where_we_say() -> None:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from rpg_megatron.megatron import sharded_state
+
+    _torch_adam_only()
+    p = torch.nn.Parameter(torch.zeros(3))
+    adam = torch.optim.Adam([p])
+    adam.state[p] = {
+        "step": torch.tensor(2.0),
+        "exp_avg": torch.zeros(3),
+        "exp_avg_sq": torch.zeros(3),
+    }
+    opt = types.SimpleNamespace(
+        optimizer=adam,
+        model_param_group_index_map={p: (0, 0)},
+        config=types.SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False),
+    )
+    # What load_parameter_state_from_fully_reshardable passes: the stored tensors, 'step' dropped.
+    loaded = {"param": torch.full((3,), 1.0), "exp_avg": torch.full((3,), 2.0)}
+    loaded["exp_avg_sq"] = torch.full((3,), 3.0)
+    try:
+        with torch.no_grad():  # as its caller runs it (@torch.no_grad)
+            DistributedOptimizer._set_main_param_and_optimizer_states(opt, p, loaded)
+        present = False
+    except KeyError as e:
+        assert e.args == ("step",), e
+        present = True
+    assert present == (INSTALLED in SpecifierSet(sharded_state.DISTOPT_STEP_KEYERROR))
+    if not present:
+        assert torch.equal(p.detach(), loaded["param"])  # the fixed release copied the state
+
+
+def test_our_param_group_ids_are_megatron_identifier_keys() -> None:
+    # sharded_state matches saved param groups by a fixed subset of Megatron's identifier keys.
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    from rpg_megatron.megatron import sharded_state
+
+    assert set(sharded_state._GROUP_IDS) <= set(param_group_identifier_keys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,16 @@ def _assert_same_hf(got_dir: Path, want_dir: Path) -> None:
     assert got.keys() == want.keys()
     for name, t in want.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_a_training_checkpoints_record_names_the_installed_megatron_core(hf_dirs):
+    # package_info.__version__ of megatron-core 0.19 carries the git hash of whatever checkout
+    # the venv sits in ("0.19.2+7d4a4f4"); the record names the release, as pip does.
+    src, _ = hf_dirs["qwen3"]
+    ctx = types.SimpleNamespace(tp=2, pp=1)
+    record = convert.training_conversion(read_hf_config(src), src, "bfloat16", ctx)
+    assert record.megatron_core == importlib.metadata.version("megatron-core")
+    assert (record.tp, record.pp, record.dtype) == (2, 1, "bfloat16")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen2-bf16"])
