@@ -132,11 +132,14 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         )
         t_gen = time.perf_counter()
         batch = rollout.batch
-        old_logp = step.logprobs(policy, batch)
-        if is_main and cfg.rollout.dump_dir:
-            dump = Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt"
-            rollout.save(dump, old_logp_NS=old_logp)
-        ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp) if ref is not None else None
+        # On-policy, pi_old (and pi_ref while the anchor is these weights) is the training
+        # forward's own SG(pi_theta): no separate pass (optim.skip_onpolicy_pass).
+        on_policy = _on_policy_step(cfg)
+        old_logp = None if on_policy else step.logprobs(policy, batch)
+        ref_is_policy = on_policy and ref is not None and ref.is_policy(policy)
+        ref_logp = None
+        if ref is not None and not ref_is_policy:
+            ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp)
         adv = _advantages(cfg, rollout, old_logp, ref_logp)
         batch = TrainBatch(
             tokens_NS=batch.tokens_NS,
@@ -147,10 +150,19 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             max_response_len=cfg.rollout.max_new_tokens,
             weight_NS=_tis(cfg.rollout.tis_cap, old_logp, rollout.sample_logp_NS),
             lengths_N=batch.lengths_N,
+            old_is_policy=on_policy,
+            ref_is_policy=ref_is_policy,
         )
         t_lp = time.perf_counter()
-        stats = step.update(policy, batch, objective, objective_cfg=cfg.objective)
+        train_logp = torch.zeros(batch.tokens_NS.shape) if on_policy else None
+        stats = step.update(
+            policy, batch, objective, objective_cfg=cfg.objective, logp_NS=train_logp
+        )
         t_train = time.perf_counter()
+        old_logp = train_logp if old_logp is None else old_logp
+        if is_main and cfg.rollout.dump_dir:
+            dump = Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt"
+            rollout.save(dump, old_logp_NS=old_logp)
         reset = False
         if ref is not None:
             for s in stats:
@@ -474,21 +486,39 @@ def _preempted(flag: list[bool], device: torch.device) -> bool:
     return bool(stop.item())
 
 
+def _on_policy_step(cfg: Config) -> bool:
+    """Whether this step skips the separate pi_old pass: optim.skip_onpolicy_pass, one optimizer
+    step per rollout on samples of the current weights, and nothing that needs pi_old before
+    the update (rollout.tis_cap's weights, REINFORCE++'s KL in the reward)."""
+    optim = cfg.optim
+    return (
+        optim.skip_onpolicy_pass
+        and optim.minibatches == 1
+        and optim.update_epochs == 1
+        and cfg.rollout.tis_cap is None
+        and _reward_kl_coef(cfg) == 0
+    )
+
+
 def _tis(
-    cap: float | None, old_logp: torch.Tensor, sample_logp: torch.Tensor
+    cap: float | None, old_logp: torch.Tensor | None, sample_logp: torch.Tensor
 ) -> torch.Tensor | None:
     """Truncated importance weights min(pi_old / pi_rollout, cap) per token (None when off)."""
     if cap is None:
         return None
+    assert old_logp is not None, "tis_cap needs the pi_old pass (_on_policy_step)"
     return (old_logp - sample_logp).exp().clamp(max=cap)
 
 
 def _advantages(
-    cfg: Config, rollout: Rollout, old_logp: torch.Tensor, ref_logp: torch.Tensor | None
+    cfg: Config, rollout: Rollout, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per-token advantages [N, S] from the rollout's rewards (advantages.compute)."""
+    """Per-token advantages [N, S] from the rollout's rewards (advantages.compute); only
+    REINFORCE++ reads the log-probs (its KL to the reference, folded into the returns)."""
     N, S = rollout.batch.tokens_NS.shape
-    kl_T = None if ref_logp is None else (old_logp - ref_logp).reshape(-1)
+    kl_T = None
+    if _reward_kl_coef(cfg) > 0 and ref_logp is not None and old_logp is not None:
+        kl_T = (old_logp - ref_logp).reshape(-1)
     adv_T = advantages.compute(
         cfg.objective.advantage,
         rewards_N=rollout.rewards_N,

@@ -58,10 +58,14 @@ class Reference:
         `old_logp_NS` (the policy's own log-probs of this batch) is returned as is when the
         anchor equals the current weights, saving a forward pass.
         """
-        if self.state.version == policy.steps_done:
+        if self.is_policy(policy):
             return old_logp_NS
         with _loaded(policy, self.weights):
             return step.logprobs(policy, batch)
+
+    def is_policy(self, policy: step.Policy) -> bool:
+        """True while the anchor is the policy's current weights (no step since the reset)."""
+        return self.state.version == policy.steps_done
 
     # -------------------------------------------------------------------- reset rule
     def observe(self, kl: float) -> None:
