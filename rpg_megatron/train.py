@@ -35,8 +35,9 @@ from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.metrics import MetricsSink, plot, read_metrics
 from rpg_megatron.objectives import build_objective
 from rpg_megatron.rollout import placement
-from rpg_megatron.rollout.collect import Rollout, collect
+from rpg_megatron.rollout.collect import Rollout
 from rpg_megatron.rollout.dispatch import Spread
+from rpg_megatron.rollout.pipeline import Pipeline
 
 _log = logging.getLogger(__name__)
 
@@ -96,23 +97,37 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     ref = Reference(policy, cfg.objective) if needs_ref and resume else None
     # A checkpoint or data cursor that does not fit fails on every rank before rank 0 writes
     # config.yaml or opens the metrics below.
-    start = rundir.agreed(lambda: _resume(cfg, policy, ref, sampler)) if resume else None
+    # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
+    per_iteration = cfg.optim.minibatches * cfg.optim.update_epochs
+    iterations = cfg.optim.steps // per_iteration
+    # Synchronous, or generation running ahead of the trainer (rollout.max_staleness).
+    pipe = Pipeline(
+        cfg,
+        scorer=scorer,
+        tokenizer=tokenizer,
+        sampler=sampler,
+        group_sizes=_group_sizes(cfg, ctx.dp),
+        sync=_sync_weights,
+        dtype=_engine_dtype(cfg),
+        iterations=iterations,
+        steps_per_iteration=per_iteration,
+    )
+    start = rundir.agreed(lambda: _resume(cfg, policy, ref, pipe)) if resume else None
     if start is None:
         _initial_weights(cfg, policy)
         ref = Reference(policy, cfg.objective) if needs_ref else None
     first = 0 if start is None else start
-    # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
-    iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
     # The engines, once everything else is known to be usable (SGLang servers take minutes to
     # start); one that cannot start stops every rank.
     engine, spread = _start_engine(cfg, ctx, engines, hf_config=hf_config, tokenizer=tokenizer)
+    pipe.attach(engine, spread)
     if is_main and resume:
         print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
     stop_flag = _install_preemption_handler()
-    _sync_weights(policy, engine, version=first, dtype=_engine_dtype(cfg))
+    pipe.start(policy, first)
 
     for it in range(first, iterations):
         t0 = time.perf_counter()
@@ -120,23 +135,23 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             # Colocated engines share these GPUs: hand back the trainer's cached activation
             # blocks before they wake (weights, grads and optimizer state stay resident).
             torch.cuda.empty_cache()
-        rollout = collect(
-            engine,
-            scorer,
-            tokenizer,
-            sampler,
-            cfg,
-            seed=cfg.parallel.seed + it,
-            group_sizes=_group_sizes(cfg, ctx.dp),
-            spread=spread,
-        )
-        t_gen = time.perf_counter()
+        taken = pipe.next(policy, it)
+        rollout, old_logp = taken.rollout, taken.old_logp_NS
+        t_lp = time.perf_counter()
         batch = rollout.batch
-        old_logp = step.logprobs(policy, batch)
         if is_main and cfg.rollout.dump_dir:
             dump = Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt"
             rollout.save(dump, old_logp_NS=old_logp)
-        ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp) if ref is not None else None
+        ref_logp = (
+            ref.logprobs(
+                policy,
+                batch,
+                old_logp_NS=None if taken.old_logp_steps is None else old_logp,
+                old_logp_steps=taken.old_logp_steps,
+            )
+            if ref is not None
+            else None
+        )
         adv = _advantages(cfg, rollout, old_logp, ref_logp)
         batch = TrainBatch(
             tokens_NS=batch.tokens_NS,
@@ -148,7 +163,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             weight_NS=_tis(cfg.rollout.tis_cap, old_logp, rollout.sample_logp_NS),
             lengths_N=batch.lengths_N,
         )
-        t_lp = time.perf_counter()
+        t_ref = time.perf_counter()
         stats = step.update(policy, batch, objective, objective_cfg=cfg.objective)
         t_train = time.perf_counter()
         reset = False
@@ -156,7 +171,9 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             for s in stats:
                 ref.observe(s.get("kl", 0.0))
             reset = ref.maybe_reset(policy)
-        _sync_weights(policy, engine, version=it + 1, dtype=_engine_dtype(cfg))
+        sync_s = pipe.after_update(
+            policy, it + 1, evaluating=evaluate.due(it + 1, cfg.eval, last=it + 1 == iterations)
+        )
         t_sync = time.perf_counter()
         validation = (
             evaluate.maybe_evaluate(
@@ -188,6 +205,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
                 + mean.get("clip_low", 0.0)
                 + mean.get("clip_dual", 0.0),
                 "ratio": mean.get("ratio", math.nan),
+                "ratio/max": max((s.get("ratio/max", math.nan) for s in stats), default=math.nan),
                 "grad_norm": mean["grad_norm"],
                 "lr": stats[-1]["lr"],
                 "ref/reset": float(reset),
@@ -197,10 +215,10 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
                 "train_rollout_logprob_abs_diff/worst_engine": max(
                     rollout.logprob_diff_by_engine(old_logp).values()
                 ),
-                "time/generate_s": t_gen - t0,
-                "time/logprob_s": t_lp - t_gen,
-                "time/train_s": t_train - t_lp,
-                "time/sync_s": t_sync - t_train,
+                **taken.metrics,  # staleness, generate / idle / pi_old pass seconds
+                "time/logprob_s": taken.metrics["time/logprob_s"] + t_ref - t_lp,
+                "time/train_s": t_train - t_ref,
+                "time/sync_s": taken.metrics["time/sync_s"] + sync_s,
                 "time/step_s": t_sync - t0,
                 **(validation.metrics() if validation is not None else {}),
             },
@@ -212,7 +230,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             or done == iterations
             or stop
         ):
-            _save(cfg, policy, ref, sampler, iteration=done)
+            _save(cfg, policy, ref, pipe, iteration=done)
         hf_every = cfg.checkpoint.save_hf_every
         if hf_every and done % hf_every == 0 and done < iterations:
             _export(cfg, policy, run_dir / "hf" / f"step_{done:08d}", write=is_main)
@@ -224,6 +242,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         if first < iterations:  # the run completed now: its policy for eval and other stacks
             _export(cfg, policy, run_dir / "hf", write=is_main)
 
+    pipe.close()
     sink.close()
     if is_main:
         plot(run_dir / "metrics.jsonl", run_dir / "reward.png", keys=("reward/mean", "kl"))
@@ -550,14 +569,16 @@ def _layout(ctx: parallel.ParallelContext) -> dict[str, int]:
 
 
 def _save(
-    cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any, *, iteration: int
+    cfg: Config, policy: step.Policy, ref: Reference | None, pipe: Pipeline, *, iteration: int
 ) -> None:
-    """Policy, optimizer, reference, RNG and data cursor as Megatron's distributed checkpoint;
-    the step directory is also a Megatron checkpoint of the policy (convert/eval --mcore)."""
+    """Policy, optimizer, reference, RNG, data cursor and the batches in flight (their
+    versions' weights) as Megatron's distributed checkpoint; the step directory is also a
+    Megatron checkpoint of the policy (convert/eval --mcore)."""
     sharded, common = sharded_state.checkpoint_state(policy)
     if ref is not None:
         sharded["reference"], common["reference"] = ref.checkpoint_state(policy)
-    common["data"] = sampler.state_dict()
+    sharded["behaviour"], common["pipeline"] = pipe.checkpoint_state(policy)
+    common["data"] = pipe.cursor()
     hf_dir = Path(cfg.model.hf_path)
     conversion = convert.training_conversion(policy.arch, hf_dir, cfg.model.dtype, policy.ctx)
 
@@ -600,8 +621,9 @@ def _initial_weights(cfg: Config, policy: step.Policy) -> None:
     _log.info("initial weights: %s", hf_dir if source in ("auto", "hf") else source)
 
 
-def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any) -> int | None:
-    """Restore policy, optimizer, reference, RNG and data cursor from the newest checkpoint,
+def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, pipe: Pipeline) -> int | None:
+    """Restore policy, optimizer, reference, RNG, data cursor and in-flight batches (Pipeline)
+    from the newest checkpoint,
     at this run's layout whatever the writer's; returns its iteration, or None when there is
     none. Every rank agrees the checkpoint is good before any rank goes on (checkpoint.py)."""
     found = checkpoint.find_latest(cfg.checkpoint)
@@ -618,6 +640,9 @@ def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: An
                     "one (objective.beta / advantage changed since it was written?)"
                 )
             request["reference"] = ref.checkpoint_request(policy)
+        behaviour = pipe.checkpoint_request(policy, found.keys)
+        if behaviour is not None:
+            request["behaviour"] = behaviour
     except checkpoint.CheckpointError as e:
         error = f"{found.path}: {e}"
     checkpoint.agree(error)
@@ -625,7 +650,10 @@ def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: An
     apply(loaded.state, loaded.common)
     if ref is not None:
         ref.apply_checkpoint(loaded.state["reference"], loaded.common["reference"])
-    sampler.load_state_dict(loaded.common["data"])
+    pipe.sampler.load_state_dict(loaded.common["data"])
+    pipe.apply_checkpoint(
+        loaded.state.get("behaviour"), loaded.common.get("pipeline", {}), first=found.step
+    )
     if not loaded.rng_restored:
         checkpoint.reseed(cfg.parallel.seed, found.step)
         if ctx.rank == 0:
