@@ -442,7 +442,7 @@ class RolloutConfig:
     masks, engine log-probs, the trainer's log-probs of the same tokens, rewards, group ids and
     the rank that generated each sample), for debugging and comparing runs; "" writes nothing."""
     max_staleness: int = 0
-    """Asynchronous, off-policy training (rollout/pipeline.py): the engines generate up to this
+    """Asynchronous, off-policy training (pipeline.py): the engines generate up to this
     many batches ahead of the trainer, so batch t+1 is generated while the trainer updates on
     batch t. A sample is trained on at most this many policy versions after the weights that
     generated it. 0 is the synchronous loop; >= 1 needs mode=disaggregated (colocated engines

@@ -1,5 +1,5 @@
 """Behaviour policies of asynchronous training: host copies of the weights of every version
-that generated a batch still in flight (rollout.max_staleness >= 1, rollout/pipeline.py).
+that generated a batch still in flight (rollout.max_staleness >= 1, pipeline.py).
 
 RPG's importance weight w = pi_theta / pi_old makes each surrogate's gradient the gradient of
 the objective when pi_old is the policy that generated the samples. With staleness the current

@@ -222,7 +222,7 @@ def groups_of(req: Request, out: Any, n: int) -> list[tuple[tuple, list[float]]]
 
 def rollout_of(req: Request, out: Any, n: int) -> Rollout:
     """The Rollout of one gathered generation batch without dynamic sampling, as `collect`
-    builds it (rollout/pipeline.py gathers in-flight batches itself)."""
+    builds it (pipeline.py gathers in-flight batches itself)."""
     groups = [g for g, _ in groups_of(req, out, n)]
     return _pad(groups, dict(batch_metrics([out.scored])), n)
 

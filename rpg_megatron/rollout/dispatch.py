@@ -105,7 +105,7 @@ class Spread:
     ) -> Share:
         """This rank's part of `run` without any collective: generate and score its share (an
         empty Share on a rank that drives no engine). Safe off the main thread, unlike
-        `gather` (rollout/pipeline.py runs it in a background thread)."""
+        `gather` (pipeline.py runs it in a background thread)."""
         if self.rank not in self.ranks:
             return Share(part=None)
         bounds = shares(len(prompts), len(self.ranks), self.chunk)

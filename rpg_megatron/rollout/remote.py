@@ -1,7 +1,7 @@
 """The embedded engine in a process of its own: `RemoteEngine`, a RolloutEngine that runs an
 `EmbeddedEngine` in a child process and talks to it over a pipe.
 
-Why a process: with rollout.max_staleness >= 1 (rollout/pipeline.py) the engine generates the
+Why a process: with rollout.max_staleness >= 1 (pipeline.py) the engine generates the
 next batch while the trainer updates on this one. In one process the two would share the GIL
 and torch's intra-op thread pool; a child has its own interpreter and its own torch thread count
 (rollout.engine_threads), and the parent's background thread only waits on the pipe (which
