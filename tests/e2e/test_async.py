@@ -221,7 +221,7 @@ def test_resume_with_a_batch_in_flight_reproduces_the_uninterrupted_run(tmp_path
     """SIGTERM (preemption): the loop checkpoints the step it is on, with batch t in flight
     (generated with version t - 1), and leaves; --resume regenerates batch t from the stored
     weights and cursor. Every later step's metrics equal the uninterrupted run's."""
-    steps = 30
+    steps = 16
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for run in (straight, broken):
         _prepare(run)
@@ -240,6 +240,13 @@ def test_resume_with_a_batch_in_flight_reproduces_the_uninterrupted_run(tmp_path
     assert proc.returncode == 0, out[-2000:]
     stopped = len(_records(broken))
     assert 2 <= stopped < steps, out[-2000:]
+    from rpg_megatron import checkpoint
+    from rpg_megatron.config import CheckpointConfig
+    from rpg_megatron.megatron.behaviour import stored_versions
+
+    found = checkpoint.find_latest(CheckpointConfig(dir=str(broken / "ck")))
+    assert found.step == stopped
+    assert stored_versions(found.keys) == [stopped - 1]  # batch `stopped`'s generating version
     resumed = _train(broken, steps, *ASYNC, resume=True)
     assert f"continuing from step {stopped} of {steps}" in resumed.stdout
     a, b = _records(straight), _records(broken)
