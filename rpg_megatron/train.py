@@ -9,6 +9,10 @@ collective that yields full tensors on every rank) feeds each rank's own engine.
 rollout.mode=colocated the engines sleep while the trainer runs (a no-op on CPU); in
 disaggregated mode they stay awake on their own devices.
 
+Asynchronous training (rollout.max_staleness >= 1, disaggregated): the batch and its pi_old come
+from pipeline.py, which generates up to k batches ahead in a background thread and pushes the
+weights when it takes each batch instead of after the update; the loop below is the same.
+
 Legend: N samples of the global batch (prompts_per_step * n_samples), S padded positions.
 """
 
