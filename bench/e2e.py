@@ -50,7 +50,7 @@ Last line, exactly: engines_speedup=<median per-round generate s, rank 0 alone /
 `--compare async` (bench/e2e_async.py): the synchronous loop against rollout.max_staleness=1 on
 the same prompts, one trainer and one engine process on the 2 cores, longer responses:
 
-    python bench/e2e.py --compare async [--steps 100] [--max-new-tokens 48] [--record]
+    python bench/e2e.py --compare async [--steps 200] [--max-new-tokens 48] [--record]
 
 Last line, exactly: async_speedup=<sync / async s per step> ideal=<(gen + train) / max(gen,
 train) of the sync run> reward_delta=<async - sync mean reward, last 10% of steps>

@@ -19,7 +19,7 @@ train) from the synchronous run's medians (gen = time/generate_s, train = the re
 the speed-up a perfect overlap would give; reward_delta = async - sync mean reward over the
 last 10% of steps. docs/async_reward.png plots reward against wall-clock seconds for both.
 
-    python bench/e2e.py --compare async [--steps 100] [--max-new-tokens 48] [--record]
+    python bench/e2e.py --compare async [--steps 200] [--max-new-tokens 48] [--record]
 
 Last line, exactly: async_speedup=<sync s/step / async s/step> ideal=<...> reward_delta=<...>
 """
@@ -42,7 +42,7 @@ def compare_async(args: argparse.Namespace, argv: list[str], run_ours: Any, reco
 
     from rpg_megatron.tiny import prepare_demo
 
-    steps, tokens = args.steps or 100, args.max_new_tokens or 48
+    steps, tokens = args.steps or 200, args.max_new_tokens or 48
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench_async.") as tmp:
         out = args.work_dir or Path(tmp)

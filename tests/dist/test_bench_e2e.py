@@ -66,7 +66,7 @@ def test_reduced_async_bench_same_work_and_last_line(tmp_path, capsys):
     (the bench checks every step's prompt ids from the dumps; here the samples per step are
     read back from the runs' own records), and the last line's figures equal those recomputed
     from the two metrics.jsonl files."""
-    steps, prompts, samples = 4, 2, 4
+    steps, prompts, samples = 4, 4, 8  # 32 sequences: tiny_cpu.yaml's micro-batch
     plot = tmp_path / "async_reward.png"
     argv = ["--compare", "async", "--steps", str(steps), "--prompts", str(prompts)]
     argv += ["--samples", str(samples), "--max-new-tokens", "8", "--work-dir", str(tmp_path)]
