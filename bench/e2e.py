@@ -20,7 +20,8 @@
 
 Not equal by construction: the initial weights (Megatron's seeded init vs HF's, both random
 with std 0.02), the prompt order (each side shuffles the pool with its own sampler), and what
-each side computes per step (ours adds an old-policy log-prob pass; TRL skips it when on-policy).
+each side computes per step (both take pi_old from the training forward on this on-policy work,
+ours by optim.skip_onpolicy_pass; `--with-pass` adds a row of ours running the separate pass).
 Both subprocesses run one after the other inside one invocation; start-up (imports, model
 build) is excluded from the per-step times and reported separately.
 
@@ -29,7 +30,8 @@ build) is excluded from the per-step times and reported separately.
     python bench/e2e.py --record             # append the table to docs/benchmarks.md
     python bench/e2e.py --sglang             # plus the SGLang-server row
 
-Last line, exactly: step_ratio=<ours / TRL median seconds per step>, then with --sglang
+Last line, exactly: step_ratio=<ours / TRL median seconds per step>, then with --with-pass
+` pass_step_ratio=<ours with the pi_old pass / TRL>`, then with --sglang
 ` sglang_step_ratio=<ours through SGLang / ours embedded>`.
 
 `--compare engines` (`compare_engines`) instead times a step's generation phase, the
@@ -152,11 +154,11 @@ def run_ours(
     threads: int,
     name: str = "ours",
     sglang_python: str | None = None,
-    extra: list[str] | tuple[str, ...] = (),
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Train `steps` steps with our loop in a subprocess; returns the per-step metrics. With
-    `sglang_python`, rollouts come from a real SGLang server run by that interpreter; `extra`
-    config overrides come last."""
+    `sglang_python`, rollouts come from a real SGLang server run by that interpreter;
+    `overrides` are further `key=value` settings."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a reused --work-dir: this run starts afresh
     cmd = [
@@ -176,7 +178,7 @@ def run_ours(
     ]
     if sglang_python is not None:
         cmd += sglang_overrides(demo, run_dir, sglang_python)
-    cmd += list(extra)
+    cmd += overrides
     t0 = time.perf_counter()
     _run(cmd, threads, run_dir.with_suffix(".log"))
     wall = time.perf_counter() - t0
@@ -503,9 +505,12 @@ def table(
     window: int,
     load: float,
     sglang: dict | None = None,
+    with_pass: dict | None = None,
 ) -> str:
     """The markdown table: per-phase medians of ours, step medians of all, time to reward."""
     systems = [("ours (rpg_megatron)", ours), (f"TRL {trl['trl']}", trl)]
+    if with_pass is not None:
+        systems.insert(1, ("ours, with the separate pi_old pass", with_pass))
     if sglang is not None:
         systems.append(("ours, rollouts from a real SGLang server (CPU)", sglang))
     lines = [
@@ -534,6 +539,11 @@ def table(
         "\n".join(lines)
         + f"\n\nstep-time ratio ours / TRL (median s per step, first step excluded): {ratio:.3f}"
     )
+    if with_pass is not None:
+        text += (
+            "\nstep-time ratio ours with the pi_old pass / TRL: "
+            f"{_median(with_pass['step_s']) / _median(trl['step_s']):.3f}"
+        )
     if sglang is not None:
         text += (
             "\nstep-time ratio ours through SGLang / ours embedded: "
@@ -570,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PYTHON",
         help="also run our loop with rollouts from a real SGLang server on this CPU, run by "
         "PYTHON (default: the venv of tools/sglang_venv.sh)",
+    )
+    p.add_argument(
+        "--with-pass",
+        action="store_true",
+        help="also run our loop with the separate pi_old pass (optim.skip_onpolicy_pass=false)",
     )
     p.add_argument(
         "--trl-worker", nargs=2, type=Path, metavar=("DEMO", "RESULT"), help=argparse.SUPPRESS
@@ -616,7 +631,25 @@ def main(argv: list[str] | None = None) -> int:
             sglang = run_ours(
                 demo, out, threads=args.threads, name="ours_sglang", sglang_python=python, **common
             )
-    text = table(ours, trl, threshold=args.threshold, window=args.window, load=load, sglang=sglang)
+        with_pass = None
+        if args.with_pass:
+            with_pass = run_ours(
+                demo,
+                out,
+                threads=args.threads,
+                name="ours_with_pass",
+                overrides=("optim.skip_onpolicy_pass=false",),
+                **common,
+            )
+    text = table(
+        ours,
+        trl,
+        threshold=args.threshold,
+        window=args.window,
+        load=load,
+        sglang=sglang,
+        with_pass=with_pass,
+    )
     print(text)
     if args.record:
         record(
@@ -627,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     ratio = _median(ours["step_s"]) / _median(trl["step_s"])
     last = f"step_ratio={ratio:.3f}"
+    if with_pass is not None:
+        last += f" pass_step_ratio={_median(with_pass['step_s']) / _median(trl['step_s']):.3f}"
     if sglang is not None:
         last += f" sglang_step_ratio={_median(sglang['step_s']) / _median(ours['step_s']):.3f}"
     print(last)

@@ -9,6 +9,11 @@ in-process at max_staleness=0: nothing would overlap); max_staleness=1: the engi
 of its own with one torch thread (rollout.engine_threads=1, rollout/remote.py), generating batch
 t+1 while the trainer (one thread) updates on batch t, on the machine's 2 cores.
 
+The synchronous arm is the loop as it ships: with optim.skip_onpolicy_pass (one optimizer step
+per rollout) it takes pi_old from the training forward; the asynchronous arm computes pi_old
+with the behaviour version's snapshot (rollout.behaviour_logprobs=snapshot), one forward-only
+pass more per step, inside the overlap.
+
 Same work: the same prompts per step in both arms (each run dumps its batches,
 rollout.dump_dir; the bench compares every step's prompt token ids and stops if they differ),
 the same seeds, samples and response budget. Not the same: the completions after step 0 (the
@@ -66,7 +71,7 @@ def compare_async(args: argparse.Namespace, argv: list[str], run_ours: Any, reco
                 samples=args.samples or 8,
                 threads=1,
                 name=name,
-                extra=[*common, *extra],
+                overrides=(*common, *extra),
             )
             arms[name]["prompts_by_step"] = _prompts(dumps, steps, torch)
         if arms["sync"]["prompts_by_step"] != arms["async"]["prompts_by_step"]:

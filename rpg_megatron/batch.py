@@ -165,6 +165,13 @@ class TrainBatch:
     lengths_N: Tensor | None = None
     """int64 [N], optional: tokens of each sequence (prompt + response); positions from there
     on are padding. None: every row is S tokens long. Packing trains only the real tokens."""
+    old_is_policy: bool = False
+    """True: pi_old is SG(pi_theta) of the training forward itself, and old_logp_NS stays None.
+    Exact only for the first optimizer step on samples the current weights generated (the
+    on-policy step, optim.skip_onpolicy_pass): no separate pi_old pass is run."""
+    ref_is_policy: bool = False
+    """True (with old_is_policy): the KL anchor is the current weights too (reset at the last
+    rollout), so log pi_ref is SG(pi_theta) of the training forward; ref_logp_NS stays None."""
 
     def __post_init__(self) -> None:
         import torch  # already loaded by whoever built the tensors; see the import above
@@ -183,6 +190,13 @@ class TrainBatch:
                     f"TrainBatch.{name}: shape {tuple(x.shape)} != tokens_NS "
                     f"{tuple(self.tokens_NS.shape)}"
                 )
+        if self.old_is_policy and self.old_logp_NS is not None:
+            raise ValueError(
+                "TrainBatch: old_is_policy takes pi_old from the training forward; "
+                "old_logp_NS must be None"
+            )
+        if self.ref_is_policy and (not self.old_is_policy or self.ref_logp_NS is not None):
+            raise ValueError("TrainBatch: ref_is_policy needs old_is_policy and ref_logp_NS=None")
         if bool((self.mask_NS[:, 0] != 0).any()):
             raise ValueError("TrainBatch.mask_NS[:, 0] must be 0: the first token has no prefix")
         if self.lengths_N is not None:

@@ -230,6 +230,13 @@ class OptimConfig:
     micro-batches of at most this many tokens (a longer sequence gets one of its own)."""
     distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    skip_onpolicy_pass: bool = True
+    """Skip the separate pi_old log-prob pass when the step is exactly on-policy: one optimizer
+    step per rollout (minibatches = update_epochs = 1) on samples the current weights
+    generated, without rollout.tis_cap or REINFORCE++'s KL-in-reward (both need pi_old before
+    the update). pi_old is then SG(pi_theta) of the training forward itself, as in TRL, and
+    the reference pass is skipped too while the anchor equals the current weights. The loss,
+    gradient and metrics are those of the pass to float32 round-off; false always runs it."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -62,8 +62,9 @@ class Taken:
     """The gathered, scored batch."""
     version: int
     """The behaviour version: the weights (iterations done) that generated every sample."""
-    old_logp_NS: Tensor
-    """log pi_old of every token, [N, S] (rollout.behaviour_logprobs)."""
+    old_logp_NS: Tensor | None
+    """log pi_old of every token, [N, S] (rollout.behaviour_logprobs); None when skipped
+    (`next(skip_old=True)`)."""
     old_logp_steps: int | None
     """Optimizer steps of the trainer weights old_logp_NS was computed with (the behaviour
     version's); None when it is the engine's own (Reference must not reuse it)."""
@@ -142,9 +143,11 @@ class Pipeline:
             self._push(policy, first)
         self._fill(policy, upto=upto)
 
-    def next(self, policy: step.Policy, it: int) -> Taken:
+    def next(self, policy: step.Policy, it: int, *, skip_old: bool = False) -> Taken:
         """Batch `it` and its pi_old. With k >= 1 also pushes version `it` and starts the
-        batches up to it + k before the pi_old pass."""
+        batches up to it + k before the pi_old pass. `skip_old` (the synchronous loop's
+        on-policy skip, train._on_policy_step): no pi_old pass, old_logp_NS is None and the
+        training forward's SG(pi_theta) stands in for it."""
         t0 = time.perf_counter()
         if not self.k:
             rollout = collect(
@@ -171,7 +174,11 @@ class Pipeline:
             rollout, version, times = self._take(policy, it)
             t_gen = time.perf_counter()
         self._check_versions(rollout, version, it)
-        old_logp, steps = self._old_logprobs(policy, rollout, version, current=it)
+        old_logp, steps = (
+            (None, policy.steps_done)
+            if skip_old
+            else self._old_logprobs(policy, rollout, version, current=it)
+        )
         self.snapshots.retain(f.version for f in self._inflight)
         staleness_N = (it - rollout.weight_version_N).float()
         return Taken(

@@ -143,23 +143,25 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             # Colocated engines share these GPUs: hand back the trainer's cached activation
             # blocks before they wake (weights, grads and optimizer state stay resident).
             torch.cuda.empty_cache()
-        taken = pipe.next(policy, it)
+        # On-policy, pi_old (and pi_ref while the anchor is these weights) is the training
+        # forward's own SG(pi_theta): no separate pass (optim.skip_onpolicy_pass).
+        on_policy = _on_policy_step(cfg)
+        taken = pipe.next(policy, it, skip_old=on_policy)
         rollout, old_logp = taken.rollout, taken.old_logp_NS
         t_lp = time.perf_counter()
         batch = rollout.batch
-        if is_main and cfg.rollout.dump_dir:
-            dump = Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt"
-            rollout.save(dump, old_logp_NS=old_logp)
-        ref_logp = (
-            ref.logprobs(
+        ref_is_policy = on_policy and ref is not None and ref.is_policy(policy)
+        ref_logp = None
+        if ref is not None and not ref_is_policy:
+            # pi_old is reused as pi_ref only when the anchor is the version it was computed
+            # with (the behaviour version under staleness); never the engine's log-probs.
+            reuse = old_logp is not None and taken.old_logp_steps is not None
+            ref_logp = ref.logprobs(
                 policy,
                 batch,
-                old_logp_NS=None if taken.old_logp_steps is None else old_logp,
+                old_logp_NS=old_logp if reuse else None,
                 old_logp_steps=taken.old_logp_steps,
             )
-            if ref is not None
-            else None
-        )
         adv = _advantages(cfg, rollout, old_logp, ref_logp)
         batch = TrainBatch(
             tokens_NS=batch.tokens_NS,
@@ -170,10 +172,19 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             max_response_len=cfg.rollout.max_new_tokens,
             weight_NS=_tis(cfg.rollout.tis_cap, old_logp, rollout.sample_logp_NS),
             lengths_N=batch.lengths_N,
+            old_is_policy=on_policy,
+            ref_is_policy=ref_is_policy,
         )
         t_ref = time.perf_counter()
-        stats = step.update(policy, batch, objective, objective_cfg=cfg.objective)
+        train_logp = torch.zeros(batch.tokens_NS.shape) if on_policy else None
+        stats = step.update(
+            policy, batch, objective, objective_cfg=cfg.objective, logp_NS=train_logp
+        )
         t_train = time.perf_counter()
+        old_logp = train_logp if old_logp is None else old_logp
+        if is_main and cfg.rollout.dump_dir:
+            dump = Path(cfg.rollout.dump_dir) / f"step_{it + 1:06d}.pt"
+            rollout.save(dump, old_logp_NS=old_logp)
         reset = False
         if ref is not None:
             for s in stats:
@@ -501,21 +512,41 @@ def _preempted(flag: list[bool], device: torch.device) -> bool:
     return bool(stop.item())
 
 
+def _on_policy_step(cfg: Config) -> bool:
+    """Whether this step skips the separate pi_old pass: optim.skip_onpolicy_pass, one optimizer
+    step per rollout on samples of the current weights, and nothing that needs pi_old before
+    the update (rollout.tis_cap's weights, REINFORCE++'s KL in the reward)."""
+    optim, rollout = cfg.optim, cfg.rollout
+    return (
+        optim.skip_onpolicy_pass
+        and rollout.max_staleness == 0  # else pi_old is the behaviour version, not pi_theta
+        and rollout.behaviour_logprobs == "snapshot"
+        and optim.minibatches == 1
+        and optim.update_epochs == 1
+        and cfg.rollout.tis_cap is None
+        and _reward_kl_coef(cfg) == 0
+    )
+
+
 def _tis(
-    cap: float | None, old_logp: torch.Tensor, sample_logp: torch.Tensor
+    cap: float | None, old_logp: torch.Tensor | None, sample_logp: torch.Tensor
 ) -> torch.Tensor | None:
     """Truncated importance weights min(pi_old / pi_rollout, cap) per token (None when off)."""
     if cap is None:
         return None
+    assert old_logp is not None, "tis_cap needs the pi_old pass (_on_policy_step)"
     return (old_logp - sample_logp).exp().clamp(max=cap)
 
 
 def _advantages(
-    cfg: Config, rollout: Rollout, old_logp: torch.Tensor, ref_logp: torch.Tensor | None
+    cfg: Config, rollout: Rollout, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None
 ) -> torch.Tensor:
-    """Per-token advantages [N, S] from the rollout's rewards (advantages.compute)."""
+    """Per-token advantages [N, S] from the rollout's rewards (advantages.compute); only
+    REINFORCE++ reads the log-probs (its KL to the reference, folded into the returns)."""
     N, S = rollout.batch.tokens_NS.shape
-    kl_T = None if ref_logp is None else (old_logp - ref_logp).reshape(-1)
+    kl_T = None
+    if _reward_kl_coef(cfg) > 0 and ref_logp is not None and old_logp is not None:
+        kl_T = (old_logp - ref_logp).reshape(-1)
     adv_T = advantages.compute(
         cfg.objective.advantage,
         rewards_N=rollout.rewards_N,

@@ -244,7 +244,8 @@ class LossInputs:
     target_T: Tensor
     """int64 [T]: the predicted token's id; any id in [0, vocab_size) where mask_T is 0."""
     old_logp_T: Tensor
-    """float [T]: log pi_old of target_T (the policy the importance weights refer to)."""
+    """float [T]: log pi_old of target_T (the policy the importance weights refer to); ignored
+    when old_is_policy."""
     ref_logp_T: Tensor | None
     """float [T]: log pi_ref of target_T; None when the objective has no KL anchor."""
     adv_T: Tensor
@@ -265,6 +266,11 @@ class LossInputs:
     before the sequences were split over the CP ranks (None: count them in mask_T)."""
     count_sequences: bool = True
     """False on CP ranks other than 0, so per-sequence denominators are counted once."""
+    old_is_policy: bool = False
+    """True: log pi_old is the detached log-prob of this very forward (TrainBatch.old_is_policy:
+    the on-policy step, whose importance weight is exactly 1 with the gradient of pi_theta)."""
+    ref_is_policy: bool = False
+    """True: log pi_ref is the detached log-prob of this forward as well (TrainBatch)."""
 
     def __post_init__(self) -> None:
         n = self.target_T.shape
@@ -295,6 +301,7 @@ def make_loss_func(
     vocab_size: int,
     chunk_tokens: int = 4096,
     with_entropy: bool = False,
+    keep_logp: bool = False,
 ) -> LossFunc:
     """Megatron `loss_func` for one micro-batch; run with `calculate_per_token_loss=True`.
 
@@ -306,11 +313,12 @@ def make_loss_func(
     logs over micro-batches and DP ranks and dividing gives each metric's token mean and the
     exact loss being optimised; names ending in "/max" (the importance weight's "ratio/max")
     hold (largest value, 1) instead and are reduced by max. No host syncs, so the schedule is
-    not stalled.
+    not stalled. `keep_logp` adds logs["logp"]: the detached [T] log-probs of this forward
+    (step.forward_backward takes it out before the metrics are summed).
     """
     if aggregation not in _AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}: must be one of {_AGGREGATIONS}")
-    if objective.needs_ref and inp.ref_logp_T is None:
+    if objective.needs_ref and inp.ref_logp_T is None and not inp.ref_is_policy:
         raise ValueError(
             f"{type(objective).__name__} needs ref_logp_T (it has a KL anchor) but "
             "LossInputs.ref_logp_T is None; compute reference log-probs first"
@@ -339,10 +347,13 @@ def make_loss_func(
             with_entropy=with_entropy,
             grad_into_logits=True,
         )
+        # On-policy, pi_old is this forward's own log-prob with the gradient stopped: the
+        # separate pass would compute the same numbers with the same weights.
+        sg_logp_T = logp_T.detach()
         terms = TokenTerms(
             logp_T=logp_T,
-            old_logp_T=inp.old_logp_T,
-            ref_logp_T=inp.ref_logp_T,
+            old_logp_T=sg_logp_T if inp.old_is_policy else inp.old_logp_T,
+            ref_logp_T=sg_logp_T if inp.ref_is_policy else inp.ref_logp_T,
             adv_T=inp.adv_T,
             mask_T=inp.mask_T,
         )
@@ -376,6 +387,8 @@ def make_loss_func(
         if "ratio" in metrics:  # the importance weight's largest value (step._reduce_logs: max)
             top = torch.where(on_T, metrics["ratio"].detach(), -torch.inf).max().to(torch.float64)
             logs["ratio/max"] = torch.stack([top, count.new_ones(())])
+        if keep_logp:
+            logs["logp"] = sg_logp_T
         return num, den, logs
 
     return loss_func

@@ -160,6 +160,8 @@ def padded_micro_batches(
             n_seqs=B,
             max_response_len=b.max_response_len,
             weight_T=_aligned(b.weight_NS, extra, device),
+            old_is_policy=b.old_is_policy,
+            ref_is_policy=b.ref_is_policy,
         )
         out.append(
             MicroBatch(
@@ -242,6 +244,8 @@ def packed_micro_batch(
         weight_T=dev(full["weight"]),
         seq_tokens_N=dev(seq_tokens_N) if cp > 1 else None,
         count_sequences=cp_rank == 0,
+        old_is_policy=batch.old_is_policy,
+        ref_is_policy=batch.ref_is_policy,
     )
     return MicroBatch(
         input_BS=dev(full["input"]).unsqueeze(0),

@@ -73,6 +73,10 @@ class Reference:
         with _loaded(policy, self.weights):
             return step.logprobs(policy, batch)
 
+    def is_policy(self, policy: step.Policy) -> bool:
+        """True while the anchor is the policy's current weights (no step since the reset)."""
+        return self.state.version == policy.steps_done
+
     # -------------------------------------------------------------------- reset rule
     def observe(self, kl: float) -> None:
         """Feed one optimizer step's token-mean KL to the anchor into the moving average."""

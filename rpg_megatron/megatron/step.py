@@ -337,8 +337,6 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
     """log pi(token [n, s] | prefix) for the whole global batch, float32 [N, S] (0 at s = 0
     and on padding), on every rank. Each DP rank computes its sequences; the last pipeline
     stage's result is broadcast over PP and the DP ranks' results are all-gathered."""
-    from megatron.core import parallel_state
-
     ctx = policy.ctx
     shares = _dp_shares(policy, batch)
     local = _take(batch, shares[ctx.dp_rank])
@@ -369,11 +367,26 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
     out = _run_schedule(policy, mbs, forward_step, forward_only=True)
     for c in policy.chunks:
         c.train()
-    S = batch.tokens_NS.shape[1]
-    local_logp = torch.zeros(local.n, S, device=ctx.device)
+    return _gather_logp(policy, batch, shares, mbs, [o["logp"] for o in out])
+
+
+def _gather_logp(
+    policy: Policy,
+    batch: TrainBatch,
+    shares: list[list[int]],
+    mbs: list[packing.MicroBatch],
+    logp_T: list[Tensor],
+) -> Tensor:
+    """This rank's micro-batch log-probs (`logp_T`, one per micro-batch, last pipeline stage)
+    -> the whole batch's [N, S] float32 on every rank (collective over PP and DP)."""
+    from megatron.core import parallel_state
+
+    ctx = policy.ctx
+    S, n_local = batch.tokens_NS.shape[1], len(shares[ctx.dp_rank])
+    local_logp = torch.zeros(n_local, S, device=ctx.device)
     if ctx.is_last_stage:
-        for mb, o in zip(mbs, out, strict=True):
-            _place(local_logp, mb, o["logp"].float(), ctx)
+        for mb, lp in zip(mbs, logp_T, strict=True):
+            _place(local_logp, mb, lp.float(), ctx)
     if ctx.pp > 1:
         dist.broadcast(
             local_logp,
@@ -385,7 +398,7 @@ def logprobs(policy: Policy, batch: TrainBatch) -> Tensor:
     # Every rank knows every share (the split is deterministic); packing makes them unequal,
     # so each is padded to the largest for the all-gather.
     padded = torch.zeros(max(map(len, shares)), S, device=ctx.device)
-    padded[: local.n] = local_logp
+    padded[:n_local] = local_logp
     parts = [torch.empty_like(padded) for _ in range(ctx.dp)]
     dist.all_gather(parts, padded, group=parallel_state.get_data_parallel_group())
     full = torch.zeros(batch.n, S)
@@ -418,19 +431,23 @@ def forward_backward(
     *,
     aggregation: Aggregation,
     with_entropy: bool = True,
+    logp_NS: Tensor | None = None,
 ) -> dict[str, float]:
     """Gradients of the aggregated objective over `batch` into the DDP grad buffers
     (param.main_grad), already all-reduced over DP and divided by the global denominator.
     Returns the step's metrics (token means; "loss" is the exact aggregated loss) on every rank.
+    `logp_NS` (float32 [N, S], CPU), when given, is filled with the training forward's detached
+    log-probs of `batch` on every rank, as `logprobs` would return them (collective).
     """
     from megatron.core import parallel_state
 
-    if batch.old_logp_NS is None or batch.adv_NS is None:
+    if (batch.old_logp_NS is None and not batch.old_is_policy) or batch.adv_NS is None:
         raise ValueError("forward_backward: TrainBatch needs old_logp_NS and adv_NS")
-    if objective.needs_ref and batch.ref_logp_NS is None:
+    if objective.needs_ref and batch.ref_logp_NS is None and not batch.ref_is_policy:
         raise ValueError(f"{type(objective).__name__} needs TrainBatch.ref_logp_NS")
     ctx = policy.ctx
-    mbs = _micro_batches(policy, _take(batch, _dp_shares(policy, batch)[ctx.dp_rank]))
+    shares = _dp_shares(policy, batch)
+    mbs = _micro_batches(policy, _take(batch, shares[ctx.dp_rank]))
     tp_group, vocab_start = _tp_group(), _vocab_start(policy)
 
     def forward_step(data_iterator: Iterator[packing.MicroBatch], model: Any) -> tuple[Tensor, Any]:
@@ -445,12 +462,15 @@ def forward_backward(
             vocab_size=policy.arch.vocab_size,
             chunk_tokens=policy.model_cfg.logprob_chunk_tokens,
             with_entropy=with_entropy,
+            keep_logp=logp_NS is not None,
         )
 
     for c in policy.chunks:
         c.zero_grad_buffer()
     policy.optimizer.zero_grad()
     out = _run_schedule(policy, mbs, forward_step, forward_only=False)
+    if logp_NS is not None:
+        logp_NS.copy_(_gather_logp(policy, batch, shares, mbs, [o.pop("logp") for o in out]))
     return _reduce_logs(out, ctx, parallel_state)
 
 
@@ -508,16 +528,27 @@ def update(
     *,
     objective_cfg: ObjectiveConfig,
     with_entropy: bool = True,
+    logp_NS: Tensor | None = None,
 ) -> list[dict[str, float]]:
     """optim.update_epochs passes over `batch`, each cut into optim.minibatches optimizer steps.
 
     Returns one metrics dict per optimizer step: the loss hook's metrics plus grad_norm and lr.
     Leaves Schedule-Free weights in eval mode (x), ready for log-prob passes and export.
+    `logp_NS` (float32 [N, S]), when given, receives the log-probs of the (first) training
+    forward over the whole batch, taken before any step: pi_old when batch.old_is_policy.
     """
     cfg = policy.optim_cfg
     if batch.n % cfg.minibatches:
         raise ValueError(
             f"batch of {batch.n} sequences does not split into optim.minibatches={cfg.minibatches}"
+        )
+    one_pass = cfg.minibatches == 1 and cfg.update_epochs == 1
+    if (batch.old_is_policy or logp_NS is not None) and not one_pass:
+        # Only the first step's forward sees the weights that generated the samples.
+        raise ValueError(
+            f"TrainBatch.old_is_policy / logp_NS with optim.minibatches={cfg.minibatches} x "
+            f"optim.update_epochs={cfg.update_epochs} optimizer steps: pi_old from the training "
+            "forward is exact for one step per rollout only; compute old_logp_NS with logprobs()"
         )
     per = batch.n // cfg.minibatches
     stats = []
@@ -535,6 +566,7 @@ def update(
                     objective,
                     aggregation=objective_cfg.aggregation,
                     with_entropy=with_entropy,
+                    logp_NS=logp_NS,
                 )
                 ok, grad_norm, _ = policy.optimizer.step()
                 # float16: an overflow means the dynamic loss scale was too high; Megatron has

@@ -40,6 +40,7 @@ def test_last_number_reward(completion, truth, want):
 def test_reduced_bench_same_work_and_ratio(tmp_path, capsys):
     steps, prompts, samples = 3, 4, 8
     argv = ["--steps", str(steps), "--prompts", str(prompts), "--work-dir", str(tmp_path)]
+    argv.append("--with-pass")
     assert e2e.main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
 
@@ -50,14 +51,23 @@ def test_reduced_bench_same_work_and_ratio(tmp_path, capsys):
     assert trl["samples"] == [prompts * samples] * steps  # one reward call per optimizer step
     assert trl["prompts"] == [prompts] * steps  # groups of `samples` completions of one prompt
 
+    # The row with the separate pi_old pass did the same work and learned the same.
+    passed = [json.loads(line) for line in (tmp_path / "ours_with_pass" / "metrics.jsonl").open()]
+    assert [r["reward/mean"] for r in passed] == pytest.approx([r["reward/mean"] for r in ours])
+    assert [r["loss"] for r in passed] == pytest.approx([r["loss"] for r in ours], rel=1e-5)
+
     rows = [line for line in out if line.startswith("| ours") or line.startswith("| TRL")]
-    assert len(rows) == 2
+    assert len(rows) == 3
     assert all(f"| {steps} | {prompts} x {samples} |" in row for row in rows)
     want = statistics.median([r["time/step_s"] for r in ours][1:]) / statistics.median(
         trl["step_s"][1:]
     )
-    match = re.fullmatch(r"step_ratio=(\d+\.\d{3})", out[-1])
+    want_pass = statistics.median([r["time/step_s"] for r in passed][1:]) / statistics.median(
+        trl["step_s"][1:]
+    )
+    match = re.fullmatch(r"step_ratio=(\d+\.\d{3}) pass_step_ratio=(\d+\.\d{3})", out[-1])
     assert match and float(match.group(1)) == pytest.approx(want, abs=1e-3)
+    assert float(match.group(2)) == pytest.approx(want_pass, abs=1e-3)
 
 
 @pytest.mark.slow

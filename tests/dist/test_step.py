@@ -256,3 +256,70 @@ def test_fp8_update_follows_the_bf16_update(fp8, budget):
     for name, g in got["grads"].items():
         assert torch.isfinite(g).all(), name
         assert rel_err(g, bf16["grads"][name]) < 0.25, name
+
+
+def _on_policy_case(
+    rank: int, world: int, par: ParallelConfig, budget: int, full: dict, anchor_moved: bool
+) -> dict[str, Any]:
+    """The on-policy step two ways on the same weights: pi_old (and pi_ref) from a separate
+    log-prob pass, and from the training forward itself (old_is_policy / ref_is_policy)."""
+    try:
+        optim = OptimConfig(lr=1e-3, micro_batch_size=2, max_tokens_per_microbatch=budget)
+        policy = _build(par, optim)
+        _load(policy, full)
+        base = dataclasses.replace(_batch(), lengths_N=torch.tensor([12, 9, 7, 12]))
+        old = step.logprobs(policy, base)
+        ref = _with_logps(base, old).ref_logp_NS if anchor_moved else old
+        passed = dataclasses.replace(base, old_logp_NS=old, ref_logp_NS=ref)
+        with_pass = step.forward_backward(policy, passed, OBJ, aggregation="sequence")
+        grads_pass = _full_grads(policy)
+        skipped = dataclasses.replace(
+            base,
+            old_is_policy=True,
+            ref_logp_NS=ref if anchor_moved else None,
+            ref_is_policy=not anchor_moved,
+        )
+        logp = torch.full(base.tokens_NS.shape, float("nan"))
+        without = step.forward_backward(policy, skipped, OBJ, aggregation="sequence", logp_NS=logp)
+        return {
+            "old": old,
+            "logp": logp,
+            "stats": (with_pass, without),
+            "grads": (grads_pass, _full_grads(policy)),
+        }
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.parametrize("anchor_moved", [False, True], ids=["ref-is-policy", "ref-moved"])
+@pytest.mark.parametrize(
+    ("world", "par", "budget"),
+    [
+        (1, ParallelConfig(), 0),
+        (2, ParallelConfig(tp=2), 0),
+        (2, ParallelConfig(pp=2), 24),
+        (2, ParallelConfig(), 24),
+    ],
+    ids=["one-rank", "tp2", "pp2-packed", "dp2-packed"],
+)
+def test_on_policy_step_without_the_pass_equals_the_step_with_it(
+    reference, world, par, budget, anchor_moved
+):
+    """optim.skip_onpolicy_pass: SG(pi_theta) of the training forward as pi_old (and as pi_ref
+    when the anchor is the current weights) gives the loss, metrics and every gradient of the
+    step fed a separate log-prob pass, to float32 round-off; the log-probs the training
+    forward hands back equal that pass's."""
+    for res in spawn(world, _on_policy_case, par, budget, reference["full"], anchor_moved):
+        torch.testing.assert_close(res["logp"], res["old"], rtol=1e-5, atol=1e-5)
+        with_pass, without = res["stats"]
+        assert with_pass.keys() == without.keys()
+        for name, value in with_pass.items():
+            assert without[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+        assert with_pass["ratio"] == pytest.approx(1.0)  # on-policy: w = 1 ...
+        grads_pass, grads = res["grads"]
+        for name, g in grads.items():
+            assert float(grads_pass[name].abs().max()) > 0, name  # ... with a real gradient
+            scale = max(1.0, float(grads_pass[name].abs().max()))
+            torch.testing.assert_close(g, grads_pass[name], rtol=1e-5, atol=1e-6 * scale)
+        if not anchor_moved:
+            assert without["kl"] == pytest.approx(0.0, abs=1e-7)

@@ -312,3 +312,26 @@ def test_a_short_dynamic_sampling_step_trains_on_a_multiple_that_splits(tmp_path
     )
     assert out.returncode == 2
     assert b"1 informative groups" in out.stderr and b"data.max_gen_batches=2" in out.stderr
+
+
+def test_the_on_policy_skip_trains_as_the_pi_old_pass_does(tmp_path):
+    """optim.skip_onpolicy_pass (the demo's default: one optimizer step per rollout) takes
+    pi_old from the training forward and skips the reference pass while the anchor is the
+    current weights (step 1, and after every reset): every logged metric of 12 steps, the
+    engine/trainer log-prob mismatch included, equals the run with both passes, to float32
+    round-off (bench/e2e.py measures the time saved)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for skip in (False, True):
+        run = tmp_path / f"skip_{skip}"
+        _prepare(run)
+        over = (f"optim.skip_onpolicy_pass={str(skip).lower()}", "objective.ref_reset_every=5")
+        subprocess.run(_cmd(run, 12, *over), cwd=REPO, env=env, check=True, capture_output=True)
+        runs[skip] = run
+    with_pass, without = _records(runs[False]), _records(runs[True])
+    assert len(with_pass) == len(without) == 12
+    assert sum(r["ref/reset"] for r in without) == 2  # after steps 5 and 10
+    for a, b in zip(with_pass, without, strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["step"], key)

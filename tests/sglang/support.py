@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import torch
 
+from bench.e2e import default_sglang_python
 from rpg_megatron.batch import Completion, SamplingParams
 from rpg_megatron.config import RolloutConfig, SGLangConfig
 from rpg_megatron.rollout.sglang import SGLangEngine
@@ -27,14 +27,7 @@ def sglang_python() -> str | None:
     keyed cache path tools/sglang_venv.sh would use, if that venv is complete."""
     if os.environ.get("RPG_SGLANG_PYTHON"):
         return os.environ["RPG_SGLANG_PYTHON"]
-    out = subprocess.run(
-        ["bash", str(REPO / "tools" / "sglang_venv.sh"), "--path"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    venv = Path(out.stdout.strip())
-    return str(venv / "bin" / "python") if (venv / ".rpg-complete").exists() else None
+    return default_sglang_python()
 
 
 def free_ports(n: int) -> int:
