@@ -164,6 +164,13 @@ class RemoteEngine:
 
 def _serve(conn: Any, cfg: RolloutConfig, hf_config: dict, tokenizer: Any, threads: int) -> None:
     """The child: build the EmbeddedEngine, then answer requests until shutdown or EOF."""
+    import signal
+
+    # Slurm's preemption signals reach every process of the job step; the trainer handles them
+    # (it finishes the step, checkpoints, then shuts this engine down), so the engine must not
+    # die first. It still ends with the trainer: EOF on the pipe when the parent is gone.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         from rpg_megatron.rollout.embedded import EmbeddedEngine

@@ -75,3 +75,19 @@ def test_shutdown_is_final_and_idempotent():
     assert not remote.health()
     with pytest.raises(RuntimeError, match="shut down"):
         remote.generate(PROMPTS, PARAMS)
+
+
+def test_preemption_signals_leave_the_engine_to_the_trainer(setup):
+    """Slurm signals the whole job step; the trainer checkpoints first, so the engine must
+    survive SIGTERM / SIGUSR1 and go on serving."""
+    import os
+    import signal
+    import time
+
+    _, weights, remote = setup
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        os.kill(remote._proc.pid, sig)
+    time.sleep(0.5)
+    assert remote.health()
+    remote.update_weights([weights], version=10)
+    assert {c.weight_version for c in remote.generate(PROMPTS, PARAMS)} == {10}
