@@ -48,6 +48,14 @@ processes drifts between rounds. Beside it, the machine's parallel capacity in t
     python bench/e2e.py --compare engines [--steps 20] [--max-new-tokens 16] [--record]
 
 Last line, exactly: engines_speedup=<median per-round generate s, rank 0 alone / engine per rank>
+
+`--compare async` (bench/e2e_async.py): the synchronous loop against rollout.max_staleness=1 on
+the same prompts, one trainer and one engine process on the 2 cores, longer responses:
+
+    python bench/e2e.py --compare async [--steps 200] [--max-new-tokens 48] [--record]
+
+Last line, exactly: async_speedup=<sync / async s per step> ideal=<(gen + train) / max(gen,
+train) of the sync run> reward_delta=<async - sync mean reward, last 10% of steps>
 """
 
 from __future__ import annotations
@@ -183,6 +191,9 @@ def run_ours(
         "samples": [int(r["reward/samples"]) for r in rows],
         "prompts": [int(r["reward/samples"]) // samples for r in rows],
         "phases": {p: [r[f"time/{p}_s"] for r in rows] for p in PHASES},
+        "trainer_idle": [r.get("time/trainer_idle_s", float("nan")) for r in rows],
+        "engine_idle": [r.get("time/engine_idle_s", float("nan")) for r in rows],
+        "staleness": [r.get("staleness/mean", float("nan")) for r in rows],
     }
 
 
@@ -546,9 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--compare",
-        choices=("trl", "engines"),
+        choices=("trl", "engines", "async"),
         default="trl",
-        help="trl: ours vs TRL's GRPOTrainer; engines: an engine per rank vs rank 0 alone",
+        help="trl: ours vs TRL's GRPOTrainer; engines: an engine per rank vs rank 0 alone; "
+        "async: synchronous vs rollout.max_staleness=1 (bench/e2e_async.py)",
     )
     p.add_argument(
         "--steps", type=int, default=None, help="optimizer steps per run (250; engines: 8)"
@@ -579,14 +591,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="engines: new tokens per sample (16)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="engines: new tokens per sample (16); async: (48)",
     )
+    p.add_argument("--plot", type=Path, default=None, help="async: the PNG (docs/async_reward.png)")
     args = p.parse_args(argv)
     if args.trl_worker:
         trl_worker(*args.trl_worker, args)
         return 0
     if args.compare == "engines":
         return compare_engines(args, argv)
+    if args.compare == "async":
+        from bench.e2e_async import compare_async
+
+        return compare_async(args, argv, run_ours, record)
     args.steps = args.steps or 250
 
     import yaml

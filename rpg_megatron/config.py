@@ -448,11 +448,27 @@ class RolloutConfig:
     """Directory where rank 0 writes each step's gathered rollout (step_<k>.pt: token ids,
     masks, engine log-probs, the trainer's log-probs of the same tokens, rewards, group ids and
     the rank that generated each sample), for debugging and comparing runs; "" writes nothing."""
+    max_staleness: int = 0
+    """Asynchronous, off-policy training (pipeline.py): the engines generate up to this
+    many batches ahead of the trainer, so batch t+1 is generated while the trainer updates on
+    batch t. A sample is trained on at most this many policy versions after the weights that
+    generated it. 0 is the synchronous loop; >= 1 needs mode=disaggregated (colocated engines
+    sleep while the trainer runs, so nothing could overlap)."""
+    behaviour_logprobs: Literal["snapshot", "engine"] = "snapshot"
+    """pi_old, the policy the importance weight pi_theta / pi_old divides by. snapshot: the
+    trainer's own log-probs under the weights of the version that generated the batch (kept
+    as a host copy while the batch is in flight; exact up to the trainer's numerics); engine:
+    the engine's sampled log-probs (Completion.logprobs), no extra pass, but the weight then
+    carries the engine/trainer numerical mismatch."""
+    engine_threads: int = 0
+    """Embedded engine with max_staleness >= 1: torch threads of the engine's own process
+    (rollout/remote.py); 0 takes the trainer process's torch.get_num_threads()."""
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "prompts_per_step", "max_new_tokens", "embedded_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}={getattr(self, name)}: must be >= 1")
+        self._check_staleness()
         self._check_placement()
         if self.temperature < 0:
             raise ConfigError(f"rollout.temperature={self.temperature}: must be >= 0 (0 = greedy)")
@@ -466,6 +482,35 @@ class RolloutConfig:
             )
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"rollout.top_k={self.top_k}: must be >= 1, or null to disable")
+
+    def _check_staleness(self) -> None:
+        if self.max_staleness < 0:
+            raise ConfigError(
+                f"rollout.max_staleness={self.max_staleness}: must be >= 0 (0 = synchronous)"
+            )
+        if self.max_staleness and self.mode != "disaggregated":
+            raise ConfigError(
+                f"rollout.max_staleness={self.max_staleness} with rollout.mode={self.mode!r}: "
+                "colocated engines sleep while the trainer runs, so generation cannot overlap "
+                "training; set rollout.mode=disaggregated (engines on their own devices), or "
+                "rollout.max_staleness=0"
+            )
+        if self.behaviour_logprobs not in ("snapshot", "engine"):
+            raise ConfigError(
+                f"rollout.behaviour_logprobs={self.behaviour_logprobs!r}: valid values are "
+                "snapshot, engine"
+            )
+        if self.behaviour_logprobs == "engine" and self.tis_cap is not None:
+            raise ConfigError(
+                f"rollout.tis_cap={self.tis_cap} with rollout.behaviour_logprobs='engine': pi_old "
+                "is then the engine's own log-prob, so the weight pi_old / pi_rollout is 1 and "
+                "the cap corrects nothing; set tis_cap=null, or behaviour_logprobs=snapshot"
+            )
+        if self.engine_threads < 0:
+            raise ConfigError(
+                f"rollout.engine_threads={self.engine_threads}: must be >= 0 (0 = the "
+                "trainer's thread count)"
+            )
 
     def _check_placement(self) -> None:
         if self.placement not in typing.get_args(Placement):
@@ -967,6 +1012,13 @@ class Config:
         unset = {n: v for n, v in unset.items() if getattr(self.eval, n) is None}
         if unset:
             object.__setattr__(self, "eval", dataclasses.replace(self.eval, **unset))
+        if self.rollout.max_staleness and self.data.dynamic_sampling:
+            raise ConfigError(
+                f"rollout.max_staleness={self.rollout.max_staleness} with "
+                "data.dynamic_sampling=true: dynamic sampling decides on each generation "
+                "batch's gathered rewards before drawing the next, which a batch generated "
+                "ahead cannot wait for; set one of them off"
+            )
 
 
 _SLURM_TIME = re.compile(r"(?:(\d+)-)?(\d+)((?::\d{2}){0,2})")

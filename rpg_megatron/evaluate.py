@@ -445,6 +445,13 @@ def load_benchmarks(
     return out
 
 
+def due(step: int, cfg: EvalConfig, *, last: bool = False) -> bool:
+    """Whether in-training validation runs after `step` iterations (the same on every rank,
+    unlike the benchmarks rank 0 alone loads; the trainer has checked that eval.every comes
+    with eval.files)."""
+    return cfg.every > 0 and (step % cfg.every == 0 or last)
+
+
 def maybe_evaluate(
     step: int,
     *,
@@ -465,7 +472,7 @@ def maybe_evaluate(
     samples come from weight version `step`. With `colocated` the engine is woken for the
     evaluation and put back to sleep. Log `report.metrics()` with the step's other metrics.
     """
-    if cfg.every <= 0 or not (step % cfg.every == 0 or last) or not datasets:
+    if not due(step, cfg, last=last) or not datasets:
         return None
     if colocated:
         engine.wake()

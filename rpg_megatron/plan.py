@@ -358,6 +358,7 @@ def plan(
             f"{cfg.rollout.sglang.mem_fraction_static}), provided the trainer has returned its "
             "cached activation blocks (torch.cuda.empty_cache) before the engine wakes"
         )
+    notes += host_notes(cfg, arch, stage=worst.stage, ranks_per_node=world // nodes)
     return Plan(
         header=header,
         stage=worst.stage,
@@ -366,6 +367,36 @@ def plan(
         gpu_gb=gpu_gb,
         notes=tuple(notes),
     )
+
+
+def host_notes(cfg: Config, arch: HFArch, *, stage: int, ranks_per_node: int) -> list[str]:
+    """Host (CPU) memory the GPU table leaves out: the reference policy's copy of each GPU's
+    weight shard (megatron/reference.py) and, with rollout.max_staleness = k >= 1, up to
+    k + 1 behaviour snapshots of it (megatron/behaviour.py), pinned, in model.dtype."""
+    par = cfg.parallel
+    shard = stage_parameters(arch, tp=par.tp, pp=par.pp, stage=stage)
+    size = shard * _DTYPE_BYTES[cfg.model.dtype] / GIB
+    k = cfg.rollout.max_staleness
+    copies = {
+        "reference": 1
+        if cfg.objective.beta > 0 or cfg.objective.advantage == "reinforce_pp"
+        else 0,
+        "behaviour snapshots": k + 1 if k else 0,
+    }
+    lines = []
+    for name, n in copies.items():
+        if n:
+            lines.append(
+                f"host     {name}: {n} x {size:.2f} GiB ({shard:,} x "
+                f"{_DTYPE_BYTES[cfg.model.dtype]} B, this GPU's shard) = {n * size:.2f} GiB "
+                f"pinned host memory per GPU, {n * size * ranks_per_node:.2f} GiB per node"
+                + (
+                    f" (rollout.max_staleness={k}: the batches in flight + the one trained)"
+                    if name.startswith("behaviour")
+                    else ""
+                )
+            )
+    return lines
 
 
 def rollout_lines(cfg: Config, *, nodes: int, gpus_per_node: int) -> list[str]:

@@ -9,6 +9,10 @@ collective that yields full tensors on every rank) feeds each rank's own engine.
 rollout.mode=colocated the engines sleep while the trainer runs (a no-op on CPU); in
 disaggregated mode they stay awake on their own devices.
 
+Asynchronous training (rollout.max_staleness >= 1, disaggregated): the batch and its pi_old come
+from pipeline.py, which generates up to k batches ahead in a background thread and pushes the
+weights when it takes each batch instead of after the update; the loop below is the same.
+
 Legend: N samples of the global batch (prompts_per_step * n_samples), S padded positions.
 """
 
@@ -25,18 +29,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rpg_megatron import advantages, checkpoint, convert, data, evaluate, rewards, rundir
+from rpg_megatron import advantages, checkpoint, data, evaluate, rewards, rundir
 from rpg_megatron.batch import TrainBatch
 from rpg_megatron.config import Config, ConfigError, RolloutConfig
 from rpg_megatron.config_io import save_config
-from rpg_megatron.megatron import export, parallel, sharded_state, step
+from rpg_megatron.megatron import export, parallel, step
 from rpg_megatron.megatron.arch import load_config_json, read_hf_config
 from rpg_megatron.megatron.reference import Reference
 from rpg_megatron.metrics import MetricsSink, plot, read_metrics
 from rpg_megatron.objectives import build_objective
+from rpg_megatron.pipeline import Pipeline
 from rpg_megatron.rollout import placement
-from rpg_megatron.rollout.collect import Rollout, collect
+from rpg_megatron.rollout.collect import Rollout
 from rpg_megatron.rollout.dispatch import Spread
+from rpg_megatron.run_state import export as _export
+from rpg_megatron.run_state import initial_weights as _initial_weights
+from rpg_megatron.run_state import resume as _resume
+from rpg_megatron.run_state import save as _save
 
 _log = logging.getLogger(__name__)
 
@@ -96,23 +105,37 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
     ref = Reference(policy, cfg.objective) if needs_ref and resume else None
     # A checkpoint or data cursor that does not fit fails on every rank before rank 0 writes
     # config.yaml or opens the metrics below.
-    start = rundir.agreed(lambda: _resume(cfg, policy, ref, sampler)) if resume else None
+    # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
+    per_iteration = cfg.optim.minibatches * cfg.optim.update_epochs
+    iterations = cfg.optim.steps // per_iteration
+    # Synchronous, or generation running ahead of the trainer (rollout.max_staleness).
+    pipe = Pipeline(
+        cfg,
+        scorer=scorer,
+        tokenizer=tokenizer,
+        sampler=sampler,
+        group_sizes=_group_sizes(cfg, ctx.dp),
+        sync=_sync_weights,
+        dtype=_engine_dtype(cfg),
+        iterations=iterations,
+        steps_per_iteration=per_iteration,
+    )
+    start = rundir.agreed(lambda: _resume(cfg, policy, ref, sampler, pipe)) if resume else None
     if start is None:
         _initial_weights(cfg, policy)
         ref = Reference(policy, cfg.objective) if needs_ref else None
     first = 0 if start is None else start
-    # _check_before_build made optim.steps a multiple of the optimizer steps per rollout.
-    iterations = cfg.optim.steps // (cfg.optim.minibatches * cfg.optim.update_epochs)
     # The engines, once everything else is known to be usable (SGLang servers take minutes to
     # start); one that cannot start stops every rank.
     engine, spread = _start_engine(cfg, ctx, engines, hf_config=hf_config, tokenizer=tokenizer)
+    pipe.attach(engine, spread)
     if is_main and resume:
         print(_resume_line(cfg, first, iterations, found=start is not None), flush=True)
     if is_main:
         save_config(cfg, run_dir / "config.yaml")
     sink = MetricsSink(cfg.log, total_steps=iterations, start_step=first, enabled=is_main)
     stop_flag = _install_preemption_handler()
-    _sync_weights(policy, engine, version=first, dtype=_engine_dtype(cfg))
+    pipe.start(policy, first)
 
     for it in range(first, iterations):
         t0 = time.perf_counter()
@@ -120,26 +143,25 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             # Colocated engines share these GPUs: hand back the trainer's cached activation
             # blocks before they wake (weights, grads and optimizer state stay resident).
             torch.cuda.empty_cache()
-        rollout = collect(
-            engine,
-            scorer,
-            tokenizer,
-            sampler,
-            cfg,
-            seed=cfg.parallel.seed + it,
-            group_sizes=_group_sizes(cfg, ctx.dp),
-            spread=spread,
-        )
-        t_gen = time.perf_counter()
-        batch = rollout.batch
         # On-policy, pi_old (and pi_ref while the anchor is these weights) is the training
         # forward's own SG(pi_theta): no separate pass (optim.skip_onpolicy_pass).
         on_policy = _on_policy_step(cfg)
-        old_logp = None if on_policy else step.logprobs(policy, batch)
+        taken = pipe.next(policy, it, skip_old=on_policy)
+        rollout, old_logp = taken.rollout, taken.old_logp_NS
+        t_lp = time.perf_counter()
+        batch = rollout.batch
         ref_is_policy = on_policy and ref is not None and ref.is_policy(policy)
         ref_logp = None
         if ref is not None and not ref_is_policy:
-            ref_logp = ref.logprobs(policy, batch, old_logp_NS=old_logp)
+            # pi_old is reused as pi_ref only when the anchor is the version it was computed
+            # with (the behaviour version under staleness); never the engine's log-probs.
+            reuse = old_logp is not None and taken.old_logp_steps is not None
+            ref_logp = ref.logprobs(
+                policy,
+                batch,
+                old_logp_NS=old_logp if reuse else None,
+                old_logp_steps=taken.old_logp_steps,
+            )
         adv = _advantages(cfg, rollout, old_logp, ref_logp)
         batch = TrainBatch(
             tokens_NS=batch.tokens_NS,
@@ -153,7 +175,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             old_is_policy=on_policy,
             ref_is_policy=ref_is_policy,
         )
-        t_lp = time.perf_counter()
+        t_ref = time.perf_counter()
         train_logp = torch.zeros(batch.tokens_NS.shape) if on_policy else None
         stats = step.update(
             policy, batch, objective, objective_cfg=cfg.objective, logp_NS=train_logp
@@ -168,7 +190,9 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             for s in stats:
                 ref.observe(s.get("kl", 0.0))
             reset = ref.maybe_reset(policy)
-        _sync_weights(policy, engine, version=it + 1, dtype=_engine_dtype(cfg))
+        sync_s = pipe.after_update(
+            policy, it + 1, evaluating=evaluate.due(it + 1, cfg.eval, last=it + 1 == iterations)
+        )
         t_sync = time.perf_counter()
         validation = (
             evaluate.maybe_evaluate(
@@ -200,6 +224,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
                 + mean.get("clip_low", 0.0)
                 + mean.get("clip_dual", 0.0),
                 "ratio": mean.get("ratio", math.nan),
+                "ratio/max": max((s.get("ratio/max", math.nan) for s in stats), default=math.nan),
                 "grad_norm": mean["grad_norm"],
                 "lr": stats[-1]["lr"],
                 "ref/reset": float(reset),
@@ -209,10 +234,10 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
                 "train_rollout_logprob_abs_diff/worst_engine": max(
                     rollout.logprob_diff_by_engine(old_logp).values()
                 ),
-                "time/generate_s": t_gen - t0,
-                "time/logprob_s": t_lp - t_gen,
-                "time/train_s": t_train - t_lp,
-                "time/sync_s": t_sync - t_train,
+                **taken.metrics,  # staleness, generate / idle / pi_old pass seconds
+                "time/logprob_s": taken.metrics["time/logprob_s"] + t_ref - t_lp,
+                "time/train_s": t_train - t_ref,
+                "time/sync_s": taken.metrics["time/sync_s"] + sync_s,
                 "time/step_s": t_sync - t0,
                 **(validation.metrics() if validation is not None else {}),
             },
@@ -224,7 +249,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
             or done == iterations
             or stop
         ):
-            _save(cfg, policy, ref, sampler, iteration=done)
+            _save(cfg, policy, ref, sampler, iteration=done, pipe=pipe)
         hf_every = cfg.checkpoint.save_hf_every
         if hf_every and done % hf_every == 0 and done < iterations:
             _export(cfg, policy, run_dir / "hf" / f"step_{done:08d}", write=is_main)
@@ -236,6 +261,7 @@ def _train(cfg: Config, ctx: parallel.ParallelContext, *, resume: bool) -> Path:
         if first < iterations:  # the run completed now: its policy for eval and other stacks
             _export(cfg, policy, run_dir / "hf", write=is_main)
 
+    pipe.close()
     sink.close()
     if is_main:
         plot(run_dir / "metrics.jsonl", run_dir / "reward.png", keys=("reward/mean", "kl"))
@@ -490,9 +516,11 @@ def _on_policy_step(cfg: Config) -> bool:
     """Whether this step skips the separate pi_old pass: optim.skip_onpolicy_pass, one optimizer
     step per rollout on samples of the current weights, and nothing that needs pi_old before
     the update (rollout.tis_cap's weights, REINFORCE++'s KL in the reward)."""
-    optim = cfg.optim
+    optim, rollout = cfg.optim, cfg.rollout
     return (
         optim.skip_onpolicy_pass
+        and rollout.max_staleness == 0  # else pi_old is the behaviour version, not pi_theta
+        and rollout.behaviour_logprobs == "snapshot"
         and optim.minibatches == 1
         and optim.update_epochs == 1
         and cfg.rollout.tis_cap is None
@@ -560,114 +588,3 @@ def _sync_weights(
             pass
         return
     engine.update_weights(buckets, version)
-
-
-def _export(cfg: Config, policy: step.Policy, out: Path, *, write: bool) -> None:
-    """The policy as a Hugging Face model in `out` (collective; rank 0 writes). The final
-    `<log.run_dir>/hf` keeps the `step_*` exports of checkpoint.save_hf_every inside it."""
-    convert.export_policy(
-        policy.chunks,
-        policy.arch,
-        out,
-        src_hf_dir=cfg.model.hf_path,
-        dtype=getattr(torch, cfg.model.dtype),
-        write=write,
-    )
-
-
-def _layout(ctx: parallel.ParallelContext) -> dict[str, int]:
-    return {"tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp, "dp": ctx.dp}
-
-
-def _save(
-    cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any, *, iteration: int
-) -> None:
-    """Policy, optimizer, reference, RNG and data cursor as Megatron's distributed checkpoint;
-    the step directory is also a Megatron checkpoint of the policy (convert/eval --mcore)."""
-    sharded, common = sharded_state.checkpoint_state(policy)
-    if ref is not None:
-        sharded["reference"], common["reference"] = ref.checkpoint_state(policy)
-    common["data"] = sampler.state_dict()
-    hf_dir = Path(cfg.model.hf_path)
-    conversion = convert.training_conversion(policy.arch, hf_dir, cfg.model.dtype, policy.ctx)
-
-    def side_files(tmp: Path) -> None:
-        convert.write_side_files(hf_dir, tmp, conversion)
-
-    checkpoint.save(
-        cfg.checkpoint,
-        step=iteration,
-        layout=_layout(policy.ctx),
-        sharded=sharded,
-        common=common,
-        meta={
-            "dtype": cfg.model.dtype,
-            "optimizer": cfg.optim.optimizer,
-            "distributed_optimizer": cfg.optim.distributed_optimizer,
-        },
-        run_config=cfg,
-        side_files=side_files,
-    )
-
-
-def _initial_weights(cfg: Config, policy: step.Policy) -> None:
-    """Load `model.init_from` into the freshly built policy (see ModelConfig.init_from)."""
-    source, hf_dir = cfg.model.init_from, Path(cfg.model.hf_path)
-    has_hf = any(hf_dir.glob("*.safetensors"))
-    if source == "random" or (source == "auto" and not has_hf):
-        _log.info(
-            "initial weights: Megatron's random init (seed %d)%s",
-            cfg.parallel.seed,
-            "" if source == "random" else f"; {hf_dir} has no *.safetensors",
-        )
-        return
-    if source in ("auto", "hf"):
-        convert.load_hf(policy.chunks[0], hf_dir, tp_rank=policy.ctx.tp_rank, tp=policy.ctx.tp)
-    else:  # a converted checkpoint or a training step directory (its policy weights)
-        convert.load_mcore(policy.chunks[0], source)
-    # Mixed precision keeps float32 main copies of the weights: refresh them from the model.
-    policy.optimizer.reload_model_params()
-    _log.info("initial weights: %s", hf_dir if source in ("auto", "hf") else source)
-
-
-def _resume(cfg: Config, policy: step.Policy, ref: Reference | None, sampler: Any) -> int | None:
-    """Restore policy, optimizer, reference, RNG and data cursor from the newest checkpoint,
-    at this run's layout whatever the writer's; returns its iteration, or None when there is
-    none. Every rank agrees the checkpoint is good before any rank goes on (checkpoint.py)."""
-    found = checkpoint.find_latest(cfg.checkpoint)
-    if found is None:
-        return None
-    ctx = policy.ctx
-    error, request, apply = None, None, None
-    try:
-        request, apply = sharded_state.checkpoint_request(policy, found.keys)
-        if ref is not None:
-            if not any(k.startswith("reference.") for k in found.keys):
-                raise checkpoint.CheckpointError(
-                    f"{found.path}: no reference policy stored, but this run's objective needs "
-                    "one (objective.beta / advantage changed since it was written?)"
-                )
-            request["reference"] = ref.checkpoint_request(policy)
-    except checkpoint.CheckpointError as e:
-        error = f"{found.path}: {e}"
-    checkpoint.agree(error)
-    loaded = checkpoint.load(found, request, layout=_layout(ctx))
-    apply(loaded.state, loaded.common)
-    if ref is not None:
-        ref.apply_checkpoint(loaded.state["reference"], loaded.common["reference"])
-    sampler.load_state_dict(loaded.common["data"])
-    if not loaded.rng_restored:
-        checkpoint.reseed(cfg.parallel.seed, found.step)
-        if ctx.rank == 0:
-            was = " ".join(f"{k}={v}" for k, v in found.layout.items())
-            now = " ".join(f"{k}={v}" for k, v in _layout(ctx).items())
-            _log.info(
-                "resume: %s was written at %s, this run is %s: model and optimizer state "
-                "resharded; RNG streams re-derived from parallel.seed=%d and step %d",
-                found.path,
-                was,
-                now,
-                cfg.parallel.seed,
-                found.step,
-            )
-    return found.step

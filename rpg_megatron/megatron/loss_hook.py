@@ -311,9 +311,10 @@ def make_loss_func(
     num a float scalar with grad, den an int64 scalar, logs values of shape [2] = (sum over
     trained tokens, trained-token count) as float64, except logs["loss"] = (num, den). Summing
     logs over micro-batches and DP ranks and dividing gives each metric's token mean and the
-    exact loss being optimised. No host syncs, so the schedule is not stalled. `keep_logp`
-    adds logs["logp"]: the detached [T] log-probs of this forward (step.forward_backward takes
-    it out before the metrics are summed).
+    exact loss being optimised; names ending in "/max" (the importance weight's "ratio/max")
+    hold (largest value, 1) instead and are reduced by max. No host syncs, so the schedule is
+    not stalled. `keep_logp` adds logs["logp"]: the detached [T] log-probs of this forward
+    (step.forward_backward takes it out before the metrics are summed).
     """
     if aggregation not in _AGGREGATIONS:
         raise ValueError(f"aggregation={aggregation!r}: must be one of {_AGGREGATIONS}")
@@ -383,6 +384,9 @@ def make_loss_func(
         for name, value_T in metrics.items():
             total = torch.where(on_T, value_T.detach(), 0.0).sum(dtype=torch.float64)
             logs[name] = torch.stack([total, count])
+        if "ratio" in metrics:  # the importance weight's largest value (step._reduce_logs: max)
+            top = torch.where(on_T, metrics["ratio"].detach(), -torch.inf).max().to(torch.float64)
+            logs["ratio/max"] = torch.stack([top, count.new_ones(())])
         if keep_logp:
             logs["logp"] = sg_logp_T
         return num, den, logs

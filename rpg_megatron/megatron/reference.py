@@ -51,14 +51,24 @@ class Reference:
 
     # -------------------------------------------------------------------- log-probs
     def logprobs(
-        self, policy: step.Policy, batch: step.TrainBatch, *, old_logp_NS: Tensor
+        self,
+        policy: step.Policy,
+        batch: step.TrainBatch,
+        *,
+        old_logp_NS: Tensor | None,
+        old_logp_steps: int | None = None,
     ) -> Tensor:
         """log pi_ref of every token of `batch` ([N, S], 0 at s = 0) on every rank.
 
-        `old_logp_NS` (the policy's own log-probs of this batch) is returned as is when the
-        anchor equals the current weights, saving a forward pass.
+        `old_logp_NS` (the trainer's log-probs of this batch under the weights of
+        `old_logp_steps` optimizer steps; default the current weights) is returned as is when
+        the anchor is those weights, saving a forward pass. With max_staleness >= 1 pi_old is
+        the behaviour policy, an older version than the current weights, so the comparison is
+        with the version the log-probs were computed with, never with policy.steps_done alone.
+        None (engine-sampled pi_old, which is not the trainer's numerics) never reuses.
         """
-        if self.is_policy(policy):
+        steps = policy.steps_done if old_logp_steps is None else old_logp_steps
+        if old_logp_NS is not None and self.state.version == steps:
             return old_logp_NS
         with _loaded(policy, self.weights):
             return step.logprobs(policy, batch)
@@ -123,21 +133,28 @@ class Reference:
         )
 
     def _sharded(self, policy: step.Policy) -> dict[str, Any]:
-        import dataclasses
+        return sharded_weights(policy, self.weights, prefix="reference.")
 
-        from megatron.core.dist_checkpointing.dict_utils import nested_values
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-        names = {id(p): n for n, p in policy.gpt.named_parameters()}
-        out = {}
-        for v in nested_values(policy.gpt.sharded_state_dict()):
-            name = names.get(id(getattr(v, "data", None)))
-            if name is None or not isinstance(v, ShardedTensor | ShardedTensorFactory):
-                continue
-            weights = self.weights[name]
-            kwargs = {"dtype": weights.dtype} if isinstance(v, ShardedTensor) else {}
-            out[name] = dataclasses.replace(v, key=f"reference.{v.key}", data=weights, **kwargs)
-        return out
+def sharded_weights(policy: step.Policy, weights: dict[str, Tensor], *, prefix: str) -> dict:
+    """`weights` (this rank's shard, by parameter name) as checkpoint tensors sharded exactly
+    like the policy's, under `<prefix><the weight's global key>`, so another layout reads them;
+    also the request structure to load such a copy back into `weights`' buffers."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    names = {id(p): n for n, p in policy.gpt.named_parameters()}
+    out = {}
+    for v in nested_values(policy.gpt.sharded_state_dict()):
+        name = names.get(id(getattr(v, "data", None)))
+        if name is None or not isinstance(v, ShardedTensor | ShardedTensorFactory):
+            continue
+        w = weights[name]
+        kwargs = {"dtype": w.dtype} if isinstance(v, ShardedTensor) else {}
+        out[name] = dataclasses.replace(v, key=f"{prefix}{v.key}", data=w, **kwargs)
+    return out
 
 
 def _snapshot(policy: step.Policy) -> dict[str, Tensor]:

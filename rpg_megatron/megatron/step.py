@@ -479,12 +479,22 @@ def _reduce_logs(out: list[dict[str, Tensor]], ctx: ParallelContext, ps: Any) ->
     then hand them from the last pipeline stage to every rank."""
     sums: dict[str, float] = {}
     if ctx.is_last_stage:
-        names = sorted(out[0])
+        names = sorted(k for k in out[0] if not k.endswith("/max"))
+        tops = sorted(k for k in out[0] if k.endswith("/max"))  # (largest value, 1): by max
         stacked = torch.stack([torch.stack([o[k] for k in names]) for o in out]).sum(0)
+        top = (
+            torch.stack([torch.stack([o[k][0] for k in tops]) for o in out]).amax(0)
+            if tops
+            else torch.zeros(0)
+        )
         if ctx.dp * ctx.cp > 1:  # CP ranks hold disjoint tokens of the same sequences
-            dist.all_reduce(stacked, group=ps.get_data_parallel_group(with_context_parallel=True))
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+            dist.all_reduce(stacked, group=group)
+            if tops:
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
         pairs = stacked.cpu().tolist()
         sums = {k: (s / c if c else math.nan) for k, (s, c) in zip(names, pairs, strict=True)}
+        sums.update(zip(tops, top.cpu().tolist(), strict=True))
     if ctx.pp > 1:
         box = [sums]
         dist.broadcast_object_list(

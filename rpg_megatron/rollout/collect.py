@@ -43,6 +43,8 @@ class Rollout:
     """Reward counters and rollout statistics."""
     engine_rank_N: torch.Tensor
     """int64: the global rank whose engine generated each sample (rollout.placement)."""
+    weight_version_N: torch.Tensor
+    """int64: the weight version (trainer iterations done) that generated each sample."""
 
     def logprob_diff_by_engine(self, old_logp_NS: Tensor) -> dict[int, float]:
         """Mean |trainer log-prob - engine log-prob| over the response tokens each engine
@@ -66,6 +68,7 @@ class Rollout:
             "rewards_N": self.rewards_N,
             "group_ids_N": self.group_ids_N,
             "engine_rank_N": self.engine_rank_N,
+            "weight_version_N": self.weight_version_N,
             **({} if old_logp_NS is None else {"old_logp_NS": old_logp_NS}),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,46 +110,14 @@ def collect(
     def generate(b: int) -> list[tuple[tuple, list[float]]]:
         """One generation batch as (group = (prompt ids, completions, rewards, engine ranks),
         rewards)."""
-        prompts = sampler.next_batch(rc.prompts_per_step)
-        samples = [p for p in prompts for _ in range(n)]
-        params = SamplingParams(
-            max_new_tokens=rc.max_new_tokens,
-            temperature=rc.temperature,
-            top_p=rc.top_p,
-            top_k=rc.top_k,
-            stop=rc.stop,
-            seed=seed * 1000 + b,  # a fresh, reproducible stream per generation batch
-        )
-        ids = [list(p.token_ids) for p in samples]
-
-        def score(lo: int, completions: list[Completion]) -> RewardResult:
-            rows = samples[lo : lo + len(completions)]
-            return scorer.score(
-                [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
-                [p.ground_truth for p in rows],
-                prompts=[p.text for p in rows],
-                completion_ids=[c.token_ids for c in completions],
-                columns=[p.columns for p in rows],
-            )
-
+        req = draw(sampler, cfg, seed=seed, batch_index=b)
         if rc.mode == "colocated" and engine is not None:
             engine.wake()
-        out = spread.run(engine, ids, params, score)
+        out = spread.run(engine, req.ids, req.params, scoring(scorer, tokenizer, req))
         if rc.mode == "colocated" and engine is not None:
             engine.sleep()
-        completions, scored = out.completions, out.scored
-        scored_batches.append(scored)
-        groups = []
-        for i in range(len(prompts)):
-            rs = scored.rewards[i * n : (i + 1) * n]
-            group = (
-                ids[i * n],
-                completions[i * n : (i + 1) * n],
-                rs,
-                out.ranks[i * n : (i + 1) * n],
-            )
-            groups.append((group, rs))
-        return groups
+        scored_batches.append(out.scored)
+        return groups_of(req, out, n)
 
     if cfg.data.dynamic_sampling:
         picked = dynamic_sampling(
@@ -185,6 +156,77 @@ def collect(
     return _pad(groups, counts, n)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """One generation batch's prompts and sampling parameters (the same on every rank)."""
+
+    prompts: list[data.Prompt]
+    """The drawn prompts, prompts_per_step of them."""
+    samples: list[data.Prompt]
+    """Each prompt repeated n_samples times: one entry per sample."""
+    ids: list[list[int]]
+    """Token ids of each sample's prompt."""
+    params: SamplingParams
+    """Sampling parameters, with the batch's seed."""
+
+
+def draw(sampler: data.PromptSampler, cfg: Config, *, seed: int, batch_index: int) -> Request:
+    """The next prompts_per_step prompts (the sampler moves on) and the parameters of their
+    generation batch `batch_index` of the step seeded `seed`."""
+    rc = cfg.rollout
+    prompts = sampler.next_batch(rc.prompts_per_step)
+    samples = [p for p in prompts for _ in range(rc.n_samples)]
+    params = SamplingParams(
+        max_new_tokens=rc.max_new_tokens,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        top_k=rc.top_k,
+        stop=rc.stop,
+        seed=seed * 1000 + batch_index,  # a fresh, reproducible stream per generation batch
+    )
+    ids = [list(p.token_ids) for p in samples]
+    return Request(prompts=prompts, samples=samples, ids=ids, params=params)
+
+
+def scoring(scorer: Any, tokenizer: Any, req: Request) -> Callable[[int, list], RewardResult]:
+    """score(lo, completions) of `req`'s samples lo, lo + 1, ... (Spread's Score)."""
+
+    def score(lo: int, completions: list[Completion]) -> RewardResult:
+        rows = req.samples[lo : lo + len(completions)]
+        return scorer.score(
+            [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
+            [p.ground_truth for p in rows],
+            prompts=[p.text for p in rows],
+            completion_ids=[c.token_ids for c in completions],
+            columns=[p.columns for p in rows],
+        )
+
+    return score
+
+
+def groups_of(req: Request, out: Any, n: int) -> list[tuple[tuple, list[float]]]:
+    """(group = (prompt ids, completions, rewards, engine ranks), rewards) per prompt of the
+    gathered batch `out` (dispatch.Generated)."""
+    groups = []
+    for i in range(len(req.prompts)):
+        rs = out.scored.rewards[i * n : (i + 1) * n]
+        group = (
+            req.ids[i * n],
+            out.completions[i * n : (i + 1) * n],
+            rs,
+            out.ranks[i * n : (i + 1) * n],
+        )
+        groups.append((group, rs))
+    return groups
+
+
+def rollout_of(req: Request, out: Any, n: int) -> Rollout:
+    """The Rollout of one gathered generation batch without dynamic sampling, as `collect`
+    builds it (pipeline.py gathers in-flight batches itself)."""
+    groups = [g for g, _ in groups_of(req, out, n)]
+    return _pad(groups, dict(batch_metrics([out.scored])), n)
+
+
 def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
     """Right-padded tokens, response mask, engine log-probs and rewards of every sample of
     `groups` (each (prompt ids, completions, rewards, engine ranks))."""
@@ -218,6 +260,7 @@ def _pad(groups: list, counts: dict[str, float], n: int) -> Rollout:
         group_ids_N=torch.arange(len(groups)).repeat_interleave(n),
         metrics=metrics,
         engine_rank_N=torch.tensor([x for *_, ranks in groups for x in ranks], dtype=torch.int64),
+        weight_version_N=torch.tensor([c.weight_version for _, c in rows], dtype=torch.int64),
     )
 
 

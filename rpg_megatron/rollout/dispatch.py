@@ -45,6 +45,18 @@ class Generated:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Share:
+    """One rank's generated and scored share of a batch, before the gather
+    (`Spread.generate_share`)."""
+
+    part: tuple[Any, ...] | None
+    """("ok", lo, completions, rewards) or ("error", one line); None on a rank without an
+    engine."""
+    error: BaseException | None = None
+    """The exception behind an "error" part, re-raised on this rank by `Spread.gather`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Spread:
     """Which ranks drive engines, in dispatch order, and where this process is among them."""
 
@@ -82,24 +94,39 @@ class Spread:
         """Generate and score this rank's share of `prompts` (one entry per sample) with
         `engine` (None on a rank that drives none), then gather every share. Collective: every
         rank calls it with the same prompts and params."""
+        return self.gather(self.generate_share(engine, prompts, params, score), prompts)
+
+    def generate_share(
+        self,
+        engine: Any,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        score: Score,
+    ) -> Share:
+        """This rank's part of `run` without any collective: generate and score its share (an
+        empty Share on a rank that drives no engine). Safe off the main thread, unlike
+        `gather` (pipeline.py runs it in a background thread)."""
+        if self.rank not in self.ranks:
+            return Share(part=None)
         bounds = shares(len(prompts), len(self.ranks), self.chunk)
-        part: tuple[Any, ...] | None = None
-        error: BaseException | None = None
-        if self.rank in self.ranks:
-            lo, hi = bounds[self.ranks.index(self.rank)]
-            if engine is None:
-                raise AssertionError(f"rank {self.rank} drives an engine but was given none")
-            try:
-                part = ("ok", lo, *self._share(engine, prompts, params, score, lo, hi))
-            except Exception as e:
-                if not self.distributed:
-                    raise
-                error, part = e, ("error", f"{type(e).__name__}: {e}")
-        parts = self._gather(part, prompts)
+        lo, hi = bounds[self.ranks.index(self.rank)]
+        if engine is None:
+            raise AssertionError(f"rank {self.rank} drives an engine but was given none")
+        try:
+            return Share(part=("ok", lo, *self._share(engine, prompts, params, score, lo, hi)))
+        except Exception as e:
+            if not self.distributed:
+                raise
+            return Share(part=("error", f"{type(e).__name__}: {e}"), error=e)
+
+    def gather(self, share: Share, prompts: Sequence[list[int]]) -> Generated:
+        """Every rank's `generate_share` of `prompts`, gathered into the whole batch. Collective
+        (all_gather_object over the default group): main thread only."""
+        parts = self._gather(share.part, prompts)
         failed = [(r, p[1]) for r, p in enumerate(parts) if p is not None and p[0] == "error"]
         if failed:
-            if error is not None:
-                raise error
+            if share.error is not None:
+                raise share.error
             rank, why = failed[0]
             raise RuntimeError(f"rollout: the engine of rank {rank} failed: {why}")
         done = sorted((p[1], r, p[2], p[3]) for r, p in enumerate(parts) if p is not None)

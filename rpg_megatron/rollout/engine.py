@@ -94,6 +94,12 @@ def make_engine(
                     "install it with `pip install 'transformers>=4.56'` (or `pip install -e "
                     ".[dev]`)"
                 ) from e
+            if cfg.max_staleness:  # generation overlaps training: an engine process of its own
+                from rpg_megatron.rollout.remote import RemoteEngine
+
+                return RemoteEngine(  # type: ignore[return-value]
+                    cfg, hf_config=hf_config, tokenizer=tokenizer, threads=cfg.engine_threads
+                )
             return EmbeddedEngine(cfg, hf_config=hf_config, tokenizer=tokenizer)
         case "sglang":
             try:

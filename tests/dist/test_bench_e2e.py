@@ -68,3 +68,47 @@ def test_reduced_bench_same_work_and_ratio(tmp_path, capsys):
     match = re.fullmatch(r"step_ratio=(\d+\.\d{3}) pass_step_ratio=(\d+\.\d{3})", out[-1])
     assert match and float(match.group(1)) == pytest.approx(want, abs=1e-3)
     assert float(match.group(2)) == pytest.approx(want_pass, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_reduced_async_bench_same_work_and_last_line(tmp_path, capsys):
+    """`--compare async` in reduced form: both arms ran the same steps on the same prompts
+    (the bench checks every step's prompt ids from the dumps; here the samples per step are
+    read back from the runs' own records), and the last line's figures equal those recomputed
+    from the two metrics.jsonl files."""
+    steps, prompts, samples = 4, 4, 8  # 32 sequences: tiny_cpu.yaml's micro-batch
+    plot = tmp_path / "async_reward.png"
+    argv = ["--compare", "async", "--steps", str(steps), "--prompts", str(prompts)]
+    argv += ["--samples", str(samples), "--max-new-tokens", "8", "--work-dir", str(tmp_path)]
+    assert e2e.main([*argv, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    runs = {
+        name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("sync", "async")
+    }
+    for rows in runs.values():
+        assert [int(r["reward/samples"]) for r in rows] == [prompts * samples] * steps
+    assert [r["staleness/max"] for r in runs["sync"]] == [0.0] * steps
+    assert [r["staleness/max"] for r in runs["async"]] == [0.0] + [1.0] * (steps - 1)
+
+    def med(rows, key):
+        return statistics.median([r[key] for r in rows][1:])
+
+    sync, async_ = runs["sync"], runs["async"]
+    gen = med(sync, "time/generate_s")
+    rest = statistics.median([r["time/step_s"] - r["time/generate_s"] for r in sync][1:])
+    k = max(1, steps // 10)
+    want = {
+        "async_speedup": med(sync, "time/step_s") / med(async_, "time/step_s"),
+        "ideal": (gen + rest) / max(gen, rest),
+        "reward_delta": sum(r["reward/mean"] for r in async_[-k:]) / k
+        - sum(r["reward/mean"] for r in sync[-k:]) / k,
+    }
+    number = r"(-?\d+\.\d{3})"
+    match = re.fullmatch(
+        rf"async_speedup={number} ideal={number} reward_delta={number}", out[-1]
+    )
+    assert match, out[-1]
+    for (key, value), got in zip(want.items(), match.groups(), strict=True):
+        assert float(got) == pytest.approx(value, abs=1.5e-3), key
+    assert plot.stat().st_size > 0

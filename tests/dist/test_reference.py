@@ -161,3 +161,41 @@ def spawn_one(fn, *args):
     from tests.distributed import spawn
 
     return spawn(1, fn, *args)[0]
+
+
+def _behaviour_anchor(rank, world):
+    """With staleness pi_old is an older version than the current weights: the anchor may be
+    reused as pi_ref only when it is the version pi_old was computed with."""
+    from rpg_megatron.megatron.behaviour import BehaviourSnapshots
+
+    try:
+        policy = _build(ParallelConfig(), OPTIM)
+        ref = Reference(policy, OBJ_CFG)
+        base = _batch()
+        snapshots = BehaviourSnapshots()
+        snapshots.keep(policy, 0)
+        old0 = step.logprobs(policy, base)  # the behaviour policy: version 0
+        batch = dataclasses.replace(base, old_logp_NS=old0, ref_logp_NS=old0)
+        step.update(policy, batch, build_objective(OBJ_CFG), objective_cfg=OBJ_CFG)
+        ref.reset(policy)  # the anchor is now the weights after 1 step
+        now = step.logprobs(policy, base)
+        stale = ref.logprobs(policy, base, old_logp_NS=old0, old_logp_steps=0)
+        fresh = ref.logprobs(policy, base, old_logp_NS=now, old_logp_steps=1)
+        engine = ref.logprobs(policy, base, old_logp_NS=None, old_logp_steps=None)
+        again = snapshots.logprobs(policy, base, 0)
+        return {"old0": old0, "now": now, "stale": stale, "fresh_is_now": fresh is now,
+                "engine": engine, "again": again, "after": step.logprobs(policy, base)}
+    finally:
+        parallel.destroy()
+
+
+def test_reference_reuses_pi_old_only_when_it_is_the_anchors_version():
+    out = spawn_one(_behaviour_anchor)
+    assert not torch.equal(out["old0"], out["now"])  # the step moved the policy
+    # pi_old of version 0 is not the anchor (version 1): computed, equal to the anchor's pass
+    assert torch.equal(out["stale"], out["now"])
+    assert out["fresh_is_now"]  # pi_old of the anchor's own version: reused, no pass
+    assert torch.equal(out["engine"], out["now"])  # engine log-probs are never reused
+    # the snapshot of version 0 gives version 0's log-probs, and the live weights come back
+    assert torch.equal(out["again"], out["old0"])
+    assert torch.equal(out["after"], out["now"])

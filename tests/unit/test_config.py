@@ -231,3 +231,44 @@ def test_sglang_ports_must_be_tcp_ports(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["rollout.sglang.num_engines=2", override])
     load_config(None, ["rollout.sglang.num_engines=2", "rollout.sglang.base_port=65534"])
+
+
+# ------------------------------------------------------------------ asynchronous training
+def test_max_staleness_defaults_to_the_synchronous_loop():
+    rc = Config().rollout
+    assert (rc.max_staleness, rc.behaviour_logprobs, rc.engine_threads) == (0, "snapshot", 0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["rollout.max_staleness=-1"], r"rollout\.max_staleness=-1: must be >= 0"),
+        # colocated engines sleep while the trainer runs: both fields are named
+        (["rollout.max_staleness=1"], r"rollout\.max_staleness=1 with rollout\.mode='colocated'"),
+        (
+            ["rollout.mode=disaggregated", "rollout.max_staleness=1", "data.dynamic_sampling=true"],
+            r"rollout\.max_staleness=1 with data\.dynamic_sampling=true",
+        ),
+        (
+            ["rollout.behaviour_logprobs=engine", "rollout.tis_cap=2.0"],
+            r"rollout\.tis_cap=2\.0 with rollout\.behaviour_logprobs='engine'",
+        ),
+        (["rollout.engine_threads=-2"], r"rollout\.engine_threads=-2: must be >= 0"),
+    ],
+)
+def test_staleness_refusals_are_one_line(overrides, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_staleness_with_disaggregated_engines_loads():
+    cfg = load_config(
+        None,
+        [
+            "rollout.mode=disaggregated",
+            "rollout.max_staleness=2",
+            "rollout.behaviour_logprobs=engine",
+        ],
+    )
+    assert (cfg.rollout.max_staleness, cfg.rollout.behaviour_logprobs) == (2, "engine")

@@ -349,3 +349,21 @@ def test_cli_plan_prints_the_table(tmp_path: Path) -> None:
 def test_cli_bad_config_path_names_the_file(tmp_path: Path, capsys) -> None:
     assert cli.main(["plan", str(tmp_path / "missing.yaml")]) == 2
     assert str(tmp_path / "missing.yaml") in capsys.readouterr().err
+
+
+def test_plan_shows_the_behaviour_snapshots_host_memory(tmp_path: Path) -> None:
+    """k + 1 copies of the GPU's bf16 weight shard, counted from the model's own parameter count
+    (stage_parameters is checked against Megatron above); none in the synchronous loop."""
+    hf = _write(tmp_path, QWEN3_4B)
+    recipe = EXAMPLES / "qwen3_4b_rpg_8k.yaml"
+    args = ["rollout.mode=disaggregated", "rollout.max_staleness=2", "data.dynamic_sampling=false"]
+    sync = plan.plan_recipe(recipe, [f"model.hf_path={hf}", *args[:1]], gpu_gb=80)
+    assert not any("behaviour" in n for n in sync.notes)
+    got = plan.plan_recipe(recipe, [f"model.hf_path={hf}", *args], gpu_gb=80)
+    (line,) = [n for n in got.notes if "behaviour snapshots" in n]
+    cfg = launch.load(recipe, [f"model.hf_path={hf}", *args])[1]
+    par = cfg.parallel
+    shard = plan.stage_parameters(read_hf_config(QWEN3_4B), tp=par.tp, pp=par.pp, stage=got.stage)
+    assert f"3 x {shard * 2 / 2**30:.2f} GiB" in line
+    assert f"= {3 * shard * 2 / 2**30:.2f} GiB pinned host memory per GPU" in line
+    assert got.total_gib == pytest.approx(sync.total_gib)  # host memory, not the GPU's
