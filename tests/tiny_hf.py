@@ -1,5 +1,6 @@
 """Tiny random HF checkpoints on disk (config.json + model.safetensors + a tokenizer file),
-built from configs by `transformers`, for conversion and export tests. No downloads.
+built from configs by `transformers`, for conversion and export tests, and log-probs of token
+ids by `transformers` from a model directory (the truth for exported weights). No downloads.
 
 Every parameter is re-drawn (HF initialises norms to 1 and biases to 0, which would hide a
 swapped q_norm/k_norm or a misplaced bias). The prompt's logits come from the HF model itself
@@ -72,3 +73,14 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def token_logprobs(model_dir: Path, tokens_NS: torch.Tensor) -> torch.Tensor:
+    """log pi(token [n, s] | prefix) by transformers, 0 at s = 0 (the trainer's alignment)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=tokens_NS).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, tokens_NS[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros(len(tokens_NS), 1), logp], dim=1)

@@ -8,6 +8,7 @@ one waiting for the other; so do ranks that drew different prompts."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,15 @@ def demo(tmp_path_factory):
 
 
 def test_two_engines_keep_the_groups_one_engine_keeps_and_fail_together(demo):
-    _, alone, _ = _collect(0, 1, demo)
+    # The torch threads each of the 2 spawned ranks has (parallel.spawn_local: cpu_count //
+    # world): the engine's batched forwards are bit-identical only at equal thread counts, and
+    # `make test` leaves OMP_NUM_THREADS unset.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        _, alone, _ = _collect(0, 1, demo)
+    finally:
+        torch.set_num_threads(threads)
     (start0, r0, r0_failed, r0_apart), (start1, r1, r1_failed, r1_apart) = spawn(2, _collect, demo)
     # An engine that does not start on rank 1 stops rank 0 too, before any weight export.
     assert start1 == "ValueError: no device"

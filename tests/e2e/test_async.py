@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from rpg_megatron import tiny
+from tests import tiny_hf
 from tests.distributed import spawn
 
 pytestmark = pytest.mark.slow
@@ -185,17 +186,6 @@ def _skip_off() -> list[str]:
 
 
 # ------------------------------------------------------------------ max_staleness=1
-def _hf_logprobs(model_dir: Path, tokens_NS: torch.Tensor) -> torch.Tensor:
-    """log pi(token [n, s] | prefix) by transformers, 0 at s = 0 (the trainer's alignment)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(input_ids=tokens_NS).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, tokens_NS[:, 1:, None])[..., 0]
-    return torch.cat([torch.zeros(len(tokens_NS), 1), logp], dim=1)
-
-
 def test_staleness_1_trains_against_the_behaviour_version(tmp_path):
     run = tmp_path / "run"
     _prepare(run)
@@ -210,8 +200,8 @@ def test_staleness_1_trains_against_the_behaviour_version(tmp_path):
         assert version == it - 1
         mask = dump["mask_NS"] > 0
         # padding past a sequence's end is masked; transformers sees right-padded rows whole
-        behaviour = _hf_logprobs(run / "hf" / f"step_{version:08d}", dump["tokens_NS"])
-        current = _hf_logprobs(run / "hf" / f"step_{it:08d}", dump["tokens_NS"])
+        behaviour = tiny_hf.token_logprobs(run / "hf" / f"step_{version:08d}", dump["tokens_NS"])
+        current = tiny_hf.token_logprobs(run / "hf" / f"step_{it:08d}", dump["tokens_NS"])
         torch.testing.assert_close(dump["old_logp_NS"][mask], behaviour[mask], rtol=0, atol=2e-5)
         assert (dump["old_logp_NS"][mask] - current[mask]).abs().max() > 1e-3
 
