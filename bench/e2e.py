@@ -597,6 +597,12 @@ def main(argv: list[str] | None = None) -> int:
         help="engines: new tokens per sample (16); async: (48)",
     )
     p.add_argument("--plot", type=Path, default=None, help="async: the PNG (docs/async_reward.png)")
+    p.add_argument(
+        "--behaviour",
+        choices=("snapshot", "engine"),
+        default="snapshot",
+        help="async: rollout.behaviour_logprobs of the max_staleness=1 arm",
+    )
     args = p.parse_args(argv)
     if args.trl_worker:
         trl_worker(*args.trl_worker, args)

@@ -12,7 +12,8 @@ t+1 while the trainer (one thread) updates on batch t, on the machine's 2 cores.
 The synchronous arm is the loop as it ships: with optim.skip_onpolicy_pass (one optimizer step
 per rollout) it takes pi_old from the training forward; the asynchronous arm computes pi_old
 with the behaviour version's snapshot (rollout.behaviour_logprobs=snapshot), one forward-only
-pass more per step, inside the overlap.
+pass more per step, inside the overlap; `--behaviour engine` takes the engine's log-probs
+instead (no pass; not exact, see README "Asynchronous training").
 
 Same work: the same prompts per step in both arms (each run dumps its batches,
 rollout.dump_dir; the bench compares every step's prompt token ids and stops if they differ),
@@ -24,7 +25,8 @@ train) from the synchronous run's medians (gen = time/generate_s, train = the re
 the speed-up a perfect overlap would give; reward_delta = async - sync mean reward over the
 last 10% of steps. docs/async_reward.png plots reward against wall-clock seconds for both.
 
-    python bench/e2e.py --compare async [--steps 200] [--max-new-tokens 48] [--record]
+    python bench/e2e.py --compare async [--steps 200] [--max-new-tokens 48] [--behaviour engine]
+        [--plot PNG] [--record]
 
 Last line, exactly: async_speedup=<sync s/step / async s/step> ideal=<...> reward_delta=<...>
 """
@@ -55,7 +57,14 @@ def compare_async(args: argparse.Namespace, argv: list[str], run_ours: Any, reco
         arms: dict[str, dict[str, Any]] = {}
         for name, extra in (
             ("sync", ["rollout.max_staleness=0"]),
-            ("async", ["rollout.max_staleness=1", "rollout.engine_threads=1"]),
+            (
+                "async",
+                [
+                    "rollout.max_staleness=1",
+                    "rollout.engine_threads=1",
+                    f"rollout.behaviour_logprobs={args.behaviour}",
+                ],
+            ),
         ):
             dumps = out / f"{name}_dump"
             common = [
@@ -77,7 +86,7 @@ def compare_async(args: argparse.Namespace, argv: list[str], run_ours: Any, reco
         if arms["sync"]["prompts_by_step"] != arms["async"]["prompts_by_step"]:
             raise RuntimeError("the two arms drew different prompts: not the same work")
     figures = figures_of(arms["sync"], arms["async"])
-    text = table(arms, tokens=tokens, load=load, figures=figures)
+    text = table(arms, tokens=tokens, load=load, figures=figures, behaviour=args.behaviour)
     print(text)
     plot_reward(arms, args.plot or PLOT)
     if args.record:
@@ -128,13 +137,21 @@ def figures_of(sync: dict[str, Any], async_: dict[str, Any]) -> dict[str, float]
     }
 
 
-def table(arms: dict[str, dict], *, tokens: int, load: float, figures: dict[str, float]) -> str:
+def table(
+    arms: dict[str, dict],
+    *,
+    tokens: int,
+    load: float,
+    figures: dict[str, float],
+    behaviour: str = "snapshot",
+) -> str:
     lines = [
         "| arm | steps | prompts x samples / step, max new tokens | step s | generate s "
         "| trainer idle s | engine idle s | staleness (mean) | response len | reward, last 10% |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("sync", "synchronous"), ("async", "max_staleness=1")):
+    arm_labels = (("sync", "synchronous"), ("async", f"max_staleness=1, pi_old: {behaviour}"))
+    for name, label in arm_labels:
         d = arms[name]
         shape = f"{d['prompts'][0]} x {d['samples'][0] // d['prompts'][0]}, {tokens}"
         lines.append(
