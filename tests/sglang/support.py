@@ -30,6 +30,26 @@ def sglang_python() -> str | None:
     return default_sglang_python()
 
 
+def train_args(
+    demo: Path, run: Path, *, sglang_python: str, port: int, log_dir: Path | None = None
+) -> list[str]:
+    """`rpg-megatron train` arguments of examples/tiny_cpu_sglang.yaml on `demo`'s model and
+    data (rpg_megatron.tiny.prepare_demo), writing to `run`, its launched server(s) run by
+    `sglang_python` from `port` on, their logs in `log_dir` (default run/sglang). Tests add
+    their own settings after these."""
+    return [
+        str(REPO / "examples" / "tiny_cpu_sglang.yaml"),
+        f"model.hf_path={demo / 'model'}",
+        f"rollout.sglang.model_path={demo / 'model'}",
+        f"data.train_files=[{demo / 'train.parquet'}]",
+        f"log.run_dir={run}",
+        f"checkpoint.dir={run / 'checkpoints'}",
+        f"rollout.sglang.python={sglang_python}",
+        f"rollout.sglang.base_port={port}",
+        f"rollout.sglang.log_dir={log_dir or run / 'sglang'}",
+    ]
+
+
 def free_ports(n: int) -> int:
     """The first of n consecutive TCP ports that are free now (server i listens on base + i)."""
     for _ in range(200):

@@ -36,12 +36,7 @@ def test_one_step_off_policy_through_a_real_server(sglang_python, tmp_path):
     port = support.free_ports(2)
     cmd = [
         sys.executable, "-m", "rpg_megatron.cli", "train",
-        str(support.REPO / "examples" / "tiny_cpu_sglang.yaml"),
-        f"model.hf_path={demo / 'model'}",
-        f"rollout.sglang.model_path={demo / 'model'}",
-        f"data.train_files=[{demo / 'train.parquet'}]",
-        f"log.run_dir={run}",
-        f"checkpoint.dir={run / 'checkpoints'}",
+        *support.train_args(demo, run, sglang_python=sglang_python, port=port),
         "checkpoint.every=0",
         "checkpoint.save_hf_every=1",
         "optim.micro_batch_size=16",
@@ -52,9 +47,6 @@ def test_one_step_off_policy_through_a_real_server(sglang_python, tmp_path):
         "rollout.mode=disaggregated",
         "rollout.max_staleness=1",
         f"rollout.dump_dir={run / 'dump'}",
-        f"rollout.sglang.python={sglang_python}",
-        f"rollout.sglang.base_port={port}",
-        f"rollout.sglang.log_dir={run / 'sglang'}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(support.REPO)}
     log = tmp_path / "train.log"

@@ -40,12 +40,9 @@ def _command(demo: Path, run: Path, sglang_python: str, port: int, node: int, rd
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
         f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={rdzv}",
         "-m", "rpg_megatron.cli", "train",
-        str(support.REPO / "examples" / "tiny_cpu_sglang.yaml"),
-        f"model.hf_path={demo / 'model'}",
-        f"rollout.sglang.model_path={demo / 'model'}",
-        f"data.train_files=[{demo / 'train.parquet'}]",
-        f"log.run_dir={run}",
-        f"checkpoint.dir={run / 'checkpoints'}",
+        *support.train_args(
+            demo, run, sglang_python=sglang_python, port=port, log_dir=run / f"sglang_node{node}"
+        ),
         "checkpoint.every=0",
         "optim.micro_batch_size=16",
         f"optim.steps={STEPS}",
@@ -55,10 +52,7 @@ def _command(demo: Path, run: Path, sglang_python: str, port: int, node: int, rd
         "rollout.placement=node",
         f"rollout.dump_dir={run / 'dump'}",
         f"rollout.sglang.prompts_per_request={CHUNK}",
-        f"rollout.sglang.python={sglang_python}",
-        f"rollout.sglang.base_port={port}",
         f"rollout.sglang.router_port={port + 10}",
-        f"rollout.sglang.log_dir={run / f'sglang_node{node}'}",
     ]  # fmt: skip
 
 

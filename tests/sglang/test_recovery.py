@@ -73,19 +73,11 @@ def test_training_run_survives_a_sigkilled_server(sglang_python, tmp_path) -> No
     run, port, steps = tmp_path / "run", support.free_ports(1), 6
     cmd = [
         sys.executable, "-m", "rpg_megatron.cli", "train",
-        str(support.REPO / "examples" / "tiny_cpu_sglang.yaml"),
-        f"model.hf_path={demo / 'model'}",
-        f"rollout.sglang.model_path={demo / 'model'}",
-        f"data.train_files=[{demo / 'train.parquet'}]",
-        f"log.run_dir={run}",
-        f"checkpoint.dir={run / 'checkpoints'}",
+        *support.train_args(demo, run, sglang_python=sglang_python, port=port),
         "checkpoint.every=1000",
         f"optim.steps={steps}",
         "rollout.prompts_per_step=8",
         "rollout.n_samples=4",
-        f"rollout.sglang.python={sglang_python}",
-        f"rollout.sglang.base_port={port}",
-        f"rollout.sglang.log_dir={run / 'sglang'}",
     ]  # fmt: skip
     killed: list[int] = []
 
